@@ -1,0 +1,177 @@
+/* Threshold selection for the CPU engine: the one piece of tiny-knn written in C.
+ *
+ * Each query row owns a pool of packed 64-bit keys (score descending, then doc index ascending), so the
+ * k best candidates are simply the k smallest keys. A score tile is scanned once against the row's
+ * threshold (the k-th best score so far); only survivors are appended, and a full pool is compacted
+ * back to k keys by quickselect. Selection cost is therefore one vectorised compare per score plus
+ * O(1) amortised work per survivor, instead of a top-k over every score.
+ *
+ * Precondition: for a given row, tiles arrive in ascending doc order. Then a new score equal to the
+ * threshold always loses the tie to the k-th key (its index is larger), so a strict ">" is exact.
+ *
+ * Built as a Python extension only so that pip compiles it; Python calls it through ctypes, which
+ * releases the GIL, so row ranges run on several threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE2__) || defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define TK_HAVE_SSE2 1
+#endif
+
+static inline uint64_t tk_key(float score, uint32_t doc)
+{
+    uint32_t bits;
+    score += 0.0f; /* -0.0 -> +0.0, so that equal scores compare equal */
+    memcpy(&bits, &score, sizeof bits);
+    bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u); /* monotone: larger score, larger bits */
+    return ((uint64_t)(~bits) << 32) | (uint64_t)doc;
+}
+
+static inline float tk_key_score(uint64_t key)
+{
+    uint32_t bits = ~(uint32_t)(key >> 32);
+    float score;
+    bits = (bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits;
+    memcpy(&score, &bits, sizeof score);
+    return score;
+}
+
+static inline void tk_swap(uint64_t *a, uint64_t *b)
+{
+    uint64_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Reorders keys[0..n) so that keys[nth] is in sorted position, smaller keys before it, larger after.
+ * Keys within a row are distinct (one per doc). The partition is branchless (Lomuto with an
+ * unconditional swap): survivors arrive in random order, so a branchy partition mispredicts on
+ * half its comparisons. */
+static void tk_select_nth(uint64_t *keys, int64_t n, int64_t nth)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] < keys[lo]) tk_swap(&keys[mid], &keys[lo]);
+        if (keys[hi] < keys[lo]) tk_swap(&keys[hi], &keys[lo]);
+        if (keys[hi] < keys[mid]) tk_swap(&keys[hi], &keys[mid]);
+        tk_swap(&keys[mid], &keys[hi]); /* median of three as pivot, parked at hi */
+        uint64_t pivot = keys[hi];
+        int64_t store = lo;
+        for (int64_t i = lo; i < hi; i++) {
+            uint64_t x = keys[i];
+            keys[i] = keys[store];
+            keys[store] = x;
+            store += (x < pivot);
+        }
+        tk_swap(&keys[store], &keys[hi]);
+        if (nth == store) return;
+        if (nth < store) hi = store - 1;
+        else lo = store + 1;
+    }
+}
+
+/* Sorts keys[0..n) ascending: LSD radix sort by bytes, skipping bytes that all keys share. */
+static void tk_sort_keys(uint64_t *keys, uint64_t *scratch, int64_t n)
+{
+    uint64_t *src = keys, *dst = scratch;
+    for (int shift = 0; shift < 64; shift += 8) {
+        int64_t counts[256] = {0};
+        for (int64_t i = 0; i < n; i++) counts[(src[i] >> shift) & 0xff]++;
+        if (counts[(src[0] >> shift) & 0xff] == n) continue;
+        int64_t offset = 0;
+        for (int b = 0; b < 256; b++) {
+            int64_t c = counts[b];
+            counts[b] = offset;
+            offset += c;
+        }
+        for (int64_t i = 0; i < n; i++) dst[counts[(src[i] >> shift) & 0xff]++] = src[i];
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
+}
+
+/* Appends one survivor, compacting the pool first when it is full. Returns the (possibly raised)
+ * threshold. */
+static inline float tk_push(uint64_t *pool, int64_t capacity, int32_t *fill, int64_t k, float threshold,
+                            float score, uint32_t doc)
+{
+    if (*fill == capacity) {
+        tk_select_nth(pool, capacity, k - 1);
+        *fill = (int32_t)k;
+        threshold = tk_key_score(pool[k - 1]);
+        if (!(score > threshold)) return threshold;
+    }
+    pool[(*fill)++] = tk_key(score, doc);
+    return threshold;
+}
+
+/* Scans rows [0, rows) of a score tile. Returns the number of survivors appended. */
+int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t cols, int64_t first_doc,
+                float *thresholds, uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k)
+{
+    int64_t survivors = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = scores + r * row_stride;
+        uint64_t *pool = pools + r * capacity;
+        int32_t fill = fills[r];
+        float threshold = thresholds[r];
+        int64_t j = 0;
+#ifdef TK_HAVE_SSE2
+        for (; j + 8 <= cols; j += 8) {
+            __m128 t = _mm_set1_ps(threshold);
+            int mask = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j), t)) |
+                       (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j + 4), t)) << 4);
+            while (mask) {
+                int bit = __builtin_ctz((unsigned)mask);
+                mask &= mask - 1;
+                float score = row[j + bit];
+                if (score > threshold) {
+                    threshold = tk_push(pool, capacity, &fill, k, threshold, score,
+                                        (uint32_t)(first_doc + j + bit));
+                    survivors++;
+                }
+            }
+        }
+#endif
+        for (; j < cols; j++) {
+            float score = row[j];
+            if (score > threshold) {
+                threshold = tk_push(pool, capacity, &fill, k, threshold, score, (uint32_t)(first_doc + j));
+                survivors++;
+            }
+        }
+        fills[r] = fill;
+        thresholds[r] = threshold;
+    }
+    return survivors;
+}
+
+/* Writes each row's k best (fill >= k required) as sorted scores and doc indices. */
+void tk_finalize(uint64_t *pools, int64_t capacity, const int32_t *fills, int64_t rows, int64_t k,
+                 float *out_scores, int64_t *out_indices)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        uint64_t *pool = pools + r * capacity;
+        int64_t fill = fills[r];
+        if (fill > k) tk_select_nth(pool, fill, k - 1);
+        /* the pool's spare slots (capacity >= 2k) serve as the sort's scratch space */
+        tk_sort_keys(pool, pool + k, k);
+        for (int64_t i = 0; i < k; i++) {
+            out_scores[r * k + i] = tk_key_score(pool[i]);
+            out_indices[r * k + i] = (int64_t)(uint32_t)pool[i];
+        }
+    }
+}
+
+static struct PyModuleDef tk_module = {PyModuleDef_HEAD_INIT, "_select", "ctypes-loaded selection kernel", -1,
+                                       NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__select(void) { return PyModule_Create(&tk_module); }

@@ -1,0 +1,121 @@
+"""The command line: argparse -> the public API. Data (the result path) on stdout; progress, warnings
+and errors on stderr. Exit 0 on success, 2 on bad input, 1 on an unexpected failure, 130 on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .api import TinyKnnWarning, __version__, compute_topk
+from .errors import TinyKnnError
+from .plan import DEFAULT_K, parse_size
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiny-knn",
+        description="Exact top-K nearest neighbours (dot product) of every query among every document. "
+        "Both files are streamed from disk, so they may be larger than RAM or GPU memory.",
+        epilog="Other command: 'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies "
+        "the answer. Exit codes: 0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("queries", metavar="QUERIES.pt", help="torch.save of a (Q, dim) float32/float16/bfloat16 tensor")
+    parser.add_argument("docs", metavar="DOCS.pt", help="torch.save of a (D, dim) tensor with the same dim")
+    parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.add_argument(
+        "--output-path",
+        metavar="OUT.pt",
+        help="result file (default: top{k}_{queries}_x_{docs}.pt beside the queries file); its path is printed",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_size,
+        metavar="SIZE",
+        help="memory budget: GPU memory on CUDA, RAM on CPU, e.g. 512MB or 8GiB (default: 60%% of what is free)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", help="queries per pass over the docs (default: planned)"
+    )
+    parser.add_argument("--chunk-size", type=_positive_int, metavar="N", help="docs per chunk (default: planned)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or warnings on stderr")
+    parser.add_argument("--version", action="version", version=f"tiny-knn {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code (tests call this in-process)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
+        warnings.showwarning = _show_warning
+        return _run_reporting_errors(
+            lambda: compute_topk(
+                args.queries,
+                args.docs,
+                k=args.k,
+                force_cpu=args.cpu,
+                out_path=args.output_path,
+                max_memory=args.max_memory,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+                progress=not args.quiet,
+            )
+        )
+
+
+def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
+    try:
+        path = run()
+    except TinyKnnError as exc:
+        print(f"tiny-knn: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tiny-knn: interrupted; no result was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("TINY_KNN_DEBUG"):
+            raise
+        print(
+            f"tiny-knn: unexpected failure: {type(exc).__name__}: {exc} "
+            "(no result was written; set TINY_KNN_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(path)
+    return EXIT_OK
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    print(f"tiny-knn: warning: {message}", file=sys.stderr)

@@ -1,0 +1,27 @@
+"""The errors tiny-knn raises on purpose. Each names the file, what was found and what was expected.
+
+Every class is also a built-in exception (ValueError or OSError), so callers can catch either. The CLI
+turns any TinyKnnError into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class TinyKnnError(Exception):
+    """Base class of every error tiny-knn raises about its inputs, options or outputs."""
+
+
+class InvalidInputError(TinyKnnError, ValueError):
+    """An input file or option holds something tiny-knn cannot search: wrong shape, dtype or value."""
+
+
+class InputFileError(TinyKnnError, OSError):
+    """An input file is missing or unreadable."""
+
+
+class OutputError(TinyKnnError, OSError):
+    """The result cannot be written where it was asked to go."""
+
+
+class MemoryBudgetError(TinyKnnError, ValueError):
+    """The memory budget is too small for even the smallest plan."""

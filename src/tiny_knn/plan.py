@@ -1,0 +1,205 @@
+"""Planning: a frozen Plan from shapes, dtype, device and memory budget. Pure: no I/O, no GPU needed.
+
+The engine multiplies queries by docs in tiles. Every tile is padded to a multiple of ROW_ALIGN query
+rows and COL_ALIGN doc rows: measured on MKL, a float32 product computed in such aligned tiles is bit
+for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code paths and
+differ in the last bits. That is what makes results independent of batch and chunk sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+DEFAULT_K = 2000
+ROW_ALIGN = 16
+COL_ALIGN = 64
+# Tile shapes at the matrix-product floor on a 2-core AVX2 machine (benchmarks/RESULTS.md).
+CPU_QUERY_BLOCK_ROWS = 4096
+CPU_DOC_CHUNK_ROWS = 1024
+CUDA_QUERY_BLOCK_ROWS = 8192
+CUDA_DOC_CHUNK_ROWS = 32768
+# Share of the free memory taken when the user sets no budget.
+DEFAULT_BUDGET_FRACTION = 0.6
+SCORE_BYTES = 4
+INDEX_BYTES = 8
+_UNITS = {
+    "": 1, "B": 1,
+    "K": 2**10, "KIB": 2**10, "KB": 10**3,
+    "M": 2**20, "MIB": 2**20, "MB": 10**6,
+    "G": 2**30, "GIB": 2**30, "GB": 10**9,
+    "T": 2**40, "TIB": 2**40, "TB": 10**12,
+}  # fmt: skip
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value."""
+    return -(-value // multiple) * multiple
+
+
+def parse_size(text: str) -> int:
+    """Parses a memory size: '512MB' (10**6), '8GiB' or '8G' (2**30), '1e9' bytes.
+
+    Example:
+        >>> parse_size("512MB"), parse_size("1.5GiB"), parse_size("4096")
+        (512000000, 1610612736, 4096)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _UNITS:
+        raise ValueError(f"memory size {text!r}: expected a number with an optional unit, like 512MB or 8GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(count: float) -> str:
+    """'1.5 GiB' for 1610612736."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a search will run: where, in which precision, and in which blocks."""
+
+    device: str  # "cpu" or "cuda"
+    compute_dtype: torch.dtype
+    k: int  # effective k: never more than the number of docs
+    queries: int
+    docs: int
+    dim: int
+    query_batch_rows: int  # queries held, with their running top-k, during one pass over the docs
+    query_block_rows: int  # queries per matrix product; a multiple of ROW_ALIGN
+    doc_chunk_rows: int  # docs per chunk read from disk; a multiple of COL_ALIGN
+    selection: str  # "threshold" (CPU kernel) or "sort" (sort-merge, any device)
+    budget_bytes: int
+    peak_bytes: int  # estimated peak of the memory the plan allocates
+
+    @property
+    def doc_passes(self) -> int:
+        """How many times the docs are read: once per query batch."""
+        return -(-self.queries // self.query_batch_rows)
+
+    def halved(self) -> Plan:
+        """A plan with half-size blocks, for retrying after running out of device memory."""
+        if self.query_block_rows <= ROW_ALIGN and self.doc_chunk_rows <= COL_ALIGN:
+            raise MemoryError("already at the smallest blocks")
+        block = max(ROW_ALIGN, round_up(self.query_block_rows // 2, ROW_ALIGN))
+        chunk = max(COL_ALIGN, round_up(self.doc_chunk_rows // 2, COL_ALIGN))
+        return replace(self, query_block_rows=block, doc_chunk_rows=chunk)
+
+    def describe(self) -> list[str]:
+        """The plan in a few human lines (for --dry-run, logs and the demo)."""
+        order = "docs read once" if self.doc_passes == 1 else f"docs read {self.doc_passes} times"
+        return [
+            f"device {self.device}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}, "
+            f"selection {self.selection}",
+            f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}",
+            f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
+            f"rows, doc chunk {self.doc_chunk_rows} rows",
+            f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
+        ]
+
+
+def selection_state_bytes(k: int, selection: str) -> int:
+    """Bytes of running top-k state per query row."""
+    if selection == "threshold":
+        from .topk import pool_capacity
+
+        return pool_capacity(k) * INDEX_BYTES + 8
+    return k * (SCORE_BYTES + INDEX_BYTES)
+
+
+def estimate_bytes(
+    *, batch_rows: int, block_rows: int, chunk_rows: int, dim: int, k: int, queries: int, selection: str
+) -> int:
+    """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results."""
+    resident_queries = round_up(batch_rows, ROW_ALIGN) * dim * 4
+    state = batch_rows * selection_state_bytes(k, selection)
+    doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
+    tile = block_rows * chunk_rows * SCORE_BYTES
+    if selection == "sort":  # the tile's sorted copy and the merge's temporaries
+        tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
+    results = queries * k * (SCORE_BYTES + INDEX_BYTES)
+    return resident_queries + state + doc_buffers + tile + results
+
+
+def make_plan(
+    *,
+    queries: int,
+    docs: int,
+    dim: int,
+    k: int,
+    device: str,
+    budget_bytes: int,
+    selection: str,
+    batch_rows: int | None = None,
+    chunk_rows: int | None = None,
+) -> Plan:
+    """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
+
+    Raises:
+        ValueError: even the smallest blocks do not fit the budget (the message says what would).
+    """
+    k = min(k, docs)
+    cuda = device == "cuda"
+    block = min(CUDA_QUERY_BLOCK_ROWS if cuda else CPU_QUERY_BLOCK_ROWS, round_up(queries, ROW_ALIGN))
+    chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
+    chunk = min(chunk, round_up(docs, COL_ALIGN))
+    if batch_rows:
+        batch_rows = min(batch_rows, queries)
+        block = min(block, round_up(batch_rows, ROW_ALIGN))
+
+    def cost(batch: int, block: int, chunk: int) -> int:
+        return estimate_bytes(
+            batch_rows=batch, block_rows=block, chunk_rows=chunk, dim=dim, k=k, queries=queries, selection=selection
+        )
+
+    while True:
+        if batch_rows:
+            batch = batch_rows
+        else:
+            fixed = cost(0, block, chunk)
+            per_query = cost(1, block, chunk) - fixed
+            batch = min(queries, max(0, (budget_bytes - fixed) // per_query))
+        if batch >= 1 and cost(batch, block, chunk) <= budget_bytes or batch_rows:
+            break
+        if block <= ROW_ALIGN and (chunk_rows or chunk <= COL_ALIGN):
+            smallest = cost(1, ROW_ALIGN, chunk)
+            raise ValueError(
+                f"memory budget {format_bytes(budget_bytes)} is too small: even one query at a time needs about "
+                f"{format_bytes(smallest)} (the {queries} x {k} results alone take "
+                f"{format_bytes(queries * k * (SCORE_BYTES + INDEX_BYTES))}); raise --max-memory or lower --k"
+            )
+        block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
+        if not chunk_rows:
+            chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
+    block = min(block, round_up(batch, ROW_ALIGN))
+    return Plan(
+        device=device,
+        compute_dtype=torch.float32,
+        k=k,
+        queries=queries,
+        docs=docs,
+        dim=dim,
+        query_batch_rows=batch,
+        query_block_rows=block,
+        doc_chunk_rows=chunk,
+        selection=selection,
+        budget_bytes=budget_bytes,
+        peak_bytes=cost(batch, block, chunk),
+    )
+
+
+def default_budget_bytes(device: str) -> int:
+    """What is free: CUDA's free memory, or available RAM, times DEFAULT_BUDGET_FRACTION."""
+    if device == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return int(free * DEFAULT_BUDGET_FRACTION)
+    import psutil
+
+    return int(psutil.virtual_memory().available * DEFAULT_BUDGET_FRACTION)

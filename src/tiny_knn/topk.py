@@ -1,0 +1,182 @@
+"""The running top-k of a block of queries: selection, merge, and the one tie rule.
+
+Tie rule (it lives here and nowhere else): results are ordered by descending score, and equal scores by
+ascending document index, so that the answer never depends on how the work was cut up. Both selectors
+below rely on score tiles arriving in ascending document order for any given query row.
+
+`ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
+`SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
+the fast path is tested against, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
+MAX_KERNEL_DOCS = 2**32
+
+
+def pool_capacity(k: int) -> int:
+    """Keys a query row can hold before compaction: at least k spare slots, so compaction is rare."""
+    return k + max(k, 256)
+
+
+def _load_kernel() -> ctypes.CDLL | None:
+    if os.environ.get("TINY_KNN_NO_KERNEL"):
+        return None
+    try:
+        from . import _select  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_select.__file__)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tk_scan.restype = i64
+    lib.tk_scan.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64]
+    lib.tk_finalize.restype = None
+    lib.tk_finalize.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr]
+    return lib
+
+
+_KERNEL = _load_kernel()
+
+
+def kernel_available() -> bool:
+    """True when the compiled selection kernel was built and loaded."""
+    return _KERNEL is not None
+
+
+class RunningTopK(ABC):
+    """The best `k` documents seen so far for each of `rows` queries."""
+
+    def __init__(self, rows: int, k: int) -> None:
+        self.rows = rows
+        self.k = k
+        self.survivors = 0  # scores that passed the threshold; a measure of selection work
+
+    @abstractmethod
+    def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        """Offers a float32 tile of scores: rows `row_start...` against docs `first_doc...`."""
+
+    @abstractmethod
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (scores float32 (rows, k), indices int64 (rows, k)), best first, on the CPU."""
+
+
+class ThresholdTopK(RunningTopK):
+    """CPU selector: each row keeps a pool of packed keys and a threshold, the k-th best score so far."""
+
+    def __init__(self, rows: int, k: int, threads: int | None = None) -> None:
+        super().__init__(rows, k)
+        if _KERNEL is None:
+            raise RuntimeError("the tiny-knn selection kernel is not built")
+        self._lib = _KERNEL
+        self.capacity = pool_capacity(k)
+        self._pools = torch.empty((rows, self.capacity), dtype=torch.int64)
+        self._fills = torch.zeros(rows, dtype=torch.int32)
+        self._thresholds = torch.full((rows,), float("-inf"), dtype=torch.float32)
+        self._threads = max(1, threads or torch.get_num_threads())
+        self._executor = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
+
+    def _row_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        parts = min(self._threads, max(1, (stop - start) // 16))
+        step = -(-(stop - start) // parts)
+        return [(lo, min(lo + step, stop)) for lo in range(start, stop, step)]
+
+    def _run(self, fn, ranges: list[tuple[int, int]]) -> list[int]:  # type: ignore[no-untyped-def]
+        if self._executor is None or len(ranges) == 1:
+            return [fn(lo, hi) for lo, hi in ranges]
+        return list(self._executor.map(lambda r: fn(*r), ranges))
+
+    def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        if scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.device.type != "cpu":
+            raise ValueError("ThresholdTopK takes CPU float32 tiles with contiguous rows")
+        rows, cols = scores.shape
+        row_stride = scores.stride(0)
+        base = scores.data_ptr()
+        pools, fills, thresholds = self._pools, self._fills, self._thresholds
+
+        def scan(lo: int, hi: int) -> int:
+            r = row_start + lo
+            return int(
+                self._lib.tk_scan(
+                    base + lo * row_stride * 4,
+                    row_stride,
+                    hi - lo,
+                    cols,
+                    first_doc,
+                    thresholds.data_ptr() + r * 4,
+                    pools.data_ptr() + r * self.capacity * 8,
+                    self.capacity,
+                    fills.data_ptr() + r * 4,
+                    self.k,
+                )
+            )
+
+        self.survivors += sum(self._run(scan, self._row_ranges(0, rows)))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.empty((self.rows, self.k), dtype=torch.float32)
+        indices = torch.empty((self.rows, self.k), dtype=torch.int64)
+
+        def finalize(lo: int, hi: int) -> int:
+            self._lib.tk_finalize(
+                self._pools.data_ptr() + lo * self.capacity * 8,
+                self.capacity,
+                self._fills.data_ptr() + lo * 4,
+                hi - lo,
+                self.k,
+                scores.data_ptr() + lo * self.k * 4,
+                indices.data_ptr() + lo * self.k * 8,
+            )
+            return 0
+
+        self._run(finalize, self._row_ranges(0, self.rows))
+        if self._executor is not None:
+            self._executor.shutdown()
+        return scores, indices
+
+
+class SortMergeTopK(RunningTopK):
+    """The straightforward method: top-k of each tile by stable sort, merged into the running top-k."""
+
+    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(rows, k)
+        # -inf placeholders with index -1 sort last and are pushed out once k real docs have been seen.
+        self._scores = torch.full((rows, k), float("-inf"), dtype=torch.float32, device=device)
+        self._indices = torch.full((rows, k), -1, dtype=torch.int64, device=device)
+
+    def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        rows, cols = scores.shape
+        stop = row_start + rows
+        # Adding 0.0 turns -0.0 into +0.0, as the kernel does, so the two order zeros alike.
+        tile_scores, tile_order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True)
+        take = min(self.k, cols)
+        # Stable sorts keep ties in input order: running entries (smaller doc indices, already in rule
+        # order) before the tile's (in rule order too), which is exactly ascending doc index.
+        merged_scores = torch.cat([self._scores[row_start:stop], tile_scores[:, :take]], dim=1)
+        merged_indices = torch.cat([self._indices[row_start:stop], tile_order[:, :take] + first_doc], dim=1)
+        best_scores, pick = torch.sort(merged_scores, dim=1, descending=True, stable=True)
+        self._scores[row_start:stop] = best_scores[:, : self.k]
+        self._indices[row_start:stop] = torch.gather(merged_indices, 1, pick[:, : self.k])
+        self.survivors += rows * take
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._scores.cpu(), self._indices.cpu()
+
+
+def make_running_topk(rows: int, k: int, device: torch.device, docs: int, method: str = "auto") -> RunningTopK:
+    """Picks the selector: the C threshold kernel on CPU when built, else the sort-merge method."""
+    if method not in ("auto", "threshold", "sort"):
+        raise ValueError(f"unknown selection method {method!r}")
+    use_kernel = device.type == "cpu" and _KERNEL is not None and docs < MAX_KERNEL_DOCS
+    if method == "threshold" and not use_kernel:
+        raise RuntimeError("the threshold selector needs the CPU, the built kernel and fewer than 2**32 docs")
+    if method != "sort" and use_kernel:
+        return ThresholdTopK(rows, k)
+    return SortMergeTopK(rows, k, device)
