@@ -2,12 +2,12 @@
  *
  * Each query row owns a pool of packed 64-bit keys (score descending, then doc index ascending), so the
  * k best candidates are simply the k smallest keys. A score tile is scanned once against the row's
- * threshold (the k-th best score so far); only survivors are appended, and a full pool is compacted
- * back to k keys by quickselect. Selection cost is therefore one vectorised compare per score plus
+ * threshold (a score the k-th best so far is at least as good as); only survivors are appended, and a
+ * full pool is compacted back to about k keys around a sampled pivot. Selection cost is therefore one vectorised compare per score plus
  * O(1) amortised work per survivor, instead of a top-k over every score.
  *
  * Precondition: for a given row, tiles arrive in ascending doc order. Then a new score equal to the
- * threshold always loses the tie to the k-th key (its index is larger), so a strict ">" is exact.
+ * threshold always loses the tie to the key that set it (its index is larger), so a strict ">" is exact.
  *
  * Built as a Python extension only so that pip compiles it; Python calls it through ctypes, which
  * releases the GIL, so row ranges run on several threads.
@@ -76,37 +76,42 @@ static void tk_select_nth(uint64_t *keys, int64_t n, int64_t nth)
     }
 }
 
-/* Sorts keys[0..n) ascending: LSD radix sort by bytes, skipping bytes that all keys share. */
-static void tk_sort_keys(uint64_t *keys, uint64_t *scratch, int64_t n)
+/* Frees pool space: keeps a prefix of keys that holds at least the k best and returns its length;
+ * *threshold becomes a score that the k-th best key is at least as good as. The pivot comes from a
+ * strided sample, aimed a little past rank k, so one branchless pass usually suffices; if the sample
+ * was unlucky (fewer than k kept, or too few freed) it falls back to an exact quickselect. */
+static int64_t tk_compact(uint64_t *pool, int64_t n, int64_t k, float *threshold)
 {
-    uint64_t *src = keys, *dst = scratch;
-    for (int shift = 0; shift < 64; shift += 8) {
-        int64_t counts[256] = {0};
-        for (int64_t i = 0; i < n; i++) counts[(src[i] >> shift) & 0xff]++;
-        if (counts[(src[0] >> shift) & 0xff] == n) continue;
-        int64_t offset = 0;
-        for (int b = 0; b < 256; b++) {
-            int64_t c = counts[b];
-            counts[b] = offset;
-            offset += c;
+    enum { SAMPLE = 96 };
+    uint64_t sample[SAMPLE];
+    int64_t step = n / SAMPLE;
+    int64_t rank = (int64_t)((double)k * 1.12 / (double)n * SAMPLE) + 1;
+    if (step >= 1 && rank < SAMPLE) {
+        for (int i = 0; i < SAMPLE; i++) sample[i] = pool[i * step];
+        tk_select_nth(sample, SAMPLE, rank);
+        uint64_t pivot = sample[rank];
+        int64_t store = 0;
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t x = pool[i];
+            pool[i] = pool[store];
+            pool[store] = x;
+            store += (x <= pivot);
         }
-        for (int64_t i = 0; i < n; i++) dst[counts[(src[i] >> shift) & 0xff]++] = src[i];
-        uint64_t *t = src;
-        src = dst;
-        dst = t;
+        if (store >= k && store <= n - (n - k) / 2) {
+            *threshold = tk_key_score(pivot);
+            return store;
+        }
     }
-    if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
+    tk_select_nth(pool, n, k - 1);
+    *threshold = tk_key_score(pool[k - 1]);
+    return k;
 }
 
-/* Appends one survivor, compacting the pool first when it is full. Returns the (possibly raised)
- * threshold. */
 static inline float tk_push(uint64_t *pool, int64_t capacity, int32_t *fill, int64_t k, float threshold,
                             float score, uint32_t doc)
 {
     if (*fill == capacity) {
-        tk_select_nth(pool, capacity, k - 1);
-        *fill = (int32_t)k;
-        threshold = tk_key_score(pool[k - 1]);
+        *fill = (int32_t)tk_compact(pool, capacity, k, &threshold);
         if (!(score > threshold)) return threshold;
     }
     pool[(*fill)++] = tk_key(score, doc);
@@ -154,20 +159,20 @@ int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t c
     return survivors;
 }
 
-/* Writes each row's k best (fill >= k required) as sorted scores and doc indices. */
-void tk_finalize(uint64_t *pools, int64_t capacity, const int32_t *fills, int64_t rows, int64_t k,
-                 float *out_scores, int64_t *out_indices)
+/* Moves each row's k best keys (fill >= k required) to the front of its pool, in no particular order. */
+void tk_select_best(uint64_t *pools, int64_t capacity, const int32_t *fills, int64_t rows, int64_t k)
 {
     for (int64_t r = 0; r < rows; r++) {
-        uint64_t *pool = pools + r * capacity;
-        int64_t fill = fills[r];
-        if (fill > k) tk_select_nth(pool, fill, k - 1);
-        /* the pool's spare slots (capacity >= 2k) serve as the sort's scratch space */
-        tk_sort_keys(pool, pool + k, k);
-        for (int64_t i = 0; i < k; i++) {
-            out_scores[r * k + i] = tk_key_score(pool[i]);
-            out_indices[r * k + i] = (int64_t)(uint32_t)pool[i];
-        }
+        if (fills[r] > k) tk_select_nth(pools + r * capacity, fills[r], k - 1);
+    }
+}
+
+/* Unpacks n keys into scores and doc indices. */
+void tk_decode(const uint64_t *keys, int64_t n, float *scores, int64_t *indices)
+{
+    for (int64_t i = 0; i < n; i++) {
+        scores[i] = tk_key_score(keys[i]);
+        indices[i] = (int64_t)(uint32_t)keys[i];
     }
 }
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -149,5 +148,8 @@ def _run(queries: Source, docs: Source, plan: Plan, progress: bool) -> tuple[tor
     with tqdm(
         total=docs.rows * plan.doc_passes, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True
     ) as bar:
-        update: Callable[[int], object] = bar.update
-        return engine.search(queries, docs, plan, on_docs_scored=lambda n: update(n))
+
+        def advance(doc_count: int) -> None:
+            bar.update(doc_count)
+
+        return engine.search(queries, docs, plan, on_docs_scored=advance)

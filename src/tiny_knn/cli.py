@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the answer. Exit codes: 0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("queries", metavar="QUERIES.pt", help="torch.save of a (Q, dim) float32/float16/bfloat16 tensor")
+    parser.add_argument(
+        "queries", metavar="QUERIES.pt", help="torch.save of a (Q, dim) float32/float16/bfloat16 tensor"
+    )
     parser.add_argument("docs", metavar="DOCS.pt", help="torch.save of a (D, dim) tensor with the same dim")
     parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")

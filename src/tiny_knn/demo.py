@@ -90,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"result:      {out}")
         print(f"device:      {result['device']}, k={result['k']}")
         print(f"time:        {seconds:.2f} s")
-        print(f"throughput:  {pairs / seconds / 1e6:.1f} M query-doc pairs/s, "
-              f"{2 * pairs * args.dim / seconds / 1e9:.1f} GFLOP/s")
+        print(
+            f"throughput:  {pairs / seconds / 1e6:.1f} M query-doc pairs/s, "
+            f"{2 * pairs * args.dim / seconds / 1e9:.1f} GFLOP/s"
+        )
         print(f"peak memory: {peak_mib:.0f} MiB resident (includes generating the corpus in memory)")
-        print(f"verified:    {args.verify} queries against float64 brute force: "
-              f"{'OK' if bad == 0 else f'{bad} MISMATCHES'} (max score error {worst:.1e})")
+        print(
+            f"verified:    {args.verify} queries against float64 brute force: "
+            f"{'OK' if bad == 0 else f'{bad} MISMATCHES'} (max score error {worst:.1e})"
+        )
         return 0 if bad == 0 else 1
     finally:
         if not args.workdir:

@@ -34,7 +34,9 @@ def search(
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
         while True:
             try:
-                batch_scores, batch_indices = _search_batch(queries, docs, batch_start, batch_stop, plan, on_docs_scored)
+                batch_scores, batch_indices = _search_batch(
+                    queries, docs, batch_start, batch_stop, plan, on_docs_scored
+                )
                 break
             except torch.cuda.OutOfMemoryError:
                 if plan.device != "cuda":
@@ -84,9 +86,7 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[tupl
     """
     chunk_rows = plan.doc_chunk_rows
     pin = device.type == "cuda"
-    buffers = [
-        torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pin) for _ in range(2)
-    ]
+    buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pin) for _ in range(2)]
     starts = range(0, docs.rows, chunk_rows)
 
     def read(index: int) -> tuple[int, int, torch.Tensor]:

@@ -166,7 +166,7 @@ def make_plan(
             fixed = cost(0, block, chunk)
             per_query = cost(1, block, chunk) - fixed
             batch = min(queries, max(0, (budget_bytes - fixed) // per_query))
-        if batch >= 1 and cost(batch, block, chunk) <= budget_bytes or batch_rows:
+        if batch_rows or (batch >= 1 and cost(batch, block, chunk) <= budget_bytes):
             break
         if block <= ROW_ALIGN and (chunk_rows or chunk <= COL_ALIGN):
             smallest = cost(1, ROW_ALIGN, chunk)

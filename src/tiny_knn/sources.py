@@ -99,7 +99,9 @@ def open_source(path: str | os.PathLike[str], role: str) -> Source:
             f"{label}: dtype {dtype_name(tensor.dtype)}, expected float32, float16 or bfloat16{hint}"
         )
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise InvalidInputError(f"{label}: tensor has shape {tuple(tensor.shape)}, expected at least one row and column")
+        raise InvalidInputError(
+            f"{label}: tensor has shape {tuple(tensor.shape)}, expected at least one row and column"
+        )
     return Source(path=path, role=role, tensor=tensor)
 
 
@@ -114,11 +116,12 @@ def _load_mmap(path: str, label: str) -> object:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InvalidInputError(
-            f"{label}: holds pickled objects other than tensors, refused without running them "
-            f"({_first_sentence(exc)})"
+            f"{label}: holds pickled objects other than tensors, refused without running them ({_first_sentence(exc)})"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise InvalidInputError(f"{label}: not a readable torch file (truncated or corrupt?): {_first_sentence(exc)}") from None
+        raise InvalidInputError(
+            f"{label}: not a readable torch file (truncated or corrupt?): {_first_sentence(exc)}"
+        ) from None
 
 
 def _first_sentence(exc: BaseException) -> str:
