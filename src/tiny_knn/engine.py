@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .plan import COL_ALIGN, ROW_ALIGN, Plan, round_up
+from .plan import COL_ALIGN, ROW_ALIGN, Plan, round_up, threshold_sample_rank
 from .sources import Source
 from .topk import RunningTopK, make_running_topk
 
@@ -62,7 +62,30 @@ def _search_batch(
     host_queries = torch.zeros((round_up(rows, ROW_ALIGN), queries.dim), dtype=plan.compute_dtype)
     queries.read_into(batch_start, batch_stop, host_queries)
     query_rows = host_queries.to(device)
-    running: RunningTopK = make_running_topk(rows, plan.k, device, docs.rows, plan.selection)
+    start_thresholds = _sampled_thresholds(query_rows, rows, docs, plan) if plan.threshold_sample_docs else None
+    running = _search_rows(query_rows, rows, docs, plan, on_docs_scored, start_thresholds)
+    scores, indices = running.result()
+    uncertain = running.uncertain_rows()
+    if uncertain.numel():
+        # The sampled estimate was too high for these rows: search them again from scratch.
+        redo_queries = torch.zeros((round_up(uncertain.numel(), ROW_ALIGN), queries.dim), dtype=plan.compute_dtype)
+        redo_queries[: uncertain.numel()] = host_queries[uncertain]
+        redo = _search_rows(redo_queries.to(device), uncertain.numel(), docs, plan, None, None)
+        scores[uncertain], indices[uncertain] = redo.result()
+    return scores, indices
+
+
+def _search_rows(
+    query_rows: torch.Tensor,
+    rows: int,
+    docs: Source,
+    plan: Plan,
+    on_docs_scored: ProgressCallback | None,
+    start_thresholds: torch.Tensor | None,
+) -> RunningTopK:
+    """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment)."""
+    device = query_rows.device
+    running = make_running_topk(rows, plan.k, device, docs.rows, plan.selection, start_thresholds)
     tile_storage = torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
     for first_doc, doc_count, chunk in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
@@ -75,7 +98,27 @@ def _search_batch(
             running.add(tile[:block_rows, :doc_count], block_start, first_doc)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
-    return running.result()
+    return running
+
+
+def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
+    """Per query, a score that probably at least k docs beat: a high rank within a strided doc sample.
+
+    Only an estimate: the selector certifies each row afterwards (see ThresholdTopK).
+    """
+    sample = plan.threshold_sample_docs
+    positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
+    sample_docs = torch.zeros((sample, docs.dim), dtype=plan.compute_dtype)
+    docs.read_rows(positions, sample_docs)
+    sample_docs_t = sample_docs.to(query_rows.device).T
+    rank = threshold_sample_rank(docs.rows, plan.k, sample)
+    thresholds = torch.empty(rows, dtype=torch.float32)
+    for block_start in range(0, rows, plan.query_block_rows):
+        block_rows = min(plan.query_block_rows, rows - block_start)
+        padded_rows = round_up(block_rows, ROW_ALIGN)
+        scores = query_rows[block_start : block_start + padded_rows] @ sample_docs_t
+        thresholds[block_start : block_start + block_rows] = scores[:block_rows].topk(rank, dim=1).values[:, -1].cpu()
+    return thresholds
 
 
 def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -94,7 +137,7 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[tupl
         count = min(chunk_rows, docs.rows - start)
         buffer = buffers[index % 2]
         docs.read_into(start, start + count, buffer)
-        buffer[count : round_up(count, COL_ALIGN)].zero_()
+        buffer[count : round_up(count, COL_ALIGN)].numpy().fill(0)
         return start, count, buffer
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiny-knn-read") as reader:

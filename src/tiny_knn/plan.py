@@ -21,6 +21,12 @@ CPU_QUERY_BLOCK_ROWS = 4096
 CPU_DOC_CHUNK_ROWS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 32768
+# Sampled starting threshold (threshold selection only): score each query against a strided sample of
+# the docs and start from a score that, with high probability, at least k docs beat. Used only where the
+# expected rank of the k-th best doc within the sample is large enough for the estimate to be tight.
+THRESHOLD_SAMPLE_FRACTION = 0.01
+THRESHOLD_SAMPLE_MIN_RANK = 10.0
+THRESHOLD_SAMPLE_SIGMAS = 4.0
 # Share of the free memory taken when the user sets no budget.
 DEFAULT_BUDGET_FRACTION = 0.6
 SCORE_BYTES = 4
@@ -76,6 +82,7 @@ class Plan:
     query_block_rows: int  # queries per matrix product; a multiple of ROW_ALIGN
     doc_chunk_rows: int  # docs per chunk read from disk; a multiple of COL_ALIGN
     selection: str  # "threshold" (CPU kernel) or "sort" (sort-merge, any device)
+    threshold_sample_docs: int  # docs sampled for a starting threshold; 0 = none
     budget_bytes: int
     peak_bytes: int  # estimated peak of the memory the plan allocates
 
@@ -97,7 +104,12 @@ class Plan:
         order = "docs read once" if self.doc_passes == 1 else f"docs read {self.doc_passes} times"
         return [
             f"device {self.device}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}, "
-            f"selection {self.selection}",
+            f"selection {self.selection}"
+            + (
+                f", starting threshold from {self.threshold_sample_docs} sampled docs"
+                if self.threshold_sample_docs
+                else ""
+            ),
             f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}",
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
             f"rows, doc chunk {self.doc_chunk_rows} rows",
@@ -114,8 +126,22 @@ def selection_state_bytes(k: int, selection: str) -> int:
     return k * (SCORE_BYTES + INDEX_BYTES)
 
 
+def threshold_sample_docs(docs: int, k: int, selection: str) -> int:
+    """How many docs to sample for a starting threshold (0: not worth it, or not the threshold selector)."""
+    sample = round_up(max(COL_ALIGN, int(docs * THRESHOLD_SAMPLE_FRACTION)), COL_ALIGN)
+    if selection != "threshold" or sample >= docs or k * sample / docs < THRESHOLD_SAMPLE_MIN_RANK:
+        return 0
+    return sample
+
+
+def threshold_sample_rank(docs: int, k: int, sample: int) -> int:
+    """The rank within the sample whose score at least k docs beat, with a margin of SIGMAS deviations."""
+    expected = k * sample / docs
+    return max(1, min(sample, int(expected + THRESHOLD_SAMPLE_SIGMAS * expected**0.5) + 1))
+
+
 def estimate_bytes(
-    *, batch_rows: int, block_rows: int, chunk_rows: int, dim: int, k: int, queries: int, selection: str
+    *, batch_rows: int, block_rows: int, chunk_rows: int, dim: int, k: int, queries: int, selection: str, docs: int
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results."""
     resident_queries = round_up(batch_rows, ROW_ALIGN) * dim * 4
@@ -125,7 +151,9 @@ def estimate_bytes(
     if selection == "sort":  # the tile's sorted copy and the merge's temporaries
         tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
     results = queries * k * (SCORE_BYTES + INDEX_BYTES)
-    return resident_queries + state + doc_buffers + tile + results
+    sample = threshold_sample_docs(docs, k, selection)
+    sample_bytes = sample * (dim * 4 + block_rows * SCORE_BYTES)  # sampled docs and one block's scores
+    return resident_queries + state + doc_buffers + tile + results + sample_bytes
 
 
 def make_plan(
@@ -156,7 +184,14 @@ def make_plan(
 
     def cost(batch: int, block: int, chunk: int) -> int:
         return estimate_bytes(
-            batch_rows=batch, block_rows=block, chunk_rows=chunk, dim=dim, k=k, queries=queries, selection=selection
+            batch_rows=batch,
+            block_rows=block,
+            chunk_rows=chunk,
+            dim=dim,
+            k=k,
+            queries=queries,
+            selection=selection,
+            docs=docs,
         )
 
     while True:
@@ -190,6 +225,7 @@ def make_plan(
         query_block_rows=block,
         doc_chunk_rows=chunk,
         selection=selection,
+        threshold_sample_docs=threshold_sample_docs(docs, k, selection),
         budget_bytes=budget_bytes,
         peak_bytes=cost(batch, block, chunk),
     )

@@ -70,11 +70,22 @@ class RunningTopK(ABC):
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (scores float32 (rows, k), indices int64 (rows, k)), best first, on the CPU."""
 
+    def uncertain_rows(self) -> torch.Tensor:
+        """After result(): rows whose answer is not certified and must be searched again (int64 indices)."""
+        return torch.empty(0, dtype=torch.int64)
+
 
 class ThresholdTopK(RunningTopK):
-    """CPU selector: each row keeps a pool of packed keys and a threshold, the k-th best score so far."""
+    """CPU selector: each row keeps a pool of packed keys and a threshold, the k-th best score so far.
 
-    def __init__(self, rows: int, k: int, threads: int | None = None) -> None:
+    `start_thresholds` may set a row's threshold above -inf from the start (an estimate). Scores at or
+    below it are dropped unseen, so the row's answer is certified only if its k-th best score ends up
+    strictly above the estimate; `uncertain_rows()` lists the rows where it did not.
+    """
+
+    def __init__(
+        self, rows: int, k: int, threads: int | None = None, start_thresholds: torch.Tensor | None = None
+    ) -> None:
         super().__init__(rows, k)
         if _KERNEL is None:
             raise RuntimeError("the tiny-knn selection kernel is not built")
@@ -83,6 +94,10 @@ class ThresholdTopK(RunningTopK):
         self._pools = torch.empty((rows, self.capacity), dtype=torch.int64)
         self._fills = torch.zeros(rows, dtype=torch.int32)
         self._thresholds = torch.full((rows,), float("-inf"), dtype=torch.float32)
+        self._start_thresholds = None if start_thresholds is None else start_thresholds.to(torch.float32).cpu()
+        if self._start_thresholds is not None:
+            self._thresholds.copy_(self._start_thresholds)
+        self._uncertain = torch.empty(0, dtype=torch.int64)
         self._threads = max(1, threads or torch.get_num_threads())
         self._executor = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
 
@@ -146,7 +161,14 @@ class ThresholdTopK(RunningTopK):
         self._run(finalize, self._row_ranges(0, self.rows))
         if self._executor is not None:
             self._executor.shutdown()
+        if self._start_thresholds is not None:
+            # A row with fewer than k keys holds garbage past its fill; it is searched again anyway.
+            short = self._fills < self.k
+            self._uncertain = torch.nonzero(short | (scores[:, -1] <= self._start_thresholds)).flatten()
         return scores, indices
+
+    def uncertain_rows(self) -> torch.Tensor:
+        return self._uncertain
 
 
 class SortMergeTopK(RunningTopK):
@@ -177,13 +199,23 @@ class SortMergeTopK(RunningTopK):
         return self._scores.cpu(), self._indices.cpu()
 
 
-def make_running_topk(rows: int, k: int, device: torch.device, docs: int, method: str = "auto") -> RunningTopK:
-    """Picks the selector: the C threshold kernel on CPU when built, else the sort-merge method."""
+def make_running_topk(
+    rows: int,
+    k: int,
+    device: torch.device,
+    docs: int,
+    method: str = "auto",
+    start_thresholds: torch.Tensor | None = None,
+) -> RunningTopK:
+    """Picks the selector: the C threshold kernel on CPU when built, else the sort-merge method.
+
+    `start_thresholds` (threshold selector only) are estimated starting thresholds, see ThresholdTopK.
+    """
     if method not in ("auto", "threshold", "sort"):
         raise ValueError(f"unknown selection method {method!r}")
     use_kernel = device.type == "cpu" and _KERNEL is not None and docs < MAX_KERNEL_DOCS
     if method == "threshold" and not use_kernel:
         raise RuntimeError("the threshold selector needs the CPU, the built kernel and fewer than 2**32 docs")
     if method != "sort" and use_kernel:
-        return ThresholdTopK(rows, k)
+        return ThresholdTopK(rows, k, start_thresholds=start_thresholds)
     return SortMergeTopK(rows, k, device)
