@@ -8,6 +8,7 @@ whatever the block sizes (see plan.py). The engine knows nothing of file formats
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,6 +29,24 @@ def search(
     On CUDA, running out of device memory halves the blocks and retries the current batch; the returned
     plan says which blocks were used in the end.
     """
+    with _full_float32_products():
+        return _search_batches(queries, docs, plan, on_docs_scored)
+
+
+@contextlib.contextmanager
+def _full_float32_products() -> Iterator[None]:
+    """Exact float32 matrix products for the duration: TF32 off, whatever the caller had set globally."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _search_batches(
+    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None
+) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     scores = torch.empty((queries.rows, plan.k), dtype=torch.float32)
     indices = torch.empty((queries.rows, plan.k), dtype=torch.int64)
     for batch_start in range(0, queries.rows, plan.query_batch_rows):
