@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -67,8 +68,11 @@ class Source:
             block.copy_(rows)
         else:
             np.copyto(block.numpy(), rows.numpy(), casting="same_kind")
-        # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row.
-        if not np.isfinite(block.numpy().sum()) and not bool(torch.isfinite(block).all()):
+        # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
+        # finite values can overflow too, hence the second, exact check).
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspicious = not np.isfinite(block.numpy().sum())
+        if suspicious and not bool(torch.isfinite(block).all()):
             bad = int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0, 0]) + start
             raise InvalidInputError(
                 f"{self.label()}: row {bad} holds NaN or Inf; expected finite values (clean or drop that row)"
@@ -129,7 +133,9 @@ def _load_mmap(path: str, label: str) -> object:
             "expected a file written by torch.save(tensor, path)"
         )
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on odd pickles; our own verdict follows
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InvalidInputError(
             f"{label}: holds pickled objects other than tensors, refused without running them ({_first_sentence(exc)})"

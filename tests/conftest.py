@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+SaveTensor = Callable[..., str]
+
+
+@pytest.fixture
+def save(tmp_path) -> SaveTensor:  # type: ignore[no-untyped-def]
+    """save(obj, name="x.pt") -> path: torch.save under tmp_path."""
+
+    def _save(obj: object, name: str = "x.pt") -> str:
+        path = os.path.join(tmp_path, name)
+        torch.save(obj, path)
+        assert os.path.getsize(path) > 0
+        return path
+
+    return _save
+
+
+@pytest.fixture
+def pair(save):  # type: ignore[no-untyped-def]
+    """pair(queries, docs) -> (q_path, d_path)."""
+
+    def _pair(queries: torch.Tensor, docs: torch.Tensor) -> tuple[str, str]:
+        return save(queries, "queries.pt"), save(docs, "docs.pt")
+
+    return _pair

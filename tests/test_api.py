@@ -1,0 +1,108 @@
+"""compute_topk end to end: the original contract, errors, and an independent oracle (FAISS)."""
+
+from __future__ import annotations
+
+import doctest
+import os
+
+import numpy as np
+import pytest
+import torch
+from oracle import assert_exact, faiss_search
+
+import tiny_knn
+from tiny_knn import (
+    InputFileError,
+    InvalidInputError,
+    MemoryBudgetError,
+    OutputError,
+    TinyKnnError,
+    TinyKnnWarning,
+    compute_topk,
+)
+
+CONTRACT_KEYS = {"indices", "scores", "queries_path", "docs_path", "k", "batch_size", "dtype", "device"}
+
+
+def test_contract(pair) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = torch.randn(12, 16), torch.randn(500, 16)
+    q_path, d_path = pair(queries, docs)
+    path = compute_topk(q_path=q_path, d_path=d_path, k=20, force_cpu=True, out_path=None)
+    assert path == os.path.join(os.path.dirname(q_path), "top20_queries_x_docs.pt")
+    result = torch.load(path)  # weights_only by default
+    assert set(result) >= CONTRACT_KEYS
+    assert result["indices"].shape == (12, 20) and result["indices"].dtype == torch.int64
+    assert result["scores"].shape == (12, 20) and result["scores"].dtype == torch.float32
+    assert (result["queries_path"], result["docs_path"], result["k"]) == (q_path, d_path, 20)
+    assert result["dtype"] == "torch.float32" and result["device"] == "cpu"
+    assert isinstance(result["batch_size"], int) and result["batch_size"] >= 1
+    assert_exact(queries, docs, result["scores"], result["indices"])
+
+
+def test_agrees_with_faiss_except_at_ties(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(3)
+    queries, docs = torch.randn(64, 48, generator=generator), torch.randn(5000, 48, generator=generator)
+    path = compute_topk(*pair(queries, docs), k=100, force_cpu=True, out_path=str(tmp_path / "r.pt"))
+    result = torch.load(path)
+    faiss_scores, faiss_indices = faiss_search(queries, docs, 100)
+    ours = result["indices"].numpy()
+    differ = ours != faiss_indices
+    # Where the indices differ, the scores must be tied (FAISS orders ties its own way).
+    assert np.allclose(result["scores"].numpy()[differ], faiss_scores[differ], rtol=1e-5, atol=1e-5)
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(result["scores"].numpy(), faiss_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_k_larger_than_docs_is_clamped_with_a_warning(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.warns(TinyKnnWarning, match="k=50 is more than the 7 docs"):
+        path = compute_topk(*pair(torch.randn(3, 4), torch.randn(7, 4)), k=50, force_cpu=True)
+    result = torch.load(path)
+    assert result["k"] == 7 and result["indices"].shape == (3, 7)
+    assert os.path.basename(path) == "top7_queries_x_docs.pt"
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_bad_k(pair, k) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError, match="expected a whole number >= 1"):
+        compute_topk(*pair(torch.randn(3, 4), torch.randn(7, 4)), k=k, force_cpu=True)
+
+
+def test_error_classes_are_also_builtins(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    q_path, d_path = pair(torch.randn(3, 4), torch.randn(7, 4))
+    with pytest.raises(InputFileError) as missing:
+        compute_topk(str(tmp_path / "nope.pt"), d_path, k=1)
+    assert isinstance(missing.value, OSError) and isinstance(missing.value, TinyKnnError)
+    with pytest.raises(OutputError) as unwritable:
+        compute_topk(q_path, d_path, k=1, out_path=str(tmp_path / "no" / "dir.pt"))
+    assert isinstance(unwritable.value, OSError)
+    with pytest.raises(MemoryBudgetError) as budget:
+        compute_topk(q_path, d_path, k=1, max_memory=100)
+    assert isinstance(budget.value, ValueError)
+
+
+def test_nan_in_docs_fails_cleanly_without_output(save, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    docs = torch.randn(3000, 4)
+    docs[2500, 1] = float("nan")
+    q_path, d_path = save(torch.randn(3, 4), "q.pt"), save(docs, "d.pt")
+    with pytest.raises(InvalidInputError, match="row 2500"):
+        compute_topk(q_path, d_path, k=5, force_cpu=True, chunk_size=256, out_path=str(tmp_path / "r.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["d.pt", "q.pt"]
+
+
+def test_docstrings_run() -> None:
+    for module in (tiny_knn.api, tiny_knn.plan):
+        failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert tried > 0 and failures == 0, module.__name__
+
+
+def test_public_api_is_small() -> None:
+    assert set(tiny_knn.__all__) == {
+        "compute_topk",
+        "TinyKnnError",
+        "InvalidInputError",
+        "InputFileError",
+        "OutputError",
+        "MemoryBudgetError",
+        "TinyKnnWarning",
+        "__version__",
+    }

@@ -1,0 +1,55 @@
+"""CUDA runs must match the CPU. They skip visibly without a GPU; TINY_KNN_REQUIRE_CUDA=1 makes that a failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from oracle import assert_exact
+
+from tiny_knn import compute_topk
+
+
+@pytest.fixture
+def cuda() -> None:
+    if not torch.cuda.is_available():
+        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
+            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
+        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "chunk"), [(None, None), (33, 777)])
+def test_cuda_matches_cpu(cuda, pair, tmp_path, dtype, batch, chunk) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(200, 96, generator=generator), dim=1).to(dtype)
+    docs = torch.nn.functional.normalize(torch.randn(20000, 96, generator=generator), dim=1).to(dtype)
+    q_path, d_path = pair(queries, docs)
+    options = dict(k=300, batch_size=batch, chunk_size=chunk)
+    on_gpu = torch.load(compute_topk(q_path, d_path, out_path=str(tmp_path / "gpu.pt"), **options))
+    on_cpu = torch.load(compute_topk(q_path, d_path, force_cpu=True, out_path=str(tmp_path / "cpu.pt"), **options))
+    assert on_gpu["device"] == "cuda" and on_cpu["device"] == "cpu"
+    assert_exact(queries.float(), docs.float(), on_gpu["scores"], on_gpu["indices"])
+    assert torch.allclose(on_gpu["scores"], on_cpu["scores"], atol=1e-5)
+    differ = on_gpu["indices"] != on_cpu["indices"]
+    assert torch.allclose(on_gpu["scores"][differ], on_cpu["scores"][differ], atol=1e-5)  # ties only
+
+
+def test_out_of_memory_halves_blocks_and_carries_on(cuda, pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tiny_knn.engine as engine
+
+    calls = {"n": 0}
+    original = engine._search_rows
+
+    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_search_rows", flaky)
+    queries, docs = torch.randn(20, 16), torch.randn(3000, 16)
+    result = torch.load(compute_topk(*pair(queries, docs), k=10))
+    assert calls["n"] >= 2
+    assert_exact(queries, docs, result["scores"], result["indices"])

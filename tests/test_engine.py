@@ -1,0 +1,151 @@
+"""The streaming search against the float64 oracle, and its independence from how the work is cut up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import assert_exact
+
+from tiny_knn import engine
+from tiny_knn import plan as plan_module
+from tiny_knn.api import prepare
+from tiny_knn.sources import Source
+from tiny_knn.topk import kernel_available
+
+SELECTIONS = ["threshold", "sort"] if kernel_available() else ["sort"]
+
+
+def run(q_path: str, d_path: str, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    queries, docs, plan = prepare(q_path, d_path, k, force_cpu=True, **options)
+    scores, indices, _ = engine.search(queries, docs, plan)
+    return scores, indices
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize(("batch", "chunk"), [(None, None), (1, 1), (3, 7), (17, 63), (33, 65), (33, 777)])
+def test_exact_for_odd_batches_and_chunks(pair, selection, batch, chunk) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.nn.functional.normalize(torch.randn(41, 24, generator=generator), dim=1)
+    docs = torch.nn.functional.normalize(torch.randn(1500, 24, generator=generator), dim=1)
+    scores, indices = run(*pair(queries, docs), 100, batch_size=batch, chunk_size=chunk, selection=selection)
+    assert_exact(queries, docs, scores, indices)
+
+
+@pytest.mark.parametrize(
+    ("queries", "docs", "dim", "k"),
+    [(1, 1, 1, 1), (1, 300, 3, 300), (5, 1, 8, 1), (9, 200, 385, 150), (3, 70, 64, 70), (20, 1000, 16, 999)],
+)
+def test_edge_shapes(pair, queries, docs, dim, k) -> None:  # type: ignore[no-untyped-def]
+    q, d = torch.randn(queries, dim), torch.randn(docs, dim)
+    scores, indices = run(*pair(q, d), k, chunk_size=64)
+    assert_exact(q, d, scores, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_inputs_score_in_float32(pair, dtype) -> None:  # type: ignore[no-untyped-def]
+    q, d = torch.randn(30, 40).to(dtype), torch.randn(900, 40).to(dtype)
+    scores, indices = run(*pair(q, d), 50, chunk_size=128)
+    assert scores.dtype == torch.float32
+    assert_exact(q.float(), d.float(), scores, indices)
+
+
+def test_duplicate_rows_tie_by_ascending_index(pair) -> None:  # type: ignore[no-untyped-def]
+    base = torch.randn(10, 8)
+    docs = base.repeat(30, 1)  # every doc appears 30 times, at indices i, i+10, i+20, ...
+    queries = base[:4]
+    for selection in SELECTIONS:
+        scores, indices = run(*pair(queries, docs), 60, chunk_size=64, batch_size=3, selection=selection)
+        for row in range(4):
+            equal_runs = scores[row].unique_consecutive(return_counts=True)[1].tolist()
+            start = 0
+            for length in equal_runs:  # within each run of equal scores, indices ascend
+                assert indices[row, start : start + length].tolist() == sorted(
+                    indices[row, start : start + length].tolist()
+                )
+                start += length
+        assert indices[0, :30].tolist() == list(range(0, 300, 10))
+
+
+small_ints = st.integers(-2, 2).map(float)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    n_queries=st.integers(1, 40),
+    n_docs=st.integers(1, 400),
+    dim=st.integers(1, 40),
+    tied=st.booleans(),
+)
+def test_identical_whatever_the_plan_and_selector(pair, data, n_queries, n_docs, dim, tied) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(n_queries * 7919 + n_docs * 31 + dim)
+    if tied:
+        queries = torch.randint(-2, 3, (n_queries, dim), generator=generator).float()
+        docs = torch.randint(-2, 3, (n_docs, dim), generator=generator).float()
+    else:
+        queries, docs = torch.randn(n_queries, dim, generator=generator), torch.randn(n_docs, dim, generator=generator)
+        docs[n_docs // 2 :] = docs[: n_docs - n_docs // 2].clone()  # duplicated rows
+    k = data.draw(st.integers(1, n_docs + 5))
+    paths = pair(queries, docs)
+    with pytest.warns(UserWarning) if k > n_docs else _nothing():
+        reference = run(*paths, k, selection="sort", batch_size=n_queries, chunk_size=n_docs)
+    assert_exact(queries, docs, *reference)
+    for _ in range(2):
+        batch = data.draw(st.integers(1, n_queries))
+        chunk = data.draw(st.integers(1, n_docs))
+        selection = data.draw(st.sampled_from(SELECTIONS))
+        with pytest.warns(UserWarning) if k > n_docs else _nothing():
+            scores, indices = run(*paths, k, selection=selection, batch_size=batch, chunk_size=chunk)
+        assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
+@pytest.mark.parametrize("sigmas", [4.0, 0.0, -100.0])
+def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatch, sigmas) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(plan_module, "THRESHOLD_SAMPLE_SIGMAS", sigmas)  # -100: every row must be redone
+    generator = torch.Generator().manual_seed(5)
+    queries, docs = torch.randn(50, 16, generator=generator), torch.randn(7000, 16, generator=generator)
+    paths = pair(queries, docs)
+    queries_source, docs_source, plan = prepare(*paths, 700, force_cpu=True, selection="threshold")
+    assert plan.threshold_sample_docs > 0
+    scores, indices, _ = engine.search(queries_source, docs_source, plan)
+    reference = run(*paths, 700, selection="sort")
+    assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
+
+
+def test_docs_are_streamed_in_chunks_never_whole(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reads: list[int] = []
+    original = Source.read_into
+
+    def spy(self, start, stop, out):  # type: ignore[no-untyped-def]
+        if self.role == "docs":
+            reads.append(stop - start)
+        original(self, start, stop, out)
+
+    monkeypatch.setattr(Source, "read_into", spy)
+    run(*pair(torch.randn(4, 8), torch.randn(1000, 8)), 5, chunk_size=128)
+    assert sum(reads) == 1000 and max(reads) <= 128 and len(reads) == 8
+
+
+def test_docs_read_once_per_query_batch(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reads: list[int] = []
+    original = Source.read_into
+
+    def spy(self, start, stop, out):  # type: ignore[no-untyped-def]
+        if self.role == "docs":
+            reads.append(stop - start)
+        original(self, start, stop, out)
+
+    monkeypatch.setattr(Source, "read_into", spy)
+    run(*pair(torch.randn(10, 8), torch.randn(300, 8)), 5, batch_size=4)
+    assert sum(reads) == 3 * 300  # three query batches, one pass each

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiny_knn.plan import COL_ALIGN, ROW_ALIGN, make_plan, parse_size, threshold_sample_docs, threshold_sample_rank
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("512MB", 512 * 10**6),
+        ("8GiB", 8 * 2**30),
+        ("8G", 8 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        ("4096", 4096),
+        ("2 kb", 2000),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12XB", "-5MB", "1..2G"])
+def test_parse_size_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a number"):
+        parse_size(text)
+
+
+def plan(**overrides):  # type: ignore[no-untyped-def]
+    arguments = dict(
+        queries=4096, docs=200_000, dim=384, k=2000, device="cpu", budget_bytes=2**30, selection="threshold"
+    )
+    arguments.update(overrides)
+    return make_plan(**arguments)
+
+
+def test_everything_fits_reads_docs_once() -> None:
+    p = plan()
+    assert p.doc_passes == 1 and p.query_batch_rows == 4096
+    assert p.peak_bytes <= p.budget_bytes
+    assert "docs read once" in " ".join(p.describe())
+
+
+def test_tight_budget_splits_queries_into_passes() -> None:
+    p = plan(budget_bytes=300 * 2**20)
+    assert p.doc_passes > 1
+    assert p.peak_bytes <= p.budget_bytes
+
+
+def test_too_small_budget_says_what_would_fit() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        plan(budget_bytes=10**6)
+
+
+def test_k_is_clamped_to_docs() -> None:
+    assert plan(docs=100, k=2000).k == 100
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    queries=st.integers(1, 5000),
+    docs=st.integers(1, 300_000),
+    dim=st.integers(1, 1024),
+    k=st.integers(1, 3000),
+    batch=st.one_of(st.none(), st.integers(1, 5000)),
+    chunk=st.one_of(st.none(), st.integers(1, 50_000)),
+)
+def test_plans_are_aligned_and_within_budget(queries, docs, dim, k, batch, chunk) -> None:  # type: ignore[no-untyped-def]
+    p = plan(queries=queries, docs=docs, dim=dim, k=k, budget_bytes=2**31, batch_rows=batch, chunk_rows=chunk)
+    assert p.query_block_rows % ROW_ALIGN == 0 and p.doc_chunk_rows % COL_ALIGN == 0
+    assert 1 <= p.query_batch_rows <= queries
+    assert p.query_block_rows <= max(ROW_ALIGN, -(-p.query_batch_rows // ROW_ALIGN) * ROW_ALIGN)
+    if batch is None:
+        assert p.peak_bytes <= p.budget_bytes
+    halved = p.halved() if p.query_block_rows > ROW_ALIGN or p.doc_chunk_rows > COL_ALIGN else p
+    assert halved.query_block_rows % ROW_ALIGN == 0 and halved.doc_chunk_rows % COL_ALIGN == 0
+
+
+def test_halved_stops_at_the_smallest_blocks() -> None:
+    p = plan(queries=1, docs=1, k=1)
+    with pytest.raises(MemoryError):
+        p.halved()
+
+
+def test_threshold_sample_only_where_the_estimate_is_tight() -> None:
+    assert threshold_sample_docs(200_000, 2000, "threshold") == 2048
+    assert threshold_sample_docs(200_000, 10, "threshold") == 0  # expected rank in the sample < 1
+    assert threshold_sample_docs(200_000, 2000, "sort") == 0
+    rank = threshold_sample_rank(200_000, 2000, 2048)
+    assert 20 < rank < 2048  # past the expected rank (20.5), with margin

@@ -1,0 +1,90 @@
+"""The two selectors must agree bit for bit, ties included, whatever the tiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tiny_knn.topk import SortMergeTopK, ThresholdTopK, kernel_available, make_running_topk, pool_capacity
+
+pytestmark = pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
+
+
+def offer(selectors, tiles, row_splits=(0,)):  # type: ignore[no-untyped-def]
+    first_doc = 0
+    for tile in tiles:
+        for selector in selectors:
+            bounds = [*row_splits, tile.shape[0]]
+            for lo, hi in itertools.pairwise(bounds):
+                selector.add(tile[lo:hi], lo, first_doc)
+        first_doc += tile.shape[1]
+    return [selector.result() for selector in selectors]
+
+
+@pytest.mark.parametrize(("k", "cols", "tiles"), [(1, 5, 30), (5, 64, 20), (300, 64, 20), (50, 1000, 8), (7, 3, 50)])
+def test_threshold_equals_sort_merge_on_tied_and_random_tiles(k: int, cols: int, tiles: int) -> None:
+    generator = torch.Generator().manual_seed(k * 1000 + cols)
+    rows = 37
+    stream = []
+    for index in range(tiles):
+        if index % 2:
+            stream.append(torch.randint(-3, 4, (rows, cols), generator=generator).float() * 0.5)  # heavy ties
+        else:
+            stream.append(torch.randn(rows, cols, generator=generator))
+    (fast_scores, fast_indices), (ref_scores, ref_indices) = offer(
+        [ThresholdTopK(rows, k), SortMergeTopK(rows, k)], stream, row_splits=(0, 20)
+    )
+    assert torch.equal(fast_scores, ref_scores)
+    assert torch.equal(fast_indices, ref_indices)
+
+
+def test_ties_go_to_the_smaller_index_and_negative_zero_equals_zero() -> None:
+    tile = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0, 1.0]])
+    for selector in (ThresholdTopK(1, 4), SortMergeTopK(1, 4)):
+        selector.add(tile[:, :3], 0, 0)
+        selector.add(tile[:, 3:], 0, 3)
+        scores, indices = selector.result()
+        assert indices.tolist() == [[2, 5, 0, 1]]
+        assert scores.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+
+def test_pool_compacts_many_times_and_stays_exact() -> None:
+    k = 10
+    rows, cols = 4, 64
+    tiles = [torch.randn(rows, cols, generator=torch.Generator().manual_seed(i)) for i in range(200)]
+    fast, ref = ThresholdTopK(rows, k), SortMergeTopK(rows, k)
+    (fast_scores, fast_indices), (ref_scores, ref_indices) = offer([fast, ref], tiles)
+    assert fast.survivors > pool_capacity(k)  # the pool must have filled and been compacted
+    assert torch.equal(fast_scores, ref_scores) and torch.equal(fast_indices, ref_indices)
+
+
+def test_start_thresholds_certify_or_report_rows() -> None:
+    tile = torch.arange(20, dtype=torch.float32).repeat(3, 1)  # scores 0..19 in every row
+    low_enough = torch.tensor([5.0, 16.0, 17.0])  # k=3 best are 19, 18, 17
+    selector = ThresholdTopK(3, 3, start_thresholds=low_enough)
+    selector.add(tile, 0, 0)
+    scores, indices = selector.result()
+    assert scores[0].tolist() == [19.0, 18.0, 17.0] and indices[0].tolist() == [19, 18, 17]
+    assert scores[1].tolist() == [19.0, 18.0, 17.0]
+    # Row 2's estimate equals its k-th best: docs scoring exactly 17 may have been dropped, so it is not certified.
+    assert selector.uncertain_rows().tolist() == [2]
+
+
+def test_start_threshold_above_everything_leaves_the_row_uncertain() -> None:
+    selector = ThresholdTopK(2, 2, start_thresholds=torch.tensor([100.0, -100.0]))
+    selector.add(torch.randn(2, 50), 0, 0)
+    selector.result()
+    assert selector.uncertain_rows().tolist() == [0]
+
+
+def test_make_running_topk_choices() -> None:
+    cpu = torch.device("cpu")
+    assert isinstance(make_running_topk(2, 3, cpu, 100), ThresholdTopK)
+    assert isinstance(make_running_topk(2, 3, cpu, 100, "sort"), SortMergeTopK)
+    assert isinstance(make_running_topk(2, 3, cpu, 2**32), SortMergeTopK)
+    with pytest.raises(RuntimeError):
+        make_running_topk(2, 3, cpu, 2**32, "threshold")
+    with pytest.raises(ValueError, match="unknown selection"):
+        make_running_topk(2, 3, cpu, 100, "heap")
