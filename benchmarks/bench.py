@@ -33,10 +33,9 @@ Output: a table per k on stdout (progress on stderr), OUT/bench.json (configurat
 every raw time and memory figure, agreement of each contender's answer with tiny-knn's) and
 OUT/bench.png (time against k) when matplotlib is installed (pip install -e '.[bench]').
 
-Duration, on a 2-core AVX2 machine (AMD EPYC, ~30 GFLOP/s in float32): a default run takes about
-26 minutes, 13 per repeat (extrapolated from a run at 1/10 of the docs; about 3 s of each of the 21
-child processes per repeat is interpreter start-up). The floor alone is ~100 s per repeat (five block
-shapes, ~20 s each). --repeats 1 halves the time; --quick takes about 40 s.
+Duration, on the 2-core AVX2 development machine (AMD EPYC, ~65 GFLOP/s in float32): a default run takes
+about 13 minutes, 6.5 per repeat (about 3 s of each of the 21 child processes per repeat is interpreter
+start-up); the floor alone is ~50 s per repeat (five block shapes). --quick takes about 40 s.
 """
 
 from __future__ import annotations

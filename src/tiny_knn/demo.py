@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -50,6 +49,16 @@ def verify_sample(
     return bad, worst
 
 
+def _peak_resident_mib() -> float | None:
+    """This process's peak resident set (Linux, macOS); None where the platform does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tiny-knn demo",
@@ -85,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         result = torch.load(out)
         bad, worst = verify_sample(queries, docs, result["scores"], result["indices"], args.verify)
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mib = _peak_resident_mib()
         pairs = args.queries * args.docs
         print(f"result:      {out}")
         print(f"device:      {result['device']}, k={result['k']}")
@@ -94,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"throughput:  {pairs / seconds / 1e6:.1f} M query-doc pairs/s, "
             f"{2 * pairs * args.dim / seconds / 1e9:.1f} GFLOP/s"
         )
-        print(f"peak memory: {peak_mib:.0f} MiB resident (includes generating the corpus in memory)")
+        peak_text = f"{peak_mib:.0f} MiB resident" if peak_mib is not None else "not measurable on this system"
+        print(f"peak memory: {peak_text} (includes generating the corpus in memory)")
         print(
             f"verified:    {args.verify} queries against float64 brute force: "
             f"{'OK' if bad == 0 else f'{bad} MISMATCHES'} (max score error {worst:.1e})"
