@@ -123,7 +123,9 @@ def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatc
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
 
 
-def test_docs_are_streamed_in_chunks_never_whole(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def doc_reads(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """The row counts of every read of the docs, in order."""
     reads: list[int] = []
     original = Source.read_into
 
@@ -133,19 +135,15 @@ def test_docs_are_streamed_in_chunks_never_whole(pair, monkeypatch) -> None:  # 
         original(self, start, stop, out)
 
     monkeypatch.setattr(Source, "read_into", spy)
+    assert reads == []
+    return reads
+
+
+def test_docs_are_streamed_in_chunks_never_whole(pair, doc_reads) -> None:  # type: ignore[no-untyped-def]
     run(*pair(torch.randn(4, 8), torch.randn(1000, 8)), 5, chunk_size=128)
-    assert sum(reads) == 1000 and max(reads) <= 128 and len(reads) == 8
+    assert sum(doc_reads) == 1000 and max(doc_reads) <= 128 and len(doc_reads) == 8
 
 
-def test_docs_read_once_per_query_batch(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    reads: list[int] = []
-    original = Source.read_into
-
-    def spy(self, start, stop, out):  # type: ignore[no-untyped-def]
-        if self.role == "docs":
-            reads.append(stop - start)
-        original(self, start, stop, out)
-
-    monkeypatch.setattr(Source, "read_into", spy)
+def test_docs_read_once_per_query_batch(pair, doc_reads) -> None:  # type: ignore[no-untyped-def]
     run(*pair(torch.randn(10, 8), torch.randn(300, 8)), 5, batch_size=4)
-    assert sum(reads) == 3 * 300  # three query batches, one pass each
+    assert sum(doc_reads) == 3 * 300  # three query batches, one pass each
