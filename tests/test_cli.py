@@ -58,9 +58,11 @@ def bad_inputs(tmp_path, save):  # type: ignore[no-untyped-def]
     with open(docs, "rb") as whole, open(truncated, "wb") as part:
         part.write(whole.read()[:300])
     (tmp_path / "junk.pt").write_bytes(os.urandom(200))
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
     return {
         "missing": ([str(tmp_path / "missing.pt"), docs], "no such file"),
-        "directory": ([str(tmp_path), docs], "is a directory"),
+        "directory": ([str(empty), docs], "holds no .pt"),
         "truncated": ([good, truncated], "not a PyTorch zip archive"),
         "junk": ([good, str(tmp_path / "junk.pt")], "not a PyTorch zip archive"),
         "dict": ([save({"a": 1}, "dict.pt"), docs], "holds a dict"),

@@ -72,7 +72,8 @@ def test_the_loader_never_runs_pickled_code(tmp_path) -> None:  # type: ignore[n
 @pytest.mark.parametrize(
     ("obj", "message"),
     [
-        ({"a": torch.randn(2, 2)}, "holds a dict, expected a single tensor"),
+        ({"a": torch.randn(2, 2), "b": torch.randn(3, 2)}, "holds a dict with 2 2-D tensors, expected exactly one"),
+        ([torch.randn(2, 2)], "holds a list, expected a single tensor"),
         (torch.randn(5), r"shape \(5,\), expected 2-D"),
         (torch.randn(2, 3, 4), r"shape \(2, 3, 4\), expected 2-D"),
         (torch.arange(6).reshape(2, 3), "dtype int64, expected float32, float16 or bfloat16"),
@@ -92,8 +93,9 @@ def test_refuses_what_it_cannot_search(save, obj, message) -> None:  # type: ign
 def test_refuses_missing_directory_truncated_and_junk(tmp_path, save) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputFileError, match="no such file"):
         open_source(str(tmp_path / "missing.pt"), "docs")
-    with pytest.raises(InputFileError, match="is a directory"):
-        open_source(str(tmp_path), "docs")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(InputFileError, match=r"holds no \.pt"):
+        open_source(str(tmp_path / "nothing"), "docs")
     good = save(torch.randn(100, 8))
     truncated = str(tmp_path / "truncated.pt")
     with open(good, "rb") as whole, open(truncated, "wb") as part:

@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "queries", metavar="QUERIES.pt", help="torch.save of a (Q, dim) float32/float16/bfloat16 tensor"
+        "queries",
+        metavar="QUERIES.pt",
+        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, FILE:KEY, or a directory/glob of shards",
     )
-    parser.add_argument("docs", metavar="DOCS.pt", help="torch.save of a (D, dim) tensor with the same dim")
+    parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
     parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument(

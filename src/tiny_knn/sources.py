@@ -1,17 +1,23 @@
-"""Reading: open an embeddings file on disk as a source of rows, without ever loading it whole.
+"""Reading: open embeddings on disk as a source of rows, without ever loading a file whole.
 
 A source knows its shape and dtype and copies row ranges on demand into a caller's buffer, checking that
-they are finite. `.pt` files are memory-mapped (`torch.load(mmap=True, weights_only=True)`), so resident
-memory does not grow with the file and no pickled code is ever run. Readers know nothing of devices.
+they are finite. Every format is memory-mapped, so resident memory does not grow with the file:
+`.pt` (`torch.load(mmap=True, weights_only=True)`: no pickled code ever runs; a tensor, or a dict holding
+one 2-D tensor, or `file.pt:key`), `.npy`, `.safetensors` (`file.safetensors:key` when it holds several
+tensors), `.fvecs` and `.bvecs`, and a directory or glob of such shards, concatenated in natural sort
+order with global row numbers. Readers know nothing of devices.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -19,6 +25,8 @@ import torch
 from .errors import InputFileError, InvalidInputError
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs")
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -26,42 +34,48 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass(frozen=True)
-class Source:
-    """A 2-D float tensor on disk: `rows` vectors of `dim` values, read in row ranges."""
+class Source(ABC):
+    """Embeddings on disk: `rows` vectors of `dim` values, read in row ranges."""
 
-    path: str
-    role: str  # "queries" or "docs", used in every message
-    tensor: torch.Tensor  # memory-mapped; never materialised whole
+    def __init__(self, path: str, role: str) -> None:
+        self.path = path
+        self.role = role  # "queries" or "docs", used in every message
 
-    @property
-    def rows(self) -> int:
-        return int(self.tensor.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.tensor.shape[1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tensor.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.dim * self.tensor.element_size()
+    rows: int
+    dim: int
+    dtype: torch.dtype
 
     def label(self) -> str:
         return f"{self.role} file '{self.path}'"
 
+    @abstractmethod
     def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
         """Copies rows [start, stop) into out[: stop - start], converting dtype; refuses NaN or Inf.
-
-        Runs on the engine's read-ahead thread, so it uses numpy where it can: numpy is single-threaded and
-        does not compete with the matrix product for torch's thread pool.
 
         Raises:
             InvalidInputError: a row holds NaN or Inf (the first such row is named).
         """
+
+    @abstractmethod
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        """Copies the rows at `positions` (int64, ascending) into out[: len(positions)], converting dtype.
+
+        Values are not checked here: every row is checked when the docs are streamed.
+        """
+
+
+class ArraySource(Source):
+    """One file, seen as a memory-mapped 2-D tensor (possibly strided, as in .fvecs)."""
+
+    def __init__(self, path: str, role: str, tensor: torch.Tensor) -> None:
+        super().__init__(path, role)
+        self.tensor = tensor
+        self.rows, self.dim = int(tensor.shape[0]), int(tensor.shape[1])
+        self.dtype = tensor.dtype
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        # Runs on the engine's read-ahead thread, so it uses numpy where it can: numpy is single-threaded and
+        # does not compete with the matrix product for torch's thread pool.
         block = out[: stop - start]
         rows = self.tensor[start:stop]
         if rows.dtype == torch.bfloat16 or block.dtype == torch.bfloat16:  # numpy has no bfloat16
@@ -79,22 +93,90 @@ class Source:
             )
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
-        """Copies the rows at `positions` (int64) into out[: len(positions)], converting dtype.
-
-        Values are not checked here: every row is checked when the docs are streamed.
-        """
         out[: positions.numel()].copy_(self.tensor[positions])
 
 
-def open_source(path: str | os.PathLike[str], role: str) -> Source:
-    """Opens a `.pt` file holding one 2-D float tensor, memory-mapped, after checking everything cheap.
+class ShardedSource(Source):
+    """Several files of the same dim, concatenated: global row r lives in the shard whose range holds it."""
+
+    def __init__(self, path: str, role: str, shards: list[Source]) -> None:
+        super().__init__(path, role)
+        self.shards = shards
+        self.dim, self.dtype = shards[0].dim, shards[0].dtype
+        self.offsets = [0]
+        for shard in shards:
+            if shard.dim != self.dim:
+                raise InvalidInputError(
+                    f"{shard.label()}: dim {shard.dim}, expected {self.dim} like the first shard '{shards[0].path}'"
+                )
+            self.offsets.append(self.offsets[-1] + shard.rows)
+        self.rows = self.offsets[-1]
+
+    def label(self) -> str:
+        return f"{self.role} shards '{self.path}'"
+
+    def _overlaps(self, start: int, stop: int) -> list[tuple[Source, int, int, int]]:
+        """(shard, local start, local stop, offset in the caller's block) for each shard meeting [start, stop)."""
+        pieces = []
+        for shard, first in zip(self.shards, self.offsets[:-1], strict=True):
+            lo, hi = max(start, first), min(stop, first + shard.rows)
+            if lo < hi:
+                pieces.append((shard, lo - first, hi - first, lo - start))
+        return pieces
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        for shard, lo, hi, at in self._overlaps(start, stop):
+            shard.read_into(lo, hi, out[at:])
+
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        owner = torch.bucketize(positions, torch.tensor(self.offsets[1:]), right=True)
+        for index, shard in enumerate(self.shards):
+            mine = torch.nonzero(owner == index).flatten()
+            if mine.numel():
+                part = torch.empty((mine.numel(), self.dim), dtype=out.dtype)
+                shard.read_rows(positions[mine] - self.offsets[index], part)
+                out[mine] = part
+
+
+def open_source(spec: str | os.PathLike[str], role: str) -> Source:
+    """Opens a file, `file:key`, directory or glob of embeddings, memory-mapped, after every cheap check.
 
     Raises:
-        InputFileError: the file is missing or unreadable.
-        InvalidInputError: the file is corrupt, not a tensor, not 2-D, not float, or empty.
+        InputFileError: a file is missing or unreadable, or a directory or glob holds no embeddings.
+        InvalidInputError: a file is corrupt, not a tensor, not 2-D, not float, or empty.
     """
-    path = os.fspath(path)
-    label = f"{role} file '{path}'"
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, name) for name in os.listdir(spec) if name.lower().endswith(SHARD_SUFFIXES)]
+        if not files:
+            raise InputFileError(
+                f"{role} directory '{spec}': holds no {', '.join(SHARD_SUFFIXES)} files; expected embedding shards"
+            )
+        return _sharded(spec, role, files)
+    if any(char in spec for char in "*?[") and not os.path.exists(spec):
+        files = [path for path in glob.glob(spec) if os.path.isfile(path)]
+        if not files:
+            raise InputFileError(f"{role} pattern '{spec}': matches no files")
+        return _sharded(spec, role, files)
+    path, key = spec, None
+    if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
+        path, key = spec.rsplit(":", 1)
+    return ArraySource(spec, role, _open_tensor(path, key, f"{role} file '{spec}'"))
+
+
+def _sharded(spec: str, role: str, files: list[str]) -> Source:
+    ordered = sorted(files, key=_natural_key)
+    return ShardedSource(
+        spec, role, [ArraySource(f, role, _open_tensor(f, None, f"{role} file '{f}'")) for f in ordered]
+    )
+
+
+def _natural_key(path: str) -> list[object]:
+    """emb_2 before emb_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def _open_tensor(path: str, key: str | None, label: str) -> torch.Tensor:
     if not os.path.exists(path):
         raise InputFileError(f"{label}: no such file")
     if not os.path.isfile(path):
@@ -102,18 +184,24 @@ def open_source(path: str | os.PathLike[str], role: str) -> Source:
     if not os.access(path, os.R_OK):
         raise InputFileError(f"{label}: permission denied")
     if os.path.getsize(path) == 0:
-        raise InvalidInputError(f"{label}: the file is empty; expected a tensor saved with torch.save")
-    tensor = _load_mmap(path, label)
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidInputError(
-            f"{label}: holds a {type(tensor).__name__}, expected a single tensor saved with torch.save(tensor, path)"
-        )
+        raise InvalidInputError(f"{label}: the file is empty; expected embeddings")
+    suffix = os.path.splitext(path)[1].lower()
+    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    if suffix == ".npy":
+        tensor = _load_npy(path, label)
+    elif suffix == ".safetensors":
+        tensor = _load_safetensors(path, key, label)
+    elif suffix in (".fvecs", ".bvecs"):
+        tensor = _load_vecs(path, label, byte_values=suffix == ".bvecs")
+        allowed = (*SUPPORTED_DTYPES, torch.uint8)
+    else:
+        tensor = _pick_tensor(_load_mmap(path, label), key, label)
     if tensor.dim() != 2:
         raise InvalidInputError(
             f"{label}: tensor has shape {tuple(tensor.shape)}, expected 2-D (rows, dim)"
             + ("; reshape it with .reshape(-1, dim)" if tensor.dim() > 0 else "")
         )
-    if tensor.dtype not in SUPPORTED_DTYPES:
+    if tensor.dtype not in allowed:
         hint = " (convert with .float())" if tensor.dtype.is_floating_point else ""
         raise InvalidInputError(
             f"{label}: dtype {dtype_name(tensor.dtype)}, expected float32, float16 or bfloat16{hint}"
@@ -122,7 +210,109 @@ def open_source(path: str | os.PathLike[str], role: str) -> Source:
         raise InvalidInputError(
             f"{label}: tensor has shape {tuple(tensor.shape)}, expected at least one row and column"
         )
-    return Source(path=path, role=role, tensor=tensor)
+    return tensor
+
+
+def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
+    """A .pt file's tensor: the object itself, the one 2-D tensor of a dict, or dict[key]."""
+    if isinstance(loaded, torch.Tensor) and key is None:
+        return loaded
+    if isinstance(loaded, dict):
+        if key is not None:
+            if key not in loaded or not isinstance(loaded[key], torch.Tensor):
+                raise InvalidInputError(f"{label}: no tensor named {key!r}; it holds {_keys(loaded)}")
+            chosen: torch.Tensor = loaded[key]
+            return chosen
+        matrices = [value for value in loaded.values() if isinstance(value, torch.Tensor) and value.dim() == 2]
+        if len(matrices) == 1:
+            return matrices[0]
+        raise InvalidInputError(
+            f"{label}: holds a dict with {len(matrices)} 2-D tensors, expected exactly one; "
+            f"name one as FILE:KEY (keys: {_keys(loaded)})"
+        )
+    what = type(loaded).__name__
+    raise InvalidInputError(f"{label}: holds a {what}, expected a single tensor saved with torch.save(tensor, path)")
+
+
+def _keys(mapping: dict[object, object]) -> str:
+    names = [str(name) for name in mapping]
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+
+def _quietly_from_numpy(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only memory maps: tiny-knn never writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _load_npy(path: str, label: str) -> torch.Tensor:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(
+            f"{label}: not a readable .npy file (truncated or corrupt?): {_first_sentence(exc)}"
+        ) from None
+    if array.dtype not in (np.float32, np.float16):
+        hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" else ""
+        raise InvalidInputError(f"{label}: dtype {array.dtype}, expected float32 or float16{hint}")
+    return _quietly_from_numpy(array)
+
+
+def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as stream:
+            header_length = int.from_bytes(stream.read(8), "little")
+            if not 0 < header_length <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(stream.read(header_length))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{label}: not a readable .safetensors file (truncated or corrupt?): {exc}") from None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    if key is None:
+        matrices = [name for name, info in tensors.items() if len(info.get("shape", [])) == 2]
+        if len(matrices) != 1:
+            raise InvalidInputError(
+                f"{label}: holds {len(matrices)} 2-D tensors, expected exactly one; name one as FILE:KEY "
+                f"(keys: {_keys(tensors)})"
+            )
+        key = matrices[0]
+    if key not in tensors:
+        raise InvalidInputError(f"{label}: no tensor named {key!r}; it holds {_keys(tensors)}")
+    info = tensors[key]
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise InvalidInputError(f"{label}: tensor {key!r} has dtype {info['dtype']}, expected F32, F16 or BF16")
+    shape = tuple(info["shape"])
+    start, stop = info["data_offsets"]
+    numpy_dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    count = int(np.prod(shape)) if shape else 1
+    if 8 + header_length + stop > size or stop - start != count * numpy_dtype.itemsize:
+        raise InvalidInputError(f"{label}: tensor {key!r} runs past the end of the file (truncated?)")
+    if count == 0:
+        return torch.empty(shape, dtype=torch.float32)
+    array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=8 + header_length + start, shape=shape)
+    tensor = _quietly_from_numpy(array)
+    return tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+
+
+def _load_vecs(path: str, label: str, *, byte_values: bool) -> torch.Tensor:
+    """.fvecs / .bvecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        dim = int.from_bytes(stream.read(4), "little", signed=True)
+    value_bytes = 1 if byte_values else 4
+    row_bytes = 4 + dim * value_bytes
+    if dim <= 0 or size % row_bytes:
+        raise InvalidInputError(
+            f"{label}: file size {size} is not a whole number of rows of dim {dim}; truncated or not a "
+            f"{'b' if byte_values else 'f'}vecs file"
+        )
+    raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, row_bytes)
+    last_dim = int(np.frombuffer(raw[-1, :4].tobytes(), dtype="<i4")[0])
+    if last_dim != dim:
+        raise InvalidInputError(f"{label}: the last row declares dim {last_dim}, the first {dim}; not a vecs file")
+    values = raw[:, 4:] if byte_values else raw.view(np.float32)[:, 1:]
+    return _quietly_from_numpy(values)
 
 
 def _load_mmap(path: str, label: str) -> object:
