@@ -160,3 +160,12 @@ def test_demo_verifies_itself(tmp_path) -> None:  # type: ignore[no-untyped-def]
     )
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout and "peak memory" in done.stdout
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(pair, capsys) -> None:  # type: ignore[no-untyped-def]
+    q_path, d_path = pair(torch.randn(10, 8), torch.randn(500, 8))
+    before = set(os.listdir(os.path.dirname(q_path)))
+    assert main([q_path, d_path, "--k", "5", "--cpu", "--dry-run", "--batch-size", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "device cpu" in text and "docs read 3 times" in text and "x 3 pass(es)" in text
+    assert set(os.listdir(os.path.dirname(q_path))) == before

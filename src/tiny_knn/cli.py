@@ -9,9 +9,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .api import TinyKnnWarning, __version__, compute_topk
+from .api import TinyKnnWarning, __version__, compute_topk, prepare
 from .errors import TinyKnnError
-from .plan import DEFAULT_K, parse_size
+from .plan import DEFAULT_K, format_bytes, parse_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, metavar="N", help="queries per pass over the docs (default: planned)"
     )
     parser.add_argument("--chunk-size", type=_positive_int, metavar="N", help="docs per chunk (default: planned)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the inputs, print the plan (sizes, passes, bytes, memory), exit"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or warnings on stderr")
     parser.add_argument("--version", action="version", version=f"tiny-knn {__version__}")
     return parser
@@ -84,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
+        if args.dry_run:
+            return _run_reporting_errors(lambda: _describe_plan(args))
         return _run_reporting_errors(
             lambda: compute_topk(
                 args.queries,
@@ -97,6 +102,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.quiet,
             )
         )
+
+
+def _describe_plan(args: argparse.Namespace) -> str:
+    """The plan as text, without searching."""
+    queries, docs, plan = prepare(
+        args.queries,
+        args.docs,
+        args.k,
+        force_cpu=args.cpu,
+        max_memory=args.max_memory,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+    )
+    read = format_bytes(docs.nbytes * plan.doc_passes)
+    return "\n".join(
+        [
+            *plan.describe(),
+            f"reads: queries {format_bytes(queries.nbytes)} once, docs {format_bytes(docs.nbytes)} "
+            f"x {plan.doc_passes} pass(es) = {read}",
+        ]
+    )
 
 
 def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]

@@ -48,6 +48,11 @@ class Source(ABC):
     def label(self) -> str:
         return f"{self.role} file '{self.path}'"
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of vector data, as stored."""
+        return self.rows * self.dim * torch.empty((), dtype=self.dtype).element_size()
+
     @abstractmethod
     def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
         """Copies rows [start, stop) into out[: stop - start], converting dtype; refuses NaN or Inf.
