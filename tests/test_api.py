@@ -90,7 +90,7 @@ def test_nan_in_docs_fails_cleanly_without_output(save, tmp_path) -> None:  # ty
 
 
 def test_docstrings_run() -> None:
-    for module in (tiny_knn.api, tiny_knn.plan):
+    for module in (tiny_knn, tiny_knn.api, tiny_knn.plan):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert tried > 0 and failures == 0, module.__name__
 
@@ -105,4 +105,6 @@ def test_public_api_is_small() -> None:
         "MemoryBudgetError",
         "TinyKnnWarning",
         "__version__",
+        "search",
+        "Embeddings",
     }

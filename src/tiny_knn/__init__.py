@@ -2,6 +2,8 @@
 
 Public API:
     compute_topk(q_path, d_path, k=2000, force_cpu=False, out_path=None, ...) -> path of the result file
+    search(queries, docs, k, *, metric="ip", exclude_self=False, device=None, ...) -> (scores, indices),
+        in memory, from tensors, numpy arrays or paths
     TinyKnnError and its subclasses InvalidInputError, InputFileError, OutputError, MemoryBudgetError
     TinyKnnWarning
 
@@ -9,12 +11,18 @@ Example:
     >>> from tiny_knn import compute_topk  # doctest: +SKIP
     >>> compute_topk(q_path="queries.pt", d_path="docs.pt", k=500)  # doctest: +SKIP
     'top500_queries_x_docs.pt'
+    >>> import torch
+    >>> from tiny_knn import search
+    >>> scores, indices = search(torch.eye(2), torch.tensor([[0.5, 0.0], [0.0, 3.0]]), k=1, device="cpu")
+    >>> indices.tolist()
+    [[0], [1]]
 """
 
-from .api import TinyKnnWarning, __version__, compute_topk
+from .api import Embeddings, TinyKnnWarning, __version__, compute_topk, search
 from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError
 
 __all__ = [
+    "Embeddings",
     "InputFileError",
     "InvalidInputError",
     "MemoryBudgetError",
@@ -23,4 +31,5 @@ __all__ = [
     "TinyKnnWarning",
     "__version__",
     "compute_topk",
+    "search",
 ]

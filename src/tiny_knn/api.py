@@ -1,23 +1,97 @@
-"""The public entry points: check everything, plan, search, write. The CLI calls only this."""
+"""The public entry points: check everything, plan, search, write. The CLI calls only these."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Union
 
+import numpy as np
 import torch
 
 from . import engine, results
 from .errors import InvalidInputError, MemoryBudgetError
+from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import DEFAULT_K, Plan, default_budget_bytes, make_plan
-from .sources import Source, check_compatible, open_source
+from .sources import Source, check_compatible, from_array, open_source
 from .topk import MAX_KERNEL_DOCS, kernel_available
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
+
+# What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
+Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
 
 
 class TinyKnnWarning(UserWarning):
     """Something was adjusted rather than refused (for instance k clamped to the number of docs)."""
+
+
+def search(
+    queries: Embeddings,
+    docs: Embeddings,
+    k: int,
+    *,
+    metric: str = DEFAULT_METRIC,
+    exclude_self: bool = False,
+    device: str | None = None,
+    max_memory: int | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finds the `k` best docs of every query, in memory: nothing is written to disk.
+
+    The same engine as `compute_topk`: the answer is exact, ties go to the lower doc index, and it does
+    not depend on batch or chunk sizes.
+
+    Args:
+        queries: (Q, dim) tensor or numpy array (float32, float16, bfloat16 or float64; on the CPU), or the
+            path of embeddings on disk in any format `compute_topk` reads.
+        docs: (D, dim), likewise.
+        k: neighbours per query; clamped (with a TinyKnnWarning) to D, or D - 1 with exclude_self.
+        metric: "ip" (dot product, highest first), "cosine" (highest first) or "l2" (squared Euclidean
+            distance, smallest first).
+        exclude_self: queries and docs are the same rows (query i is doc i): leave each query's own row out.
+        device: "cpu" or "cuda"; default CUDA when available.
+        max_memory, batch_size, chunk_size, progress: as for `compute_topk`.
+
+    Returns:
+        (scores float32 (Q, k), indices int64 (Q, k)), best first, on the CPU.
+
+    Example:
+        >>> import torch
+        >>> from tiny_knn import search
+        >>> docs = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+        >>> scores, indices = search(torch.tensor([[1.0, 0.0]]), docs, k=2, device="cpu")
+        >>> indices.tolist(), scores.tolist()
+        ([[2, 1]], [[2.0, 1.0]])
+        >>> search(torch.tensor([[1.0, 0.0]]), docs, k=2, metric="l2", device="cpu")[1].tolist()
+        [[1, 2]]
+        >>> search(docs, docs, k=1, metric="cosine", exclude_self=True, device="cpu")[1].tolist()
+        [[1], [2], [1]]
+    """
+    query_source = _as_source(queries, "queries")
+    doc_source = _as_source(docs, "docs")
+    if exclude_self and query_source.rows != doc_source.rows:
+        raise InvalidInputError(
+            f"exclude_self: {query_source.rows} queries and {doc_source.rows} docs; expected the same rows "
+            "(query i is doc i)"
+        )
+    if device is not None and device not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device={device!r}: expected 'cpu' or 'cuda'")
+    plan = _plan(
+        query_source,
+        doc_source,
+        k,
+        force_cpu=device == "cpu",
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        metric=metric,
+        exclude_self=exclude_self,
+    )
+    scores, indices, _ = _run(query_source, doc_source, plan, progress)
+    return scores, indices
 
 
 def compute_topk(
@@ -31,6 +105,11 @@ def compute_topk(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    metric: str = DEFAULT_METRIC,
+    exclude_self: bool = False,
+    output_format: str | None = None,
+    query_ids: str | os.PathLike[str] | None = None,
+    doc_ids: str | os.PathLike[str] | None = None,
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -39,19 +118,26 @@ def compute_topk(
     and the answer does not depend on batch or chunk sizes.
 
     Args:
-        q_path: `.pt` file holding a (Q, dim) float32/float16/bfloat16 tensor of queries.
-        d_path: `.pt` file holding a (D, dim) tensor of documents, same dim.
-        k: neighbours per query; clamped (with a TinyKnnWarning) to D when larger.
+        q_path: (Q, dim) float32/float16/bfloat16 queries: a `.pt`, `.npy`, `.safetensors`, `.fvecs`/`.bvecs`
+            or HDF5 file (`FILE:KEY` to pick a tensor or dataset), or a directory or glob of such shards.
+        d_path: (D, dim) documents, likewise, with the same dim.
+        k: neighbours per query; clamped (with a TinyKnnWarning) to D (D - 1 with exclude_self) when larger.
         force_cpu: run on the CPU even when CUDA is available.
         out_path: where to write the result; default `top{k}_{queries}_x_{docs}.pt` beside the queries.
         max_memory: memory budget in bytes (GPU memory on CUDA, RAM on CPU); default 60% of what is free.
         batch_size: queries per pass over the docs (default: as many as the budget allows).
         chunk_size: docs per chunk read from disk (default: tuned per device).
         progress: show a progress bar on stderr.
+        metric: "ip" (dot product, the default), "cosine", or "l2" (squared distance, smallest first).
+        exclude_self: queries and docs are the same file: leave each query's own row out (by index).
+        output_format: "pt" (the default), "npy", "parquet" or "trec"; default from out_path's suffix.
+        query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
+            parquet and TREC formats in place of row numbers.
 
     Returns:
-        The path of the result file: a dict with `indices` (Q, k) int64, `scores` (Q, k) float32,
-        `queries_path`, `docs_path`, `k`, `batch_size`, `dtype`, `device`, `chunk_size`, `version`.
+        The path of the result. In the default format, a dict with `indices` (Q, k) int64, `scores`
+        (Q, k) float32, `queries_path`, `docs_path`, `k`, `batch_size`, `dtype`, `device`, `chunk_size`,
+        `version`, `metric`, `precision`, `exclude_self`, and `query_ids` / `doc_ids` when given.
 
     Raises:
         InputFileError: an input file is missing or unreadable.
@@ -70,26 +156,42 @@ def compute_topk(
     """
     q_path, d_path = os.fspath(q_path), os.fspath(d_path)
     queries, docs, plan = prepare(
-        q_path, d_path, k, force_cpu=force_cpu, max_memory=max_memory, batch_size=batch_size, chunk_size=chunk_size
+        q_path,
+        d_path,
+        k,
+        force_cpu=force_cpu,
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        metric=metric,
+        exclude_self=exclude_self,
     )
-    target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k)
-    results.check_output_path(target)
+    fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
+    target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
+    results.check_output_path(target, fmt)
+    ids = {
+        f"{role}_ids": results.read_ids(os.fspath(path), source.rows, role)
+        for role, path, source in (("query", query_ids, queries), ("doc", doc_ids, docs))
+        if path is not None
+    }
     scores, indices, plan = _run(queries, docs, plan, progress)
-    results.write_result(
-        target,
-        {
-            "indices": indices,
-            "scores": scores,
-            "queries_path": q_path,
-            "docs_path": d_path,
-            "k": plan.k,
-            "batch_size": plan.query_batch_rows,
-            "dtype": str(queries.dtype),
-            "device": plan.device,
-            "chunk_size": plan.doc_chunk_rows,
-            "version": __version__,
-        },
-    )
+    result = {
+        "indices": indices,
+        "scores": scores,
+        "queries_path": q_path,
+        "docs_path": d_path,
+        "k": plan.k,
+        "batch_size": plan.query_batch_rows,
+        "dtype": str(queries.dtype),
+        "device": plan.device,
+        "chunk_size": plan.doc_chunk_rows,
+        "version": __version__,
+        "metric": plan.metric,
+        "precision": "float32",
+        "exclude_self": plan.exclude_self,
+        **ids,
+    }
+    results.write_output(target, fmt, result, higher_is_better(plan.metric))
     return target
 
 
@@ -103,28 +205,87 @@ def prepare(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     selection: str = "auto",
+    metric: str = DEFAULT_METRIC,
+    exclude_self: bool = False,
 ) -> tuple[Source, Source, Plan]:
-    """Opens and checks both inputs and the options, then plans. Does no search work."""
+    """Opens and checks both input files and the options, then plans. Does no search work."""
+    queries = open_source(q_path, "queries")
+    docs = open_source(d_path, "docs")
+    if exclude_self and _identity(q_path) != _identity(d_path):
+        raise InvalidInputError(
+            f"exclude_self: {queries.label()} and {docs.label()} differ; expected the same file for both "
+            "(each query's own row is left out by index)"
+        )
+    plan = _plan(
+        queries,
+        docs,
+        k,
+        force_cpu=force_cpu,
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        selection=selection,
+        metric=metric,
+        exclude_self=exclude_self,
+    )
+    return queries, docs, plan
+
+
+def _identity(spec: str) -> str:
+    """The same string for two specs naming the same file (or directory, glob, key)."""
+    path, colon, key = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
+    return os.path.realpath(path) + colon + key
+
+
+def _as_source(embeddings: Embeddings, role: str) -> Source:
+    if isinstance(embeddings, (torch.Tensor, np.ndarray)):
+        return from_array(embeddings, role)
+    if isinstance(embeddings, (str, os.PathLike)):
+        return open_source(embeddings, role)
+    raise InvalidInputError(f"{role}: got a {type(embeddings).__name__}, expected a tensor, a numpy array or a path")
+
+
+def _plan(
+    queries: Source,
+    docs: Source,
+    k: int,
+    *,
+    force_cpu: bool,
+    max_memory: int | None,
+    batch_size: int | None,
+    chunk_size: int | None,
+    metric: str,
+    exclude_self: bool,
+    selection: str = "auto",
+) -> Plan:
+    """Checks the options against both inputs, then plans."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k={k!r}: expected a whole number >= 1")
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_memory", max_memory)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidInputError(f"{name}={value!r}: expected a whole number >= 1")
-    queries = open_source(q_path, "queries")
-    docs = open_source(d_path, "docs")
+    try:
+        check_metric(metric)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
     check_compatible(queries, docs)
-    if k > docs.rows:
+    available = docs.rows - int(exclude_self)
+    if exclude_self and available < 1:
+        raise InvalidInputError(f"exclude_self: {docs.label()} holds 1 row; nothing is left once it is excluded")
+    if k > available:
         warnings.warn(
-            f"k={k} is more than the {docs.rows} docs in {docs.label()}; returning k={docs.rows}",
+            f"k={k} is more than the {available} docs in {docs.label()}"
+            + (" besides each query itself" if exclude_self else "")
+            + f"; returning k={available}",
             TinyKnnWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
     if selection == "auto":
         selection = "threshold" if device == "cpu" and kernel_available() and docs.rows < MAX_KERNEL_DOCS else "sort"
     budget = max_memory if max_memory is not None else default_budget_bytes(device)
     try:
-        plan = make_plan(
+        return make_plan(
             queries=queries.rows,
             docs=docs.rows,
             dim=queries.dim,
@@ -134,10 +295,11 @@ def prepare(
             selection=selection,
             batch_rows=batch_size,
             chunk_rows=chunk_size,
+            metric=metric,
+            exclude_self=exclude_self,
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None
-    return queries, docs, plan
 
 
 def _run(queries: Source, docs: Source, plan: Plan, progress: bool) -> tuple[torch.Tensor, torch.Tensor, Plan]:

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 from .api import TinyKnnWarning, __version__, compute_topk, prepare
 from .errors import TinyKnnError
+from .metrics import DEFAULT_METRIC, METRICS
 from .plan import DEFAULT_K, format_bytes, parse_size
+from .results import FORMATS
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,8 +41,9 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiny-knn",
-        description="Exact top-K nearest neighbours (dot product) of every query among every document. "
-        "Both files are streamed from disk, so they may be larger than RAM or GPU memory.",
+        description="Exact top-K nearest neighbours of every query among every document (dot product by "
+        "default; cosine or squared L2 with --metric). Both inputs are streamed from disk, so they may be "
+        "larger than RAM or GPU memory. The result's path is printed on stdout.",
         epilog="Other command: 'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies "
         "the answer. Exit codes: 0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -48,16 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "queries",
         metavar="QUERIES.pt",
-        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, FILE:KEY, or a directory/glob of shards",
+        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, .h5/.hdf5, FILE:KEY (a tensor or HDF5 dataset), "
+        "or a directory/glob of shards",
     )
     parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
     parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=DEFAULT_METRIC,
+        help="ip: dot product, highest first; cosine: on rows scaled to unit length as they are read; "
+        "l2: squared Euclidean distance, smallest first, re-scored exactly",
+    )
+    parser.add_argument(
+        "--exclude-self",
+        action="store_true",
+        help="QUERIES and DOCS are the same file: leave each query's own row out (by index, so duplicates stay)",
+    )
+    parser.add_argument(
         "--output-path",
         metavar="OUT.pt",
-        help="result file (default: top{k}_{queries}_x_{docs}.pt beside the queries file); its path is printed",
+        help="result path (default: top{k}_{queries}_x_{docs}.pt, or the --format's suffix, beside the queries)",
     )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="pt: the dict of tensors (default); npy: a directory of indices.npy, scores.npy, meta.json; "
+        "parquet: rows of query, rank, doc, score (needs pyarrow); trec: a TREC run file "
+        "(default: from the --output-path suffix .parquet/.trec/.run, else pt)",
+    )
+    parser.add_argument("--query-ids", metavar="FILE", help="one id per query row; recorded and used by parquet/trec")
+    parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row; recorded and used by parquet/trec")
     parser.add_argument(
         "--max-memory",
         type=_size,
@@ -100,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 chunk_size=args.chunk_size,
                 progress=not args.quiet,
+                metric=args.metric,
+                exclude_self=args.exclude_self,
+                output_format=args.format,
+                query_ids=args.query_ids,
+                doc_ids=args.doc_ids,
             )
         )
 
@@ -114,6 +144,8 @@ def _describe_plan(args: argparse.Namespace) -> str:
         max_memory=args.max_memory,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
+        metric=args.metric,
+        exclude_self=args.exclude_self,
     )
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(

@@ -14,7 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .plan import COL_ALIGN, ROW_ALIGN, Plan, round_up, threshold_sample_rank
+from .metrics import prepare_docs, prepare_queries
+from .plan import COL_ALIGN, L2_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
+from .refine import drop_self, exact_l2_search, refine_l2
 from .sources import Source
 from .topk import RunningTopK, make_running_topk
 
@@ -80,18 +82,59 @@ def _search_batch(
     # Zero rows pad the last block up to the alignment; their scores are never offered.
     host_queries = torch.zeros((round_up(rows, ROW_ALIGN), queries.dim), dtype=plan.compute_dtype)
     queries.read_into(batch_start, batch_stop, host_queries)
+    prepare_queries(host_queries[:rows], plan.metric)
     query_rows = host_queries.to(device)
     start_thresholds = _sampled_thresholds(query_rows, rows, docs, plan) if plan.threshold_sample_docs else None
-    running = _search_rows(query_rows, rows, docs, plan, on_docs_scored, start_thresholds)
+    running, max_offset = _search_rows(query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds)
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
         # The sampled estimate was too high for these rows: search them again from scratch.
-        redo_queries = torch.zeros((round_up(uncertain.numel(), ROW_ALIGN), queries.dim), dtype=plan.compute_dtype)
-        redo_queries[: uncertain.numel()] = host_queries[uncertain]
-        redo = _search_rows(redo_queries.to(device), uncertain.numel(), docs, plan, None, None)
-        scores[uncertain], indices[uncertain] = redo.result()
-    return scores, indices
+        scores[uncertain], indices[uncertain] = _search_again(host_queries, uncertain, docs, plan, plan.candidates)
+    if plan.metric == "l2":
+        scores, indices = _refine_l2(host_queries[:rows], docs, plan, scores, indices, max_offset)
+    if plan.exclude_self:
+        return drop_self(scores, indices, batch_start, plan.k)
+    return scores[:, : plan.k], indices[:, : plan.k]
+
+
+def _search_again(
+    host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh pass over the docs for the given rows of host_queries, keeping `candidates` per row."""
+    redo_queries = torch.zeros((round_up(rows.numel(), ROW_ALIGN), host_queries.shape[1]), dtype=plan.compute_dtype)
+    redo_queries[: rows.numel()] = host_queries[rows]
+    device = torch.device(plan.device)
+    running, _ = _search_rows(redo_queries.to(device), rows.numel(), docs, plan, candidates, None, None)
+    return running.result()
+
+
+def _refine_l2(
+    query_rows: torch.Tensor,
+    docs: Source,
+    plan: Plan,
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+    max_offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distances for every row, nearest first, certified (refine.py). Rows that fail are searched
+    again with four times the candidates; rows that fail again get the exact streamed search."""
+    keep = plan.k + int(plan.exclude_self)
+    max_doc_norm = (2 * max_offset) ** 0.5
+    distances, indices, uncertain = refine_l2(query_rows, docs, keys, indices, max_doc_norm, keep)
+    distances, indices = distances[:, :keep], indices[:, :keep]
+    wide = min(docs.rows, L2_WIDENING * plan.candidates)
+    group = max(1, plan.query_batch_rows // L2_WIDENING)  # the batch's memory for selection state, no more
+    failed = []
+    for rows in torch.split(uncertain, group) if uncertain.numel() else ():
+        wide_keys, wide_indices = _search_again(query_rows, rows, docs, plan, wide)
+        redone, redone_indices, still = refine_l2(query_rows[rows], docs, wide_keys, wide_indices, max_doc_norm, keep)
+        distances[rows], indices[rows] = redone[:, :keep], redone_indices[:, :keep]
+        failed.append(rows[still])
+    uncertain = torch.cat(failed) if failed else uncertain
+    if uncertain.numel():
+        distances[uncertain], indices[uncertain] = exact_l2_search(query_rows[uncertain], docs, keep)
+    return distances, indices
 
 
 def _search_rows(
@@ -99,29 +142,43 @@ def _search_rows(
     rows: int,
     docs: Source,
     plan: Plan,
+    candidates: int,
     on_docs_scored: ProgressCallback | None,
     start_thresholds: torch.Tensor | None,
-) -> RunningTopK:
-    """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment)."""
+) -> tuple[RunningTopK, float]:
+    """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment), keeping
+    `candidates` per row. Also returns the largest key offset seen (l2: the largest ½‖d‖²; else 0)."""
     device = query_rows.device
-    running = make_running_topk(rows, plan.k, device, docs.rows, plan.selection, start_thresholds)
+    running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
     tile_storage = torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
-    for first_doc, doc_count, chunk in _doc_chunks(docs, plan, device):
+    max_offset = 0.0
+    for first_doc, doc_count, chunk, offsets in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
+        if offsets is not None:
+            max_offset = max(max_offset, float(offsets.max()))
         for block_start in range(0, rows, plan.query_block_rows):
             block_rows = min(plan.query_block_rows, rows - block_start)
             padded_rows = round_up(block_rows, ROW_ALIGN)
             tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
-            torch.mm(query_rows[block_start : block_start + padded_rows], doc_rows_t, out=tile)
+            _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
             running.add(tile[:block_rows, :doc_count], block_start, first_doc)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
-    return running
+    return running, max_offset
+
+
+def _score(
+    query_block: torch.Tensor, doc_rows_t: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """Search keys of a (padded) query block against (padded, transposed) doc rows, into `out`."""
+    torch.mm(query_block, doc_rows_t, out=out)
+    if offsets is not None:
+        out.sub_(offsets)
 
 
 def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
-    """Per query, a score that probably at least k docs beat: a high rank within a strided doc sample.
+    """Per query, a key that probably at least `candidates` docs beat: a high rank within a strided sample.
 
     Only an estimate: the selector certifies each row afterwards (see ThresholdTopK).
     """
@@ -129,19 +186,35 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
     positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
     sample_docs = torch.zeros((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
+    offsets = _prepared_offsets(sample_docs, sample, plan, query_rows.device)
     sample_docs_t = sample_docs.to(query_rows.device).T
-    rank = threshold_sample_rank(docs.rows, plan.k, sample)
+    rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
     thresholds = torch.empty(rows, dtype=torch.float32)
     for block_start in range(0, rows, plan.query_block_rows):
         block_rows = min(plan.query_block_rows, rows - block_start)
         padded_rows = round_up(block_rows, ROW_ALIGN)
-        scores = query_rows[block_start : block_start + padded_rows] @ sample_docs_t
+        scores = torch.empty((padded_rows, sample), dtype=torch.float32, device=query_rows.device)
+        _score(query_rows[block_start : block_start + padded_rows], sample_docs_t, offsets, scores)
         thresholds[block_start : block_start + block_rows] = scores[:block_rows].topk(rank, dim=1).values[:, -1].cpu()
     return thresholds
 
 
-def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yields (first_doc, doc_count, chunk) with the next chunk already being read on another thread.
+def _prepared_offsets(rows: torch.Tensor, count: int, plan: Plan, device: torch.device) -> torch.Tensor | None:
+    """Applies the metric to freshly read doc rows (the first `count`); returns their key offsets, padded
+    with zeros to the length of `rows`, on `device`."""
+    offsets = prepare_docs(rows[:count], plan.metric)
+    if offsets is None:
+        return None
+    padded = torch.zeros(rows.shape[0], dtype=torch.float32)
+    padded[:count] = offsets
+    return padded.to(device)
+
+
+def _doc_chunks(
+    docs: Source, plan: Plan, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """Yields (first_doc, doc_count, chunk, key offsets) with the next chunk already being read on another
+    thread.
 
     `chunk` holds doc_count rows followed by zero rows up to the alignment; it is reused two chunks later,
     so the caller must be done with it before asking for the next-but-one.
@@ -151,19 +224,23 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[tupl
     buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pin) for _ in range(2)]
     starts = range(0, docs.rows, chunk_rows)
 
-    def read(index: int) -> tuple[int, int, torch.Tensor]:
+    def read(index: int) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
         start = starts[index]
         count = min(chunk_rows, docs.rows - start)
         buffer = buffers[index % 2]
         docs.read_into(start, start + count, buffer)
         buffer[count : round_up(count, COL_ALIGN)].numpy().fill(0)
-        return start, count, buffer
+        offsets = _prepared_offsets(buffer[: round_up(count, COL_ALIGN)], count, plan, torch.device("cpu"))
+        return start, count, buffer, offsets
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiny-knn-read") as reader:
-        pending: Future[tuple[int, int, torch.Tensor]] = reader.submit(read, 0)
+        pending: Future[tuple[int, int, torch.Tensor, torch.Tensor | None]] = reader.submit(read, 0)
         for index in range(len(starts)):
-            start, count, buffer = pending.result()
+            start, count, buffer, offsets = pending.result()
             if index + 1 < len(starts):
                 # The other buffer was last used by the previous chunk, whose tiles are fully scored.
                 pending = reader.submit(read, index + 1)
-            yield start, count, buffer if device.type == "cpu" else buffer.to(device)
+            if device.type != "cpu":
+                buffer = buffer.to(device)
+                offsets = None if offsets is None else offsets.to(device)
+            yield start, count, buffer, offsets

@@ -27,6 +27,12 @@ CUDA_DOC_CHUNK_ROWS = 32768
 THRESHOLD_SAMPLE_FRACTION = 0.01
 THRESHOLD_SAMPLE_MIN_RANK = 10.0
 THRESHOLD_SAMPLE_SIGMAS = 4.0
+# l2 keeps a few more candidates than it returns, so that most rows are certified at once (refine.py),
+# and re-scores them in gathers of about this many bytes of doc rows.
+L2_EXTRA_CANDIDATES_MIN = 16
+L2_EXTRA_CANDIDATES_FRACTION = 1 / 8
+REFINE_GATHER_BYTES = 16 * 2**20
+L2_WIDENING = 4  # rows not certified are searched again with this many times the candidates
 # Share of the free memory taken when the user sets no budget.
 DEFAULT_BUDGET_FRACTION = 0.6
 SCORE_BYTES = 4
@@ -74,7 +80,7 @@ class Plan:
 
     device: str  # "cpu" or "cuda"
     compute_dtype: torch.dtype
-    k: int  # effective k: never more than the number of docs
+    k: int  # effective k: never more than the number of docs (less one with exclude_self)
     queries: int
     docs: int
     dim: int
@@ -85,6 +91,14 @@ class Plan:
     threshold_sample_docs: int  # docs sampled for a starting threshold; 0 = none
     budget_bytes: int
     peak_bytes: int  # estimated peak of the memory the plan allocates
+    metric: str = "ip"  # see metrics.py
+    exclude_self: bool = False  # drop each query's own row (doc index == query index)
+    search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
+
+    @property
+    def candidates(self) -> int:
+        """Candidates kept per query while searching: k, one more to drop the query itself, l2's margin."""
+        return self.search_k or self.k
 
     @property
     def doc_passes(self) -> int:
@@ -110,7 +124,9 @@ class Plan:
                 if self.threshold_sample_docs
                 else ""
             ),
-            f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}",
+            f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}, metric {self.metric}"
+            + (", excluding each query's own row" if self.exclude_self else "")
+            + (f", {self.candidates} candidates per query re-scored" if self.metric == "l2" else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
             f"rows, doc chunk {self.doc_chunk_rows} rows",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
@@ -140,18 +156,41 @@ def threshold_sample_rank(docs: int, k: int, sample: int) -> int:
     return max(1, min(sample, int(expected + THRESHOLD_SAMPLE_SIGMAS * expected**0.5) + 1))
 
 
+def search_candidates(k: int, docs: int, metric: str, exclude_self: bool) -> int:
+    """Candidates to keep per query so as to return k: one more to drop the query itself, and for l2 a
+    margin for rows whose keys are too close to tell apart."""
+    wanted = k + int(exclude_self)
+    if metric == "l2":
+        wanted += max(L2_EXTRA_CANDIDATES_MIN, int(wanted * L2_EXTRA_CANDIDATES_FRACTION))
+    return min(docs, wanted)
+
+
 def estimate_bytes(
-    *, batch_rows: int, block_rows: int, chunk_rows: int, dim: int, k: int, queries: int, selection: str, docs: int
+    *,
+    batch_rows: int,
+    block_rows: int,
+    chunk_rows: int,
+    dim: int,
+    k: int,
+    queries: int,
+    selection: str,
+    docs: int,
+    candidates: int | None = None,
+    refine: bool = False,
 ) -> int:
-    """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results."""
+    """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
+    for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings)."""
+    candidates = candidates or k
     resident_queries = round_up(batch_rows, ROW_ALIGN) * dim * 4
-    state = batch_rows * selection_state_bytes(k, selection)
+    state = batch_rows * selection_state_bytes(candidates, selection)
+    if refine:
+        state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
     doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
     tile = block_rows * chunk_rows * SCORE_BYTES
     if selection == "sort":  # the tile's sorted copy and the merge's temporaries
         tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
     results = queries * k * (SCORE_BYTES + INDEX_BYTES)
-    sample = threshold_sample_docs(docs, k, selection)
+    sample = threshold_sample_docs(docs, candidates, selection)
     sample_bytes = sample * (dim * 4 + block_rows * SCORE_BYTES)  # sampled docs and one block's scores
     return resident_queries + state + doc_buffers + tile + results + sample_bytes
 
@@ -167,13 +206,18 @@ def make_plan(
     selection: str,
     batch_rows: int | None = None,
     chunk_rows: int | None = None,
+    metric: str = "ip",
+    exclude_self: bool = False,
 ) -> Plan:
     """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
 
     Raises:
         ValueError: even the smallest blocks do not fit the budget (the message says what would).
     """
-    k = min(k, docs)
+    if exclude_self and docs < 2:
+        raise ValueError("excluding each query's own row needs at least 2 docs")
+    k = min(k, docs - int(exclude_self))
+    candidates = search_candidates(k, docs, metric, exclude_self)
     cuda = device == "cuda"
     block = min(CUDA_QUERY_BLOCK_ROWS if cuda else CPU_QUERY_BLOCK_ROWS, round_up(queries, ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
@@ -192,6 +236,8 @@ def make_plan(
             queries=queries,
             selection=selection,
             docs=docs,
+            candidates=candidates,
+            refine=metric == "l2",
         )
 
     while True:
@@ -225,9 +271,12 @@ def make_plan(
         query_block_rows=block,
         doc_chunk_rows=chunk,
         selection=selection,
-        threshold_sample_docs=threshold_sample_docs(docs, k, selection),
+        threshold_sample_docs=threshold_sample_docs(docs, candidates, selection),
         budget_bytes=budget_bytes,
         peak_bytes=cost(batch, block, chunk),
+        metric=metric,
+        exclude_self=exclude_self,
+        search_k=candidates,
     )
 
 

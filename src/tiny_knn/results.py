@@ -1,56 +1,134 @@
-"""Writing: the result file. Its schema is the original contract; it is written atomically.
+"""Writing: the result, in the contract's `.pt` format or another one, always atomically.
 
-The file is a `torch.save` of a plain dict (loadable with `torch.load(path)`, weights_only): `indices`
-(Q, K) int64, `scores` (Q, K) float32, `queries_path`, `docs_path`, `k`, `batch_size`, `dtype`, `device`,
-plus `chunk_size` and `version`. It is first written to a temporary file beside the target and renamed
-into place, so a reader never sees a half-written result and a failure leaves nothing behind.
+- `pt` (the default, the contract): a `torch.save` of a plain dict (loadable with `torch.load(path)`,
+  weights_only): `indices` (Q, K) int64, `scores` (Q, K) float32, `queries_path`, `docs_path`, `k`,
+  `batch_size`, `dtype`, `device`, plus `chunk_size`, `version`, `metric`, `precision`, `exclude_self`, and
+  `query_ids` / `doc_ids` (lists of str) when ids were given.
+- `npy`: a directory holding `indices.npy`, `scores.npy` and `meta.json` (everything else).
+- `parquet`: one row per (query, rank): `query`, `rank` (1 = best), `doc`, `score`; queries and docs are row
+  numbers, or the given ids; the metadata is in the schema's `tiny_knn` key. Needs pyarrow.
+- `trec`: a TREC run file, `QID Q0 DOCID RANK SCORE tiny-knn`, ranks from 1. Evaluation tools rank by
+  SCORE, highest first, so an l2 run writes the negated distance.
+
+Every format is first written beside the target under a temporary name and renamed into place, so a
+reader never sees a half-written result and a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import OutputError
+from .errors import InputFileError, InvalidInputError, OutputError
+
+FORMATS = ("pt", "npy", "parquet", "trec")
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec"}
+# Rows of (query, rank) lines formatted at a time by the parquet and TREC writers.
+_WRITE_BLOCK_PAIRS = 1 << 20
 
 
-def default_output_path(queries_path: str, docs_path: str, k: int) -> str:
-    """`top{k}_{queries}_x_{docs}.pt`, next to the queries file."""
-    query_name = os.path.splitext(os.path.basename(queries_path))[0]
-    doc_name = os.path.splitext(os.path.basename(docs_path))[0]
-    return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}.pt")
+def output_format(path: str | None, requested: str | None) -> str:
+    """The format asked for, else the one the output path's suffix implies, else `pt`."""
+    if requested is not None:
+        if requested not in FORMATS:
+            raise InvalidInputError(f"output format {requested!r}: expected one of {', '.join(FORMATS)}")
+        return requested
+    if path is None:
+        return "pt"
+    return _SUFFIXES.get(os.path.splitext(path)[1].lower(), "pt")
 
 
-def check_output_path(path: str) -> None:
+def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "pt") -> str:
+    """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, or a directory for npy), next to the queries."""
+    query_name = os.path.splitext(os.path.basename(queries_path.rstrip("/")))[0]
+    doc_name = os.path.splitext(os.path.basename(docs_path.rstrip("/")))[0]
+    suffix = "" if fmt == "npy" else f".{fmt}"
+    return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}{suffix}")
+
+
+def check_output_path(path: str, fmt: str = "pt") -> None:
     """Raises OutputError unless `path` can be created: its folder exists and is writable."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise OutputError(f"output path '{path}' is a directory; expected a file name such as {path}/result.pt")
+    if fmt == "npy":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputError(f"output path '{path}' is a file; the npy format writes a directory there")
+    elif os.path.isdir(path):
+        raise OutputError(f"output path '{path}' is a directory; expected a file name such as {path}/result.{fmt}")
     if not os.path.isdir(folder):
         raise OutputError(f"output path '{path}': folder '{folder}' does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output path '{path}': folder '{folder}' is not writable")
+    if fmt == "parquet":
+        _pyarrow(path)
+
+
+def read_ids(path: str, rows: int, role: str) -> list[str]:
+    """The ids in `path`, one per line, which must be exactly one per row of the `role` input."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            ids = stream.read().splitlines()
+    except FileNotFoundError:
+        raise InputFileError(f"{role} ids file '{path}': no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{role} ids file '{path}': cannot be read: {exc}") from None
+    if len(ids) != rows:
+        raise InvalidInputError(f"{role} ids file '{path}': {len(ids)} lines, expected one id per row ({rows})")
+    bad = next((line for line, value in enumerate(ids, 1) if not value.strip() or any(c.isspace() for c in value)), 0)
+    if bad:
+        raise InvalidInputError(f"{role} ids file '{path}': line {bad} is empty or holds whitespace; expected one id")
+    return ids
+
+
+def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: bool = True) -> None:
+    """Writes `result` (the .pt dict) at `path` in format `fmt`, atomically.
+
+    Raises:
+        OutputError: the result could not be written (disk full, permissions); nothing is left behind.
+    """
+    if fmt == "pt":
+        write_result(path, result)
+    elif fmt == "npy":
+        _write_npy(path, result)
+    elif fmt == "parquet":
+        _atomically(path, lambda temporary: _write_parquet(temporary, result))
+    else:
+        _atomically(path, lambda temporary: _write_trec(temporary, result, higher_is_better))
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:
-    """Saves `result` to `path` atomically (temporary file, fsync, rename).
+    """Saves `result` to `path` as a .pt dict, atomically (temporary file, fsync, rename)."""
 
-    Raises:
-        OutputError: the file could not be written (disk full, permissions); nothing is left behind.
-    """
+    def save(temporary: str) -> None:
+        with open(temporary, "wb") as stream:
+            torch.save(result, stream)
+
+    _atomically(path, save)
+
+
+def metadata(result: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the two tensors (and the id lists, which npy and parquet do not repeat)."""
+    return {key: value for key, value in result.items() if key not in ("indices", "scores", "query_ids", "doc_ids")}
+
+
+def _atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls write(temporary path) beside `path`, fsyncs, renames into place; cleans up on any failure."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise OutputError(f"output path '{path}': cannot create a file in '{folder}': {exc.strerror}") from None
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(result, stream)
-            stream.flush()
+        write(temporary)
+        with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException as exc:
@@ -59,3 +137,106 @@ def write_result(path: str, result: dict[str, Any]) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"output path '{path}': writing failed: {exc.strerror or exc}") from None
         raise
+
+
+def _write_npy(path: str, result: dict[str, Any]) -> None:
+    """A directory built under a temporary name, then renamed; an older one at `path` is replaced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"output path '{path}': cannot create a directory in '{folder}': {exc.strerror}") from None
+    old = None
+    try:
+        for name in ("indices", "scores"):
+            with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
+                np.save(stream, result[name].numpy())
+                os.fsync(stream.fileno())
+        meta = metadata(result)
+        for role in ("query", "doc"):
+            if f"{role}_ids" in result:
+                with open(os.path.join(temporary, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
+                    stream.write("\n".join(result[f"{role}_ids"]) + "\n")
+                meta[f"{role}_ids"] = f"{role}_ids.txt"
+        with open(os.path.join(temporary, "meta.json"), "w", encoding="utf-8") as stream:
+            json.dump(meta, stream, indent=2)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=folder)
+            os.replace(path, os.path.join(old, "previous"))
+        os.replace(temporary, path)
+    except BaseException as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if old is not None and not os.path.exists(path):
+            os.replace(os.path.join(old, "previous"), path)
+        if isinstance(exc, OSError):
+            raise OutputError(f"output path '{path}': writing failed: {exc.strerror or exc}") from None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _pairs(result: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, ranks from 1, doc indices, scores) as flat arrays, a block of queries at a time."""
+    indices, scores = result["indices"].numpy(), result["scores"].numpy()
+    queries, k = indices.shape
+    step = max(1, _WRITE_BLOCK_PAIRS // max(1, k))
+    for start in range(0, queries, step):
+        stop = min(start + step, queries)
+        rows = np.repeat(np.arange(start, stop, dtype=np.int64), k)
+        ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), stop - start)
+        yield rows, ranks, indices[start:stop].ravel(), scores[start:stop].ravel()
+
+
+def _write_parquet(path: str, result: dict[str, Any]) -> None:
+    pa, pq = _pyarrow(path)
+    query_ids, doc_ids = result.get("query_ids"), result.get("doc_ids")
+    lookup_q = None if query_ids is None else np.asarray(query_ids, dtype=object)
+    lookup_d = None if doc_ids is None else np.asarray(doc_ids, dtype=object)
+    writer = None
+    try:
+        for rows, ranks, docs, scores in _pairs(result):
+            table = pa.table(
+                {
+                    "query": pa.array(rows if lookup_q is None else lookup_q[rows], type=_id_type(pa, lookup_q)),
+                    "rank": pa.array(ranks),
+                    "doc": pa.array(docs if lookup_d is None else lookup_d[docs], type=_id_type(pa, lookup_d)),
+                    "score": pa.array(scores),
+                }
+            )
+            if writer is None:
+                schema = table.schema.with_metadata({"tiny_knn": json.dumps(metadata(result))})
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _id_type(pa: Any, lookup: np.ndarray | None) -> Any:
+    return pa.int64() if lookup is None else pa.string()
+
+
+def _pyarrow(path: str) -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OutputError(
+            f"output path '{path}': the parquet format needs pyarrow: pip install 'tiny-knn[parquet]'"
+        ) from None
+    return pa, pq
+
+
+def _write_trec(path: str, result: dict[str, Any], higher_is_better: bool) -> None:
+    query_ids, doc_ids = result.get("query_ids"), result.get("doc_ids")
+    with open(path, "w", encoding="utf-8") as stream:
+        for rows, ranks, docs, scores in _pairs(result):
+            shown = scores if higher_is_better else 0 - scores  # 0 - x: no '-0' for a zero distance
+            queries = map(str, rows.tolist()) if query_ids is None else (query_ids[r] for r in rows.tolist())
+            names = map(str, docs.tolist()) if doc_ids is None else (doc_ids[d] for d in docs.tolist())
+            # %.9g keeps every float32 distinct; evaluation tools read the score as a double.
+            stream.writelines(
+                f"{q} Q0 {d} {r} {s:.9g} tiny-knn\n"
+                for q, d, r, s in zip(queries, names, ranks.tolist(), shown.tolist(), strict=True)
+            )

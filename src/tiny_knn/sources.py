@@ -353,3 +353,29 @@ def check_compatible(queries: Source, docs: Source) -> None:
             f"dimension mismatch: {queries.label()} has dim {queries.dim}, "
             f"{docs.label()} has dim {docs.dim}; both must have the same number of columns"
         )
+
+
+IN_MEMORY_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
+
+
+def from_array(array: torch.Tensor | np.ndarray, role: str) -> Source:
+    """A source over a (rows, dim) tensor or numpy array in memory (float64 too: converted as read).
+
+    Raises:
+        InvalidInputError: not 2-D, not a float dtype, or empty.
+    """
+    label = f"in-memory {role}"
+    if isinstance(array, np.ndarray):
+        if array.dtype.kind != "f":
+            raise InvalidInputError(f"{label}: dtype {array.dtype}, expected float32, float16 or float64")
+        array = torch.from_numpy(array)
+    tensor = array.detach().cpu()
+    if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise InvalidInputError(f"{label}: shape {tuple(tensor.shape)}, expected 2-D (rows, dim), not empty")
+    if tensor.dtype not in IN_MEMORY_DTYPES:
+        raise InvalidInputError(
+            f"{label}: dtype {dtype_name(tensor.dtype)}, expected float32, float16, bfloat16 or float64"
+        )
+    source = ArraySource(f"<{label}>", role, tensor)
+    source.label = lambda: label  # type: ignore[method-assign]
+    return source

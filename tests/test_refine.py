@@ -1,0 +1,72 @@
+"""l2 re-scoring and certification, and self-exclusion, in isolation."""
+
+from __future__ import annotations
+
+import torch
+from oracle import brute_force
+
+from tiny_knn import engine, refine, search
+from tiny_knn.sources import from_array
+
+
+def test_key_error_bound_holds() -> None:
+    # The bound must exceed the observed error of the float32 key against the float64 one, for data with
+    # a large common offset (where the error is largest relative to the distances).
+    generator = torch.Generator().manual_seed(9)
+    for offset, dim in ((0.0, 384), (50.0, 64), (1e3, 8)):
+        queries = torch.randn(64, dim, generator=generator) + offset
+        docs = torch.randn(2000, dim, generator=generator) + offset
+        computed = queries @ docs.T - 0.5 * (docs * docs).sum(dim=1)
+        exact = queries.double() @ docs.double().T - 0.5 * (docs.double() ** 2).sum(dim=1)
+        bound = refine.key_error_bound(queries.double().norm(dim=1), float(docs.double().norm(dim=1).max()), dim)
+        assert ((computed.double() - exact).abs() <= bound[:, None]).all()
+
+
+def test_uncertified_rows_are_reported_and_exact_search_answers_them() -> None:
+    generator = torch.Generator().manual_seed(3)
+    queries, docs = torch.randn(20, 16, generator=generator), torch.randn(500, 16, generator=generator)
+    source = from_array(docs, "docs")
+    keys = queries @ docs.T - 0.5 * (docs * docs).sum(dim=1)
+    top_keys, top_indices = keys.topk(12, dim=1)
+    max_norm = float(docs.norm(dim=1).max())
+    _, _, certified = refine.refine_l2(queries, source, top_keys, top_indices, max_norm, keep=5)
+    assert certified.numel() == 0  # a margin of 7 candidates is plenty for random data
+    # A huge claimed doc norm makes the bound useless: no row can be certified.
+    _, indices, uncertain = refine.refine_l2(queries, source, top_keys, top_indices, 1e6, keep=5)
+    assert torch.equal(uncertain, torch.arange(20))
+    exact_distances, exact_indices = refine.exact_l2_search(queries, source, 5)
+    best, best_indices = brute_force(queries, docs, 5, "l2")
+    assert torch.equal(exact_indices, best_indices) and torch.equal(exact_distances, best.float())
+    assert torch.equal(indices[:, :5], best_indices)
+
+
+def test_every_fallback_gives_the_same_answer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(8)
+    queries, docs = torch.randn(30, 12, generator=generator), torch.randn(3000, 12, generator=generator)
+    reference = search(queries, docs, 10, metric="l2", device="cpu")
+    calls = {"widened": 0, "exact": 0}
+    real_refine, real_exact = refine.refine_l2, refine.exact_l2_search
+
+    def refuse_first(query_rows, docs, keys, indices, max_doc_norm, keep):  # type: ignore[no-untyped-def]
+        calls["widened"] += keys.shape[1] > 26
+        distances, order, _ = real_refine(query_rows, docs, keys, indices, max_doc_norm, keep)
+        return distances, order, torch.arange(query_rows.shape[0])  # certify nothing, ever
+
+    def exact(query_rows, docs, keep):  # type: ignore[no-untyped-def]
+        calls["exact"] += 1
+        return real_exact(query_rows, docs, keep)
+
+    monkeypatch.setattr(engine, "refine_l2", refuse_first)
+    monkeypatch.setattr(engine, "exact_l2_search", exact)
+    scores, indices = search(queries, docs, 10, metric="l2", device="cpu")
+    assert calls["widened"] >= 1 and calls["exact"] >= 1
+    assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
+
+
+def test_drop_self_by_index_not_by_position() -> None:
+    scores = torch.tensor([[9.0, 8.0, 7.0], [9.0, 9.0, 1.0], [5.0, 4.0, 3.0]])
+    indices = torch.tensor([[4, 0, 2], [3, 1, 6], [7, 8, 9]])
+    kept_scores, kept = refine.drop_self(scores, indices, first_query=0, k=2)
+    assert kept.tolist() == [[4, 2], [3, 6], [7, 8]]  # row 0 loses doc 0, row 1 doc 1, row 2 its last
+    assert kept_scores.tolist() == [[9.0, 7.0], [9.0, 1.0], [5.0, 4.0]]
+    assert not (kept == torch.arange(3)[:, None]).any()
