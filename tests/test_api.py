@@ -108,3 +108,47 @@ def test_public_api_is_small() -> None:
         "search",
         "Embeddings",
     }
+
+
+def test_result_records_metric_precision_and_ids(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = torch.randn(3, 4), torch.randn(6, 4)
+    q_path, d_path = pair(queries, docs)
+    (tmp_path / "q.txt").write_text("a\nb\nc\n")
+    with pytest.warns(TinyKnnWarning, match="returning k=6"):
+        path = compute_topk(q_path, d_path, k=9, force_cpu=True, metric="cosine", query_ids=str(tmp_path / "q.txt"))
+    result = torch.load(path)
+    assert (result["metric"], result["precision"], result["k"], result["exclude_self"]) == (
+        "cosine",
+        "float32",
+        6,
+        False,
+    )
+    assert result["query_ids"] == ["a", "b", "c"] and "doc_ids" not in result
+    assert_exact(queries, docs, result["scores"], result["indices"], "cosine")
+
+
+def test_search_in_memory_takes_tensors_arrays_and_paths(pair) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = torch.randn(7, 5), torch.randn(300, 5)
+    reference = tiny_knn.search(queries, docs, 4, device="cpu")
+    assert_exact(queries, docs, *reference)
+    q_path, d_path = pair(queries, docs)
+    for q, d in ((queries.numpy(), docs.numpy()), (q_path, d_path), (queries.double().numpy(), docs.double())):
+        scores, indices = tiny_knn.search(q, d, 4, device="cpu")
+        assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
+
+
+@pytest.mark.parametrize(
+    ("queries", "options", "message"),
+    [
+        ([[1.0, 2.0]], {}, "got a list, expected a tensor, a numpy array or a path"),
+        (torch.zeros(2, 2, 2), {}, r"in-memory queries: shape \(2, 2, 2\), expected 2-D"),
+        (torch.zeros(2, 3, dtype=torch.int64), {}, "dtype int64, expected float32"),
+        (np.zeros((2, 3), dtype=np.int32), {}, "dtype int32, expected float32"),
+        (torch.zeros(2, 3), {"exclude_self": True}, "2 queries and 9 docs; expected the same rows"),
+        (torch.zeros(2, 3), {"device": "tpu"}, "device='tpu': expected 'cpu' or 'cuda'"),
+        (torch.zeros(2, 3), {"metric": "dot"}, "expected one of ip, cosine, l2"),
+    ],
+)
+def test_search_refuses_bad_arguments(queries, options, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError, match=message):
+        tiny_knn.search(queries, torch.zeros(9, 3), 2, **options)

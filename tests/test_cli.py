@@ -44,7 +44,10 @@ def test_help_explains_every_option(capsys) -> None:  # type: ignore[no-untyped-
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--k", "--cpu", "--output-path", "--max-memory", "--batch-size", "--chunk-size", "--quiet", "demo"):
+    for option in (
+        *("--k", "--cpu", "--output-path", "--max-memory", "--batch-size", "--chunk-size", "--quiet", "demo"),
+        *("--metric", "--exclude-self", "--format", "--query-ids", "--doc-ids", "--dry-run"),
+    ):
         assert option in text
     assert "2000" in text
 
@@ -169,3 +172,30 @@ def test_dry_run_prints_the_plan_and_writes_nothing(pair, capsys) -> None:  # ty
     text = capsys.readouterr().out
     assert "device cpu" in text and "docs read 3 times" in text and "x 3 pass(es)" in text
     assert set(os.listdir(os.path.dirname(q_path))) == before
+
+
+def test_self_search_to_a_trec_run_with_ids(tmp_path, save, capsys) -> None:  # type: ignore[no-untyped-def]
+    ir_measures = pytest.importorskip("ir_measures")
+    points = save(torch.randn(30, 6), "points.pt")
+    (tmp_path / "ids.txt").write_text("".join(f"p{row}\n" for row in range(30)))
+    argv = [points, points, "--k", "5", "--cpu", "--metric", "l2", "--exclude-self", "--format", "trec", "--quiet"]
+    assert main([*argv, "--query-ids", str(tmp_path / "ids.txt"), "--doc-ids", str(tmp_path / "ids.txt")]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(tmp_path / "top5_points_x_points.trec")
+    run = list(ir_measures.read_trec_run(path))
+    assert len(run) == 150 and all(line.query_id != line.doc_id for line in run)
+    assert {line.query_id for line in run} == {f"p{row}" for row in range(30)}
+
+
+def test_exclude_self_needs_the_same_file(pair, capsys) -> None:  # type: ignore[no-untyped-def]
+    q_path, d_path = pair(torch.randn(5, 4), torch.randn(5, 4))
+    assert main([q_path, d_path, "--k", "2", "--cpu", "--exclude-self"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected the same file for both" in err
+
+
+def test_dry_run_names_the_metric(pair, capsys) -> None:  # type: ignore[no-untyped-def]
+    _, d_path = pair(torch.randn(10, 8), torch.randn(500, 8))
+    assert main([d_path, d_path, "--k", "5", "--cpu", "--dry-run", "--metric", "l2", "--exclude-self"]) == 0
+    text = capsys.readouterr().out
+    assert "metric l2, excluding each query's own row, 22 candidates per query re-scored" in text

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from tiny_knn import results
-from tiny_knn.errors import OutputError
+from tiny_knn.errors import InputFileError, InvalidInputError, OutputError
 
 
 def test_default_output_path_sits_beside_the_queries() -> None:
@@ -54,3 +57,110 @@ def test_unwritable_folder_is_refused(tmp_path, monkeypatch) -> None:  # type: i
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(OutputError, match="is not writable"):
         results.check_output_path(str(tmp_path / "out.pt"))
+
+
+@pytest.fixture
+def finished(tmp_path):  # type: ignore[no-untyped-def]
+    """A small l2 search's result dict, as compute_topk builds it, with ids."""
+    scores = torch.tensor([[0.0, 0.25, 1.5], [2.0, 2.5, 3.0]])
+    indices = torch.tensor([[4, 0, 2], [1, 3, 0]])
+    return {
+        "indices": indices,
+        "scores": scores,
+        "queries_path": "q.npy",
+        "docs_path": "d.npy",
+        "k": 3,
+        "metric": "l2",
+        "precision": "float32",
+        "query_ids": ["qa", "qb"],
+        "doc_ids": ["d0", "d1", "d2", "d3", "d4"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "requested", "expected"),
+    [(None, None, "pt"), ("r.parquet", None, "parquet"), ("r.trec", None, "trec"), ("r.run", None, "trec"),
+     ("r.pt", "npy", "npy"), ("r.txt", None, "pt")],
+)  # fmt: skip
+def test_output_format(path, requested, expected) -> None:  # type: ignore[no-untyped-def]
+    assert results.output_format(path, requested) == expected
+
+
+def test_default_paths_per_format() -> None:
+    assert results.default_output_path("/a/q.npy", "/b/shards/", 5, "trec") == "/a/top5_q_x_shards.trec"
+    assert results.default_output_path("/a/q.npy", "/b/d.h5:train", 5, "npy") == "/a/top5_q_x_d"
+
+
+def test_npy_directory(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
+    target = str(tmp_path / "out")
+    results.write_output(target, "npy", finished)
+    assert sorted(os.listdir(target)) == ["doc_ids.txt", "indices.npy", "meta.json", "query_ids.txt", "scores.npy"]
+    assert np.array_equal(np.load(os.path.join(target, "indices.npy")), finished["indices"].numpy())
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["metric"] == "l2" and meta["k"] == 3 and meta["doc_ids"] == "doc_ids.txt"
+    # A second write replaces the directory whole; nothing else is left beside it.
+    results.write_output(target, "npy", {**finished, "k": 2})
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["k"] == 2
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_parquet_rows_and_metadata(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
+    pq = pytest.importorskip("pyarrow.parquet")
+    target = str(tmp_path / "out.parquet")
+    results.write_output(target, "parquet", finished)
+    table = pq.read_table(target)
+    assert table.column_names == ["query", "rank", "doc", "score"]
+    assert table.column("query").to_pylist() == ["qa"] * 3 + ["qb"] * 3
+    assert table.column("doc").to_pylist() == ["d4", "d0", "d2", "d1", "d3", "d0"]
+    assert table.column("rank").to_pylist() == [1, 2, 3, 1, 2, 3]
+    assert table.column("score").to_pylist() == [0.0, 0.25, 1.5, 2.0, 2.5, 3.0]
+    assert json.loads(table.schema.metadata[b"tiny_knn"])["metric"] == "l2"
+    without_ids = {key: value for key, value in finished.items() if not key.endswith("_ids")}
+    results.write_output(target, "parquet", without_ids)
+    assert pq.read_table(target).column("doc").to_pylist()[:3] == [4, 0, 2]
+
+
+def test_parquet_without_pyarrow_is_one_clear_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(OutputError, match=r"needs pyarrow: pip install 'tiny-knn\[parquet\]'"):
+        results.check_output_path(str(tmp_path / "out.parquet"), "parquet")
+
+
+def test_trec_run_is_read_by_an_evaluation_tool(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
+    ir_measures = pytest.importorskip("ir_measures")
+    target = str(tmp_path / "run.trec")
+    results.write_output(target, "trec", finished, higher_is_better=False)
+    assert (tmp_path / "run.trec").read_text().splitlines()[0] == "qa Q0 d4 1 0 tiny-knn"  # l2: negated, no '-0'
+    run = list(ir_measures.read_trec_run(target))
+    assert [(r.query_id, r.doc_id, r.score) for r in run[:2]] == [("qa", "d4", 0.0), ("qa", "d0", -0.25)]
+    qrels_path = tmp_path / "qrels"
+    qrels_path.write_text("qa 0 d0 1\nqb 0 d1 1\n")
+    qrels = list(ir_measures.read_trec_qrels(str(qrels_path)))
+    measured = ir_measures.calc_aggregate([ir_measures.RR, ir_measures.R @ 1], qrels, run)
+    # qa: d0 is second (RR 1/2); qb: d1 is first (RR 1).
+    assert measured[ir_measures.RR] == pytest.approx(0.75) and measured[ir_measures.R @ 1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("a\nb\n", "2 lines, expected one id per row \\(3\\)"), ("a\n\nc\n", "line 2 is empty"),
+     ("a\nb c\nd\n", "line 2 is empty or holds whitespace")],
+)  # fmt: skip
+def test_bad_ids_files(tmp_path, content, message) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "ids.txt"
+    path.write_text(content)
+    with pytest.raises(InvalidInputError, match=message):
+        results.read_ids(str(path), 3, "doc")
+    with pytest.raises(InputFileError, match="no such file"):
+        results.read_ids(str(tmp_path / "missing.txt"), 3, "doc")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "trec", "parquet"])
+def test_failed_writes_leave_nothing(tmp_path, finished, monkeypatch, fmt) -> None:  # type: ignore[no-untyped-def]
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    monkeypatch.setattr(results, "_pairs", lambda result: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OutputError, match="No space left"):
+        results.write_output(str(tmp_path / "out"), fmt, finished)
+    assert os.listdir(tmp_path) == []
