@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import ir_measures
 import pytest
 import torch
 
@@ -175,7 +176,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(pair, capsys) -> None:  # ty
 
 
 def test_self_search_to_a_trec_run_with_ids(tmp_path, save, capsys) -> None:  # type: ignore[no-untyped-def]
-    ir_measures = pytest.importorskip("ir_measures")
     points = save(torch.randn(30, 6), "points.pt")
     (tmp_path / "ids.txt").write_text("".join(f"p{row}\n" for row in range(30)))
     argv = [points, points, "--k", "5", "--cpu", "--metric", "l2", "--exclude-self", "--format", "trec", "--quiet"]

@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
+import ir_measures
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -105,7 +107,6 @@ def test_npy_directory(tmp_path, finished) -> None:  # type: ignore[no-untyped-d
 
 
 def test_parquet_rows_and_metadata(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
-    pq = pytest.importorskip("pyarrow.parquet")
     target = str(tmp_path / "out.parquet")
     results.write_output(target, "parquet", finished)
     table = pq.read_table(target)
@@ -127,7 +128,6 @@ def test_parquet_without_pyarrow_is_one_clear_error(tmp_path, monkeypatch) -> No
 
 
 def test_trec_run_is_read_by_an_evaluation_tool(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
-    ir_measures = pytest.importorskip("ir_measures")
     target = str(tmp_path / "run.trec")
     results.write_output(target, "trec", finished, higher_is_better=False)
     assert (tmp_path / "run.trec").read_text().splitlines()[0] == "qa Q0 d4 1 0 tiny-knn"  # l2: negated, no '-0'
@@ -157,8 +157,6 @@ def test_bad_ids_files(tmp_path, content, message) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize("fmt", ["npy", "trec", "parquet"])
 def test_failed_writes_leave_nothing(tmp_path, finished, monkeypatch, fmt) -> None:  # type: ignore[no-untyped-def]
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     monkeypatch.setattr(results, "_pairs", lambda result: (_ for _ in ()).throw(OSError(28, "No space left")))
     monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(OutputError, match="No space left"):
