@@ -11,7 +11,7 @@ setup(
         Extension(
             "tiny_knn._select",
             sources=["src/tiny_knn/_select.c"],
-            extra_compile_args=["-O3", "-std=c99"],
+            extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"],
             optional=True,
         )
     ]

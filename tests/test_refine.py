@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from oracle import brute_force
 
 from tiny_knn import engine, refine, search
+from tiny_knn.kernel import kernel_available
 from tiny_knn.sources import from_array
 
 
@@ -70,3 +72,18 @@ def test_drop_self_by_index_not_by_position() -> None:
     assert kept.tolist() == [[4, 2], [3, 6], [7, 8]]  # row 0 loses doc 0, row 1 doc 1, row 2 its last
     assert kept_scores.tolist() == [[9.0, 7.0], [9.0, 1.0], [5.0, 4.0]]
     assert not (kept == torch.arange(3)[:, None]).any()
+
+
+@pytest.mark.skipif(not kernel_available(), reason="C kernel not built")
+@pytest.mark.parametrize("dim", [1, 7, 8, 13, 384])
+def test_exact_distances_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch, dim) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(dim)
+    queries, docs = torch.randn(6, dim, generator=generator), torch.randn(400, dim, generator=generator) * 5
+    indices = torch.randint(400, (6, 50), generator=generator)
+    in_place = refine._exact_distances(queries, from_array(docs, "docs"), indices)
+    gathered = refine._exact_distances(queries, from_array(docs.double(), "docs"), indices)  # not a float32 table
+    monkeypatch.setattr(refine, "KERNEL", None)
+    fallback = refine._exact_distances(queries, from_array(docs, "docs"), indices)
+    assert torch.equal(in_place, gathered) and torch.equal(in_place, fallback)
+    exact = ((queries.double()[:, None, :] - docs.double()[indices]) ** 2).sum(dim=2)
+    assert torch.allclose(in_place, exact, rtol=1e-14, atol=0)

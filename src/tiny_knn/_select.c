@@ -176,6 +176,37 @@ void tk_decode(const uint64_t *keys, int64_t n, float *scores, int64_t *indices)
     }
 }
 
+/* Exact squared distances for l2 re-scoring (refine.py): out[r * cands + c] = sum over i of
+ * (double(doc[i]) - double(query_r[i]))^2, where doc is the row indices[r * cands + c] of the float32 rows at
+ * `docs` (row_stride floats apart). The difference of two float32 values is exact in double and so, almost
+ * always, is its square, so the only rounding is in the sum, relative to the distance itself.
+ * The sum runs over TK_LANES interleaved accumulators (lane = i mod TK_LANES), combined as a fixed tree:
+ * the same bits on every machine and thread count, and the order refine.py's numpy fallback follows. */
+#define TK_LANES 8
+void tk_l2_exact(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride, int64_t dim,
+                 const int64_t *indices, int64_t rows, int64_t cands, double *out)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *query = queries + r * query_stride;
+        for (int64_t c = 0; c < cands; c++) {
+            const float *doc = docs + indices[r * cands + c] * row_stride;
+            double acc[TK_LANES] = {0};
+            int64_t i = 0;
+            for (; i + TK_LANES <= dim; i += TK_LANES) {
+                for (int j = 0; j < TK_LANES; j++) {
+                    double t = (double)doc[i + j] - (double)query[i + j];
+                    acc[j] += t * t;
+                }
+            }
+            for (; i < dim; i++) {
+                double t = (double)doc[i] - (double)query[i];
+                acc[i % TK_LANES] += t * t;
+            }
+            out[r * cands + c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        }
+    }
+}
+
 static struct PyModuleDef tk_module = {PyModuleDef_HEAD_INIT, "_select", "ctypes-loaded selection kernel", -1,
                                        NULL, NULL, NULL, NULL, NULL};
 

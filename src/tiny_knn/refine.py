@@ -14,14 +14,18 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
+from .kernel import KERNEL
 from .plan import REFINE_GATHER_BYTES
-from .sources import Source
+from .sources import ArraySource, Source
 from .topk import SortMergeTopK
 
 UNIT_ROUNDOFF_FLOAT32 = 2.0**-24
+LANES = 8  # partial sums of an exact distance, as in _select.c's tk_l2_exact
 
 
 def key_error_bound(query_norms: torch.Tensor, max_doc_norm: float, dim: int) -> torch.Tensor:
@@ -57,7 +61,9 @@ def refine_l2(
     """
     rows, candidates = indices.shape
     distances = torch.empty((rows, candidates), dtype=torch.float64)
-    step = max(1, REFINE_GATHER_BYTES // max(1, candidates * docs.dim * 4))
+    # The C kernel reads a float32 array's rows in place; otherwise candidates are gathered, a few rows at a time.
+    in_place = KERNEL is not None and _is_table(docs)
+    step = rows if in_place else max(1, REFINE_GATHER_BYTES // max(1, candidates * docs.dim * 4))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         distances[start:stop] = _exact_distances(query_rows[start:stop], docs, indices[start:stop])
@@ -82,38 +88,87 @@ def refine_l2(
     return ordered_distances.to(torch.float32), ordered_indices, uncertain
 
 
-def _exact_distances(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor) -> torch.Tensor:
-    """‖q − d‖² in float64 for each (query row, candidate index) pair."""
-    unique, inverse = torch.unique(indices, return_inverse=True)
-    gathered = torch.empty((unique.numel(), docs.dim), dtype=torch.float32)
-    docs.read_rows(unique, gathered)
-    candidates = gathered.numpy()[inverse.numpy()]  # (rows, c, dim)
-    difference = np.subtract(candidates, query_rows.numpy()[:, None, :], dtype=np.float64)
-    return torch.from_numpy(np.einsum("rcd,rcd->rc", difference, difference))
-
-
 def exact_l2_search(query_rows: torch.Tensor, docs: Source, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `keep` nearest docs of each query row by exact distance, streaming every doc: slow, but exact for
     any data and bounded in memory. Returns (distances float32, indices int64), nearest first."""
     rows, dim = query_rows.shape
-    group = min(rows, 64)
-    chunk = max(64, REFINE_GATHER_BYTES // (8 * dim * group))
-    distances = torch.empty((rows, keep), dtype=torch.float32)
-    indices = torch.empty((rows, keep), dtype=torch.int64)
-    buffer = torch.empty((chunk, dim), dtype=torch.float32)
-    for first in range(0, rows, group):
-        last = min(first + group, rows)
-        wide_queries = query_rows[first:last].numpy().astype(np.float64)
-        running = SortMergeTopK(last - first, keep)
-        for start in range(0, docs.rows, chunk):
-            count = min(chunk, docs.rows - start)
-            docs.read_into(start, start + count, buffer)
-            difference = np.subtract(buffer.numpy()[None, :count], wide_queries[:, None, :], dtype=np.float64)
-            exact = np.einsum("rcd,rcd->rc", difference, difference).astype(np.float32)
-            running.add(torch.from_numpy(np.negative(exact)), 0, start)  # nearest first = highest key first
-        negated, indices[first:last] = running.result()
-        distances[first:last] = 0 - negated
-    return distances, indices
+    chunk = max(64, REFINE_GATHER_BYTES // (24 * dim * rows))
+    running = SortMergeTopK(rows, keep)
+    for start in range(0, docs.rows, chunk):
+        count = min(chunk, docs.rows - start)
+        window = torch.arange(start, start + count, dtype=torch.int64).expand(rows, count)
+        exact = _exact_distances(query_rows, docs, window).to(torch.float32)
+        running.add(0 - exact, 0, start)  # nearest first = highest key first
+    negated, indices = running.result()
+    return 0 - negated, indices
+
+
+def _exact_distances(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor) -> torch.Tensor:
+    """‖q − d‖² in float64 for each (query row, candidate index) pair, summed in LANES interleaved partial
+    sums combined as a fixed tree (as the C kernel does), so every path gives the same bits."""
+    table, positions = _row_table(docs, indices)
+    queries = query_rows.to(torch.float32).contiguous()
+    rows, candidates = indices.shape
+    out = torch.empty((rows, candidates), dtype=torch.float64)
+    if KERNEL is None:
+        gathered = table.numpy()[positions.numpy()]  # (rows, c, dim)
+        difference = np.subtract(gathered, queries.numpy()[:, None, :], dtype=np.float64)
+        out.numpy()[...] = _lane_sums(difference * difference)
+        return out
+    dim = queries.shape[1]
+
+    def run(lo: int, hi: int) -> None:
+        KERNEL.tk_l2_exact(
+            table.data_ptr(),
+            table.stride(0),
+            queries.data_ptr() + lo * dim * 4,
+            dim,
+            dim,
+            positions.data_ptr() + lo * candidates * 8,
+            hi - lo,
+            candidates,
+            out.data_ptr() + lo * candidates * 8,
+        )
+
+    threads = max(1, min(torch.get_num_threads(), rows))
+    step = -(-rows // threads)
+    if threads == 1:
+        run(0, rows)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda lo: run(lo, min(lo + step, rows)), range(0, rows, step)))
+    return out
+
+
+def _row_table(docs: Source, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 table with unit column stride, and each candidate's row in it: the docs themselves when
+    they are one float32 array (no copy), else the candidates' rows gathered once each."""
+    if _is_table(docs):
+        return docs.tensor, indices.contiguous()  # type: ignore[attr-defined]
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    gathered = torch.empty((unique.numel(), docs.dim), dtype=torch.float32)
+    docs.read_rows(unique, gathered)
+    return gathered, inverse.contiguous()
+
+
+def _is_table(docs: Source) -> bool:
+    """True when the docs are one float32 array with contiguous rows, which the kernel can read in place."""
+    return isinstance(docs, ArraySource) and docs.tensor.dtype == torch.float32 and docs.tensor.stride(1) == 1
+
+
+def _lane_sums(squares: np.ndarray) -> np.ndarray:
+    """Sums the last axis as the C kernel does: lane i % LANES, lanes in order, then a fixed tree."""
+    dim = squares.shape[-1]
+    padded = np.zeros((*squares.shape[:-1], -(-dim // LANES) * LANES), dtype=np.float64)
+    padded[..., :dim] = squares
+    acc = padded[..., :LANES].copy()
+    for start in range(LANES, padded.shape[-1], LANES):
+        acc += padded[..., start : start + LANES]
+    a = acc
+    total: np.ndarray = ((a[..., 0] + a[..., 1]) + (a[..., 2] + a[..., 3])) + (
+        (a[..., 4] + a[..., 5]) + (a[..., 6] + a[..., 7])
+    )
+    return total
 
 
 def drop_self(

@@ -11,13 +11,15 @@ the fast path is tested against, bit for bit.
 
 from __future__ import annotations
 
-import ctypes
-import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from .kernel import KERNEL, kernel_available
+
+__all__ = ["MAX_KERNEL_DOCS", "RunningTopK", "SortMergeTopK", "ThresholdTopK", "kernel_available", "make_running_topk"]
 
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
@@ -28,30 +30,7 @@ def pool_capacity(k: int) -> int:
     return k + max(k, 256)
 
 
-def _load_kernel() -> ctypes.CDLL | None:
-    if os.environ.get("TINY_KNN_NO_KERNEL"):
-        return None
-    try:
-        from . import _select  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    lib = ctypes.CDLL(_select.__file__)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.tk_scan.restype = i64
-    lib.tk_scan.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64]
-    lib.tk_select_best.restype = None
-    lib.tk_select_best.argtypes = [ptr, i64, ptr, i64, i64]
-    lib.tk_decode.restype = None
-    lib.tk_decode.argtypes = [ptr, i64, ptr, ptr]
-    return lib
-
-
-_KERNEL = _load_kernel()
-
-
-def kernel_available() -> bool:
-    """True when the compiled selection kernel was built and loaded."""
-    return _KERNEL is not None
+_KERNEL = KERNEL
 
 
 class RunningTopK(ABC):

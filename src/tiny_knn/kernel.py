@@ -1,0 +1,39 @@
+"""The compiled kernels (`_select.c`), loaded through ctypes, which releases the GIL during each call.
+
+Optional: if the extension was not built (or TINY_KNN_NO_KERNEL is set), `KERNEL` is None and callers
+use their pure numpy/PyTorch fallbacks, which give identical results, more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("TINY_KNN_NO_KERNEL"):
+        return None
+    try:
+        from . import _select  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_select.__file__)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    signatures = {
+        "tk_scan": (i64, [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64]),
+        "tk_select_best": (None, [ptr, i64, ptr, i64, i64]),
+        "tk_decode": (None, [ptr, i64, ptr, ptr]),
+        "tk_l2_exact": (None, [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr]),
+    }
+    for name, (result, arguments) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
+    return lib
+
+
+KERNEL = _load()
+
+
+def kernel_available() -> bool:
+    """True when the compiled kernels were built and loaded."""
+    return KERNEL is not None
