@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Union
@@ -10,13 +11,17 @@ import numpy as np
 import torch
 
 from . import engine, results
+from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
 from .errors import InvalidInputError, MemoryBudgetError
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
-from .plan import DEFAULT_K, Plan, default_budget_bytes, make_plan
+from .plan import DEFAULT_K, INDEX_BYTES, SCORE_BYTES, Plan, default_budget_bytes, make_plan
 from .sources import Source, check_compatible, from_array, open_source
 from .topk import MAX_KERNEL_DOCS, kernel_available
 
 __version__ = "0.3.0"
+
+# Progress notes (resuming, where an interrupted run's work is kept); the CLI prints them on stderr.
+log = logging.getLogger("tiny_knn")
 
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
@@ -110,6 +115,7 @@ def compute_topk(
     output_format: str | None = None,
     query_ids: str | os.PathLike[str] | None = None,
     doc_ids: str | os.PathLike[str] | None = None,
+    restart: bool = False,
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -133,6 +139,11 @@ def compute_topk(
         output_format: "pt" (the default), "npy", "parquet" or "trec"; default from out_path's suffix.
         query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
             parquet and TREC formats in place of row numbers.
+        restart: discard a checkpoint left by an interrupted run instead of resuming from it.
+
+    A run of several query batches keeps a checkpoint beside the output (`OUT.checkpoint/`, see
+    checkpoint.py): if it is interrupted, calling again with the same inputs and options resumes after the
+    last finished batch, and the answer is the same bytes as an uninterrupted run's.
 
     Returns:
         The path of the result. In the default format, a dict with `indices` (Q, k) int64, `scores`
@@ -165,6 +176,7 @@ def compute_topk(
         chunk_size=chunk_size,
         metric=metric,
         exclude_self=exclude_self,
+        results_on_disk=True,
     )
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
@@ -174,7 +186,16 @@ def compute_topk(
         for role, path, source in (("query", query_ids, queries), ("doc", doc_ids, docs))
         if path is not None
     }
-    scores, indices, plan = _run(queries, docs, plan, progress)
+    store = _open_checkpoint(target, fmt, queries, docs, plan, restart)
+    try:
+        scores, indices, plan = _run(queries, docs, plan, progress, store)
+    except BaseException:
+        if isinstance(store, Checkpoint) and store.done_rows < queries.rows:
+            log.warning(
+                f"stopped: {store.done_rows} of {queries.rows} queries are saved in '{store.folder}'; "
+                "run the same command again to continue"
+            )
+        raise
     result = {
         "indices": indices,
         "scores": scores,
@@ -192,7 +213,27 @@ def compute_topk(
         **ids,
     }
     results.write_output(target, fmt, result, higher_is_better(plan.metric))
+    if isinstance(store, Checkpoint):
+        store.remove()
     return target
+
+
+def _open_checkpoint(
+    target: str, fmt: str, queries: Source, docs: Source, plan: Plan, restart: bool
+) -> MemoryStore | None:
+    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space."""
+    folder = checkpoint_folder(target)
+    result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
+    output_bytes = result_bytes * (4 if fmt == "trec" else 1)  # a TREC line is about 4 times the binary pair
+    fresh = restart or not os.path.isdir(folder)
+    wanted = plan.doc_passes > 1
+    check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
+    store = Checkpoint.open(
+        target, fingerprint(queries, docs, plan), queries.rows, plan.k, restart=restart, wanted=wanted
+    )
+    if store is not None and store.done_rows:
+        log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
+    return store
 
 
 def prepare(
@@ -207,6 +248,7 @@ def prepare(
     selection: str = "auto",
     metric: str = DEFAULT_METRIC,
     exclude_self: bool = False,
+    results_on_disk: bool = False,
 ) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
     queries = open_source(q_path, "queries")
@@ -227,6 +269,7 @@ def prepare(
         selection=selection,
         metric=metric,
         exclude_self=exclude_self,
+        results_on_disk=results_on_disk,
     )
     return queries, docs, plan
 
@@ -257,6 +300,7 @@ def _plan(
     metric: str,
     exclude_self: bool,
     selection: str = "auto",
+    results_on_disk: bool = False,
 ) -> Plan:
     """Checks the options against both inputs, then plans."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -297,21 +341,24 @@ def _plan(
             chunk_rows=chunk_size,
             metric=metric,
             exclude_self=exclude_self,
+            results_on_disk=results_on_disk,
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None
 
 
-def _run(queries: Source, docs: Source, plan: Plan, progress: bool) -> tuple[torch.Tensor, torch.Tensor, Plan]:
+def _run(
+    queries: Source, docs: Source, plan: Plan, progress: bool, store: MemoryStore | None = None
+) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     if not progress:
-        return engine.search(queries, docs, plan)
+        return engine.search(queries, docs, plan, store=store)
     from tqdm import tqdm
 
-    with tqdm(
-        total=docs.rows * plan.doc_passes, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True
-    ) as bar:
+    done = 0 if store is None else store.done_rows
+    passes = -(-(queries.rows - done) // plan.query_batch_rows)
+    with tqdm(total=docs.rows * passes, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True) as bar:
 
         def advance(doc_count: int) -> None:
             bar.update(doc_count)
 
-        return engine.search(queries, docs, plan, on_docs_scored=advance)
+        return engine.search(queries, docs, plan, on_docs_scored=advance, store=store)

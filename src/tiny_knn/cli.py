@@ -1,13 +1,17 @@
-"""The command line: argparse -> the public API. Data (the result path) on stdout; progress, warnings
-and errors on stderr. Exit 0 on success, 2 on bad input, 1 on an unexpected failure, 130 on Ctrl-C."""
+"""The command line: argparse -> the public API. Data (the result path) on stdout; progress, notes,
+warnings and errors on stderr. Exit 0 on success, 2 on bad input, 1 on an unexpected failure, 130 on
+Ctrl-C, 143 on SIGTERM (an interrupted run keeps its checkpoint: the same command continues it)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .api import TinyKnnWarning, __version__, compute_topk, prepare
 from .errors import TinyKnnError
@@ -15,7 +19,11 @@ from .metrics import DEFAULT_METRIC, METRICS
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
 
 
 def _positive_int(text: str) -> int:
@@ -44,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact top-K nearest neighbours of every query among every document (dot product by "
         "default; cosine or squared L2 with --metric). Both inputs are streamed from disk, so they may be "
         "larger than RAM or GPU memory. The result's path is printed on stdout.",
-        epilog="Other command: 'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies "
-        "the answer. Exit codes: 0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted.",
+        epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
+        "interrupted, the same command continues where it stopped. Other command: 'tiny-knn demo --help' "
+        "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
+        "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -96,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="check the inputs, print the plan (sizes, passes, bytes, memory), exit"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or warnings on stderr")
+    parser.add_argument(
+        "--restart", action="store_true", help="discard the checkpoint of an interrupted run instead of continuing it"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, notes or warnings on stderr")
     parser.add_argument("--version", action="version", version=f"tiny-knn {__version__}")
     return parser
 
@@ -109,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    _show_notes(quiet=args.quiet)
+    with warnings.catch_warnings(), _sigterm_raises():
         warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
         if args.dry_run:
@@ -130,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output_format=args.format,
                 query_ids=args.query_ids,
                 doc_ids=args.doc_ids,
+                restart=args.restart,
             )
         )
 
@@ -166,6 +181,9 @@ def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
     except KeyboardInterrupt:
         print("tiny-knn: interrupted; no result was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print("tiny-knn: terminated; no result was written", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:
         if os.environ.get("TINY_KNN_DEBUG"):
             raise
@@ -177,6 +195,36 @@ def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
         return EXIT_FAILURE
     print(path)
     return EXIT_OK
+
+
+def _show_notes(quiet: bool) -> None:
+    """The library's notes (resuming, what an interrupted run kept) as 'tiny-knn: ...' lines on stderr."""
+    logger = logging.getLogger("tiny_knn")
+    if not any(getattr(handler, "_tiny_knn_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tiny-knn: %(message)s"))
+        handler._tiny_knn_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does (at once, keeping the checkpoint), exiting 143."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries
 from .plan import COL_ALIGN, L2_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
 from .refine import drop_self, exact_l2_search, refine_l2
@@ -24,15 +25,22 @@ ProgressCallback = Callable[[int], None]
 
 
 def search(
-    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None = None
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    on_docs_scored: ProgressCallback | None = None,
+    store: MemoryStore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """Runs the plan. Returns (scores float32 (Q, k), indices int64 (Q, k), the plan actually used).
 
-    On CUDA, running out of device memory halves the blocks and retries the current batch; the returned
-    plan says which blocks were used in the end.
+    Each finished query batch is handed to `store` (default: kept in memory); the search starts after the
+    rows the store already holds, which is how a checkpoint resumes. On CUDA, running out of device
+    memory halves the blocks and retries the current batch; the returned plan says which blocks were used.
     """
+    store = store if store is not None else MemoryStore(queries.rows, plan.k)
     with _full_float32_products():
-        return _search_batches(queries, docs, plan, on_docs_scored)
+        plan = _search_batches(queries, docs, plan, on_docs_scored, store)
+    return store.scores, store.indices, plan
 
 
 @contextlib.contextmanager
@@ -47,11 +55,9 @@ def _full_float32_products() -> Iterator[None]:
 
 
 def _search_batches(
-    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None
-) -> tuple[torch.Tensor, torch.Tensor, Plan]:
-    scores = torch.empty((queries.rows, plan.k), dtype=torch.float32)
-    indices = torch.empty((queries.rows, plan.k), dtype=torch.int64)
-    for batch_start in range(0, queries.rows, plan.query_batch_rows):
+    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: MemoryStore
+) -> Plan:
+    for batch_start in range(store.done_rows, queries.rows, plan.query_batch_rows):
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
         while True:
             try:
@@ -64,9 +70,8 @@ def _search_batches(
                     raise
                 torch.cuda.empty_cache()
                 plan = plan.halved()
-        scores[batch_start:batch_stop] = batch_scores
-        indices[batch_start:batch_stop] = batch_indices
-    return scores, indices, plan
+        store.save(batch_start, batch_scores, batch_indices)
+    return plan
 
 
 def _search_batch(

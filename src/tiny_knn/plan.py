@@ -177,6 +177,7 @@ def estimate_bytes(
     docs: int,
     candidates: int | None = None,
     refine: bool = False,
+    results_on_disk: bool = False,
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
     for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings)."""
@@ -189,7 +190,8 @@ def estimate_bytes(
     tile = block_rows * chunk_rows * SCORE_BYTES
     if selection == "sort":  # the tile's sorted copy and the merge's temporaries
         tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
-    results = queries * k * (SCORE_BYTES + INDEX_BYTES)
+    # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
+    results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection)
     sample_bytes = sample * (dim * 4 + block_rows * SCORE_BYTES)  # sampled docs and one block's scores
     return resident_queries + state + doc_buffers + tile + results + sample_bytes
@@ -208,6 +210,7 @@ def make_plan(
     chunk_rows: int | None = None,
     metric: str = "ip",
     exclude_self: bool = False,
+    results_on_disk: bool = False,
 ) -> Plan:
     """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
 
@@ -238,6 +241,7 @@ def make_plan(
             docs=docs,
             candidates=candidates,
             refine=metric == "l2",
+            results_on_disk=results_on_disk,
         )
 
     while True:
