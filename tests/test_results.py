@@ -162,3 +162,13 @@ def test_failed_writes_leave_nothing(tmp_path, finished, monkeypatch, fmt) -> No
     with pytest.raises(OutputError, match="No space left"):
         results.write_output(str(tmp_path / "out"), fmt, finished)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npy", "trec"])
+def test_results_get_the_usual_permissions(tmp_path, finished, fmt) -> None:  # type: ignore[no-untyped-def]
+    previous = os.umask(0o022)
+    try:
+        results.write_output(str(tmp_path / "out"), fmt, finished)
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == (0o755 if fmt == "npy" else 0o644)

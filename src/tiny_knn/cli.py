@@ -161,6 +161,7 @@ def _describe_plan(args: argparse.Namespace) -> str:
         chunk_size=args.chunk_size,
         metric=args.metric,
         exclude_self=args.exclude_self,
+        results_on_disk=True,
     )
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(

@@ -71,6 +71,7 @@ def _search_batches(
                 torch.cuda.empty_cache()
                 plan = plan.halved()
         store.save(batch_start, batch_scores, batch_indices)
+        del batch_scores, batch_indices  # not alive while the next batch runs: memory is one batch's
     return plan
 
 

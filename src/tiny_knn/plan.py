@@ -255,10 +255,11 @@ def make_plan(
             break
         if block <= ROW_ALIGN and (chunk_rows or chunk <= COL_ALIGN):
             smallest = cost(1, ROW_ALIGN, chunk)
+            all_results = format_bytes(queries * k * (SCORE_BYTES + INDEX_BYTES))
+            results = "" if results_on_disk else f" (the {queries} x {k} results alone take {all_results})"
             raise ValueError(
                 f"memory budget {format_bytes(budget_bytes)} is too small: even one query at a time needs about "
-                f"{format_bytes(smallest)} (the {queries} x {k} results alone take "
-                f"{format_bytes(queries * k * (SCORE_BYTES + INDEX_BYTES))}); raise --max-memory or lower --k"
+                f"{format_bytes(smallest)}{results}; raise --max-memory or lower --k"
             )
         block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
         if not chunk_rows:

@@ -127,6 +127,7 @@ def _atomically(path: str, write: Callable[[str], None]) -> None:
         raise OutputError(f"output path '{path}': cannot create a file in '{folder}': {exc.strerror}") from None
     os.close(handle)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a result is an ordinary file
         write(temporary)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
@@ -139,6 +140,12 @@ def _atomically(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_npy(path: str, result: dict[str, Any]) -> None:
     """A directory built under a temporary name, then renamed; an older one at `path` is replaced."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -148,6 +155,7 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
         raise OutputError(f"output path '{path}': cannot create a directory in '{folder}': {exc.strerror}") from None
     old = None
     try:
+        os.chmod(temporary, 0o777 & ~_umask())
         for name in ("indices", "scores"):
             with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
                 np.save(stream, result[name].numpy())

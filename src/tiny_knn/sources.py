@@ -18,6 +18,8 @@ import re
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,7 +241,7 @@ def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
     raise InvalidInputError(f"{label}: holds a {what}, expected a single tensor saved with torch.save(tensor, path)")
 
 
-def _keys(mapping: dict[object, object]) -> str:
+def _keys(mapping: Mapping[Any, object]) -> str:
     names = [str(name) for name in mapping]
     return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
 
@@ -253,7 +255,7 @@ def _quietly_from_numpy(array: np.ndarray) -> torch.Tensor:
 def _load_npy(path: str, label: str) -> torch.Tensor:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except Exception as exc:  # a damaged header makes numpy raise anything (SyntaxError, TokenError, ...)
         raise InvalidInputError(
             f"{label}: not a readable .npy file (truncated or corrupt?): {_first_sentence(exc)}"
         ) from None
@@ -273,9 +275,11 @@ def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
             header = json.loads(stream.read(header_length))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{label}: not a readable .safetensors file (truncated or corrupt?): {exc}") from None
-    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    if not isinstance(header, dict):
+        raise InvalidInputError(f"{label}: not a readable .safetensors file: its header is not a JSON object")
+    tensors = {name: info for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
     if key is None:
-        matrices = [name for name, info in tensors.items() if len(info.get("shape", [])) == 2]
+        matrices = [name for name, info in tensors.items() if len(info.get("shape") or []) == 2]
         if len(matrices) != 1:
             raise InvalidInputError(
                 f"{label}: holds {len(matrices)} 2-D tensors, expected exactly one; name one as FILE:KEY "
@@ -285,10 +289,17 @@ def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
     if key not in tensors:
         raise InvalidInputError(f"{label}: no tensor named {key!r}; it holds {_keys(tensors)}")
     info = tensors[key]
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise InvalidInputError(f"{label}: tensor {key!r} has dtype {info['dtype']}, expected F32, F16 or BF16")
-    shape = tuple(info["shape"])
-    start, stop = info["data_offsets"]
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise InvalidInputError(f"{label}: tensor {key!r} has dtype {info.get('dtype')}, expected F32, F16 or BF16")
+    try:
+        shape = tuple(int(size) for size in info["shape"])
+        start, stop = (int(offset) for offset in info["data_offsets"])
+        if min((*shape, start, stop)) < 0:
+            raise ValueError("negative size or offset")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"{label}: tensor {key!r} has a malformed header entry ({exc!r}); corrupt file?"
+        ) from None
     numpy_dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
     count = int(np.prod(shape)) if shape else 1
     if 8 + header_length + stop > size or stop - start != count * numpy_dtype.itemsize:
@@ -335,7 +346,7 @@ def _load_mmap(path: str, label: str) -> object:
         raise InvalidInputError(
             f"{label}: holds pickled objects other than tensors, refused without running them ({_first_sentence(exc)})"
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # a damaged archive makes torch raise anything (IndexError, KeyError, ...)
         raise InvalidInputError(
             f"{label}: not a readable torch file (truncated or corrupt?): {_first_sentence(exc)}"
         ) from None

@@ -21,6 +21,8 @@ from .kernel import KERNEL, kernel_available
 
 __all__ = ["MAX_KERNEL_DOCS", "RunningTopK", "SortMergeTopK", "ThresholdTopK", "kernel_available", "make_running_topk"]
 
+# Rows sorted at a time when a selector hands over its result (bounds the sorted copy).
+FINALIZE_ROWS = 256
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
 
@@ -130,11 +132,17 @@ class ThresholdTopK(RunningTopK):
                 hi - lo,
                 self.k,
             )
-            # numpy's SIMD sort of 64-bit keys beats anything hand-written here; it releases the GIL.
-            best = np.sort(keys[lo:hi, : self.k], axis=1)
-            self._lib.tk_decode(
-                best.ctypes.data, best.size, scores.data_ptr() + lo * self.k * 4, indices.data_ptr() + lo * self.k * 8
-            )
+            # numpy's SIMD sort of 64-bit keys beats anything hand-written here; it releases the GIL. A few
+            # rows at a time, so that the sorted copy stays small.
+            for first in range(lo, hi, FINALIZE_ROWS):
+                last = min(first + FINALIZE_ROWS, hi)
+                best = np.sort(keys[first:last, : self.k], axis=1)
+                self._lib.tk_decode(
+                    best.ctypes.data,
+                    best.size,
+                    scores.data_ptr() + first * self.k * 4,
+                    indices.data_ptr() + first * self.k * 8,
+                )
             return 0
 
         self._run(finalize, self._row_ranges(0, self.rows))
