@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tiny_knn import InputFileError, InvalidInputError, compute_topk
-from tiny_knn.sources import ShardedSource, open_source
+from tiny_knn.sources import ArraySource, HDF5Source, ShardedSource, open_source
 
 
 def write_vecs(path: str, data: np.ndarray, value_dtype: str) -> str:
@@ -47,6 +49,11 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
     write_vecs(str(tmp_path / "docs.fvecs"), docs.numpy(), "<f4")
     torch.save({"emb": docs, "ids": torch.arange(1000)}, tmp_path / "dict.pt")
     torch.save({"emb": docs, "other": torch.randn(5, 12)}, tmp_path / "named.pt")
+    with h5py.File(tmp_path / "docs.hdf5", "w") as file:  # laid out as ann-benchmarks files are
+        file.create_dataset("train", data=docs.numpy())
+        file.create_dataset("neighbors", data=np.zeros((5, 3), dtype=np.int32))
+    with h5py.File(tmp_path / "chunked.h5", "w") as file:
+        file.create_dataset("group/emb", data=docs.numpy(), chunks=(64, 12), compression="gzip")
     shards = tmp_path / "shards"
     shards.mkdir()
     bounds = [0, 1, 90, 91, 400, 555, 999, 1000]  # 7 uneven shards, one of a single row
@@ -55,6 +62,7 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         lambda path, part: np.save(path + ".npy", part.numpy()),
         lambda path, part: save_file({"x": part.contiguous()}, path + ".safetensors"),
         lambda path, part: write_vecs(path + ".fvecs", part.numpy(), "<f4"),
+        lambda path, part: h5py.File(path + ".h5", "w").create_dataset("x", data=part.numpy()).file.close(),
     ]
     for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         writers[index % len(writers)](str(shards / f"emb_{index}"), docs[lo:hi])
@@ -67,12 +75,62 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         "fvecs": "docs.fvecs",
         "pt dict": "dict.pt",
         "pt:key": "named.pt:emb",
+        "hdf5:dataset": "docs.hdf5:train",
+        "hdf5 chunked, gzip": "chunked.h5:/group/emb",
+        "hdf5, its one 2-D dataset": "chunked.h5",
         "directory": "shards",
         "glob": "shards/emb_*",
     }
     for name, spec in specs.items():
         scores, indices = search(q_path, str(tmp_path / spec), str(tmp_path / f"{name.replace(':', '_')}.pt"))
         assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1]), name
+
+
+def test_hdf5_is_memory_mapped_when_contiguous_else_sliced(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = np.random.default_rng(1).standard_normal((300, 8), dtype=np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as file:
+        file.create_dataset("plain", data=data)
+        file.create_dataset("packed", data=data, chunks=(32, 8), compression="gzip")
+    plain, packed = (
+        open_source(str(tmp_path / "x.h5:plain"), "docs"),
+        open_source(str(tmp_path / "x.h5:packed"), "docs"),
+    )
+    assert isinstance(plain, ArraySource) and isinstance(packed, HDF5Source)
+    for source in (plain, packed):
+        out = torch.empty(300, 8)
+        source.read_into(0, 300, out)
+        assert torch.equal(out, torch.from_numpy(data))
+        picked = torch.empty(3, 8)
+        source.read_rows(torch.tensor([0, 150, 299]), picked)
+        assert torch.equal(picked, torch.from_numpy(data[[0, 150, 299]]))
+
+
+def test_hdf5_errors(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    bad = np.zeros((4, 3), dtype=np.float32)
+    bad[2, 1] = np.nan
+    with h5py.File(tmp_path / "x.h5", "w") as file:
+        file.create_dataset("a", data=np.zeros((4, 3), dtype=np.float32))
+        file.create_dataset("b", data=np.zeros((4, 3), dtype=np.float32))
+        file.create_dataset("cube", data=np.zeros((2, 2, 2), dtype=np.float32))
+        file.create_dataset("ints", data=np.zeros((2, 2), dtype=np.int64))
+        file.create_dataset("nan", data=bad, chunks=(2, 3), compression="gzip")
+    spec = str(tmp_path / "x.h5")
+    for suffix, message in [
+        ("", "holds 4 2-D datasets, expected exactly one; name one as FILE:DATASET"),
+        (":missing", "no dataset named 'missing'; it holds a, b, cube, ints, nan"),
+        (":cube", r"shape \(2, 2, 2\), expected 2-D"),
+        (":ints", "dtype int64, expected float32 or float16"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            open_source(spec + suffix, "docs")
+    with pytest.raises(InvalidInputError, match=r"x.h5:nan': row 2 holds NaN"):
+        open_source(spec + ":nan", "docs").read_into(0, 4, torch.empty(4, 3))
+    (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n" + bytes(100))
+    with pytest.raises(InvalidInputError, match="not a readable HDF5 file"):
+        open_source(str(tmp_path / "junk.h5"), "docs")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(InputFileError, match=r"reading HDF5 needs h5py: pip install 'tiny-knn\[hdf5\]'"):
+        open_source(spec + ":a", "docs")
 
 
 def test_shards_in_natural_order_with_global_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -44,7 +45,15 @@ def _vecs(value_dtype: str) -> Callable[[], bytes]:
     return build
 
 
+def _h5() -> bytes:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        file.create_dataset("x", data=np.random.default_rng(0).standard_normal((ROWS, DIM), dtype=np.float32))
+    return buffer.getvalue()
+
+
 VALID: dict[str, Callable[[], bytes]] = {
+    ".h5": _h5,
     ".pt": _pt,
     ".npy": _npy,
     ".safetensors": lambda: safetensors_bytes({"x": torch.randn(ROWS, DIM)}),

@@ -5,7 +5,8 @@ they are finite. Every format is memory-mapped, so resident memory does not grow
 `.pt` (`torch.load(mmap=True, weights_only=True)`: no pickled code ever runs; a tensor, or a dict holding
 one 2-D tensor, or `file.pt:key`), `.npy`, `.safetensors` (`file.safetensors:key` when it holds several
 tensors), `.fvecs` and `.bvecs`, and a directory or glob of such shards, concatenated in natural sort
-order with global row numbers. Readers know nothing of devices.
+order with global row numbers. HDF5 (`file.h5:dataset`, needs h5py) is memory-mapped when its dataset is
+contiguous and uncompressed, else read by slices. Readers know nothing of devices.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from .errors import InputFileError, InvalidInputError
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs")
+HDF5_SUFFIXES = (".h5", ".hdf5")
+SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs", *HDF5_SUFFIXES)
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64}
 
 
@@ -89,18 +91,42 @@ class ArraySource(Source):
             block.copy_(rows)
         else:
             np.copyto(block.numpy(), rows.numpy(), casting="same_kind")
-        # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
-        # finite values can overflow too, hence the second, exact check).
-        with np.errstate(over="ignore", invalid="ignore"):
-            suspicious = not np.isfinite(block.numpy().sum())
-        if suspicious and not bool(torch.isfinite(block).all()):
-            bad = int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0, 0]) + start
-            raise InvalidInputError(
-                f"{self.label()}: row {bad} holds NaN or Inf; expected finite values (clean or drop that row)"
-            )
+        _check_finite(block, start, self.label())
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         out[: positions.numel()].copy_(self.tensor[positions])
+
+
+def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
+    """Raises InvalidInputError naming the first row of `block` (row `start` of its file) with NaN or Inf."""
+    # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
+    # finite values can overflow too, hence the second, exact check).
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspicious = not np.isfinite(block.numpy().sum())
+    if suspicious and not bool(torch.isfinite(block).all()):
+        bad = int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0, 0]) + start
+        raise InvalidInputError(f"{label}: row {bad} holds NaN or Inf; expected finite values (clean or drop that row)")
+
+
+class HDF5Source(Source):
+    """A chunked or compressed HDF5 dataset, read by slices through h5py (which decompresses chunks)."""
+
+    def __init__(self, path: str, role: str, dataset: Any) -> None:
+        super().__init__(path, role)
+        self.dataset = dataset  # keeps its file open
+        self.rows, self.dim = (int(size) for size in dataset.shape)
+        self.dtype = torch.float16 if dataset.dtype == np.float16 else torch.float32
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        block = out[: stop - start]
+        if block.dtype == torch.bfloat16:
+            block.copy_(torch.from_numpy(self.dataset[start:stop]))
+        else:
+            np.copyto(block.numpy(), self.dataset[start:stop], casting="same_kind")
+        _check_finite(block, start, self.label())
+
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        out[: positions.numel()].copy_(torch.from_numpy(self.dataset[positions.numpy()]))
 
 
 class ShardedSource(Source):
@@ -168,14 +194,19 @@ def open_source(spec: str | os.PathLike[str], role: str) -> Source:
     path, key = spec, None
     if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
         path, key = spec.rsplit(":", 1)
-    return ArraySource(spec, role, _open_tensor(path, key, f"{role} file '{spec}'"))
+    return _open_file(spec, path, key, role)
+
+
+def _open_file(spec: str, path: str, key: str | None, role: str) -> Source:
+    label = f"{role} file '{spec}'"
+    if path.lower().endswith(HDF5_SUFFIXES) and os.path.isfile(path):
+        return _open_hdf5(spec, path, key, role, label)
+    return ArraySource(spec, role, _open_tensor(path, key, label))
 
 
 def _sharded(spec: str, role: str, files: list[str]) -> Source:
     ordered = sorted(files, key=_natural_key)
-    return ShardedSource(
-        spec, role, [ArraySource(f, role, _open_tensor(f, None, f"{role} file '{f}'")) for f in ordered]
-    )
+    return ShardedSource(spec, role, [_open_file(f, f, None, role) for f in ordered])
 
 
 def _natural_key(path: str) -> list[object]:
@@ -309,6 +340,63 @@ def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
     array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=8 + header_length + start, shape=shape)
     tensor = _quietly_from_numpy(array)
     return tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+
+
+def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> Source:
+    """An HDF5 dataset (`file.h5:name`, or the file's only 2-D dataset): memory-mapped when it is stored
+    contiguous and uncompressed (as ann-benchmarks files are), else read by slices through h5py."""
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"{label}: permission denied")
+    try:
+        import h5py
+    except ImportError:
+        raise InputFileError(f"{label}: reading HDF5 needs h5py: pip install 'tiny-knn[hdf5]'") from None
+    try:
+        handle = h5py.File(path, "r")
+    except Exception as exc:  # h5py reports a damaged file as OSError, or worse
+        raise InvalidInputError(
+            f"{label}: not a readable HDF5 file (truncated or corrupt?): {_first_sentence(exc)}"
+        ) from None
+    try:
+        names: list[str] = []
+        handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        if key is None:
+            matrices = [name for name in names if len(handle[name].shape) == 2]
+            if len(matrices) != 1:
+                raise InvalidInputError(
+                    f"{label}: holds {len(matrices)} 2-D datasets, expected exactly one; name one as FILE:DATASET "
+                    f"(datasets: {', '.join(names[:10]) or 'none'})"
+                )
+            key = matrices[0]
+        item = handle.get(key)
+        if not isinstance(item, h5py.Dataset):
+            raise InvalidInputError(f"{label}: no dataset named {key!r}; it holds {', '.join(names[:10]) or 'none'}")
+        _check_array(item.shape, item.dtype, label)
+        offset = item.id.get_offset()
+        if item.chunks is None and item.compression is None and offset is not None:
+            array = np.memmap(path, dtype=item.dtype, mode="r", offset=offset, shape=item.shape)
+            handle.close()
+            return ArraySource(spec, role, _quietly_from_numpy(array))
+        return HDF5Source(spec, role, item)
+    except InvalidInputError:
+        handle.close()
+        raise
+    except Exception as exc:  # a damaged file can fail anywhere inside h5py
+        handle.close()
+        raise InvalidInputError(
+            f"{label}: not a readable HDF5 file (truncated or corrupt?): {_first_sentence(exc)}"
+        ) from None
+
+
+def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
+    """Raises InvalidInputError unless a numpy-typed array is 2-D, non-empty, float32 or float16."""
+    if len(shape) != 2:
+        raise InvalidInputError(f"{label}: dataset has shape {tuple(shape)}, expected 2-D (rows, dim)")
+    if dtype not in (np.float32, np.float16):
+        hint = " (convert it to float32)" if dtype.kind == "f" else ""
+        raise InvalidInputError(f"{label}: dtype {dtype}, expected float32 or float16{hint}")
+    if 0 in shape:
+        raise InvalidInputError(f"{label}: dataset has shape {tuple(shape)}, expected at least one row and column")
 
 
 def _load_vecs(path: str, label: str, *, byte_values: bool) -> torch.Tensor:
