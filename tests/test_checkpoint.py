@@ -7,13 +7,14 @@ import errno
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiny_knn import InvalidInputError, OutputError, checkpoint, compute_topk
+from tiny_knn import InvalidInputError, OutputError, TinyKnnWarning, checkpoint, compute_topk, engine, results
 
 
 class Stop(BaseException):
@@ -112,34 +113,57 @@ def test_a_full_disk_while_allocating_the_checkpoint_is_one_clean_error(inputs, 
     assert sorted(os.listdir(tmp_path)) == ["docs.pt", "queries.pt"]
 
 
-@settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    rows=st.integers(1, 70),
+    docs=st.integers(1, 700),
+    dim=st.integers(1, 24),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    k=st.integers(1, 40),
     batch=st.integers(1, 40),
     resume_batch=st.integers(1, 40),
     chunk=st.integers(64, 900),
     stop_after=st.integers(1, 4),
     threads=st.sampled_from([1, 2]),
-    metric=st.sampled_from(["ip", "l2"]),
+    metric=st.sampled_from(["ip", "cosine", "l2"]),
+    seed=st.integers(0, 2**16),
 )
 def test_byte_identical_whatever_the_batches_threads_and_resume_point(  # type: ignore[no-untyped-def]
-    inputs, tmp_path_factory, batch, resume_batch, chunk, stop_after, threads, metric
+    tmp_path_factory, rows, docs, dim, dtype, k, batch, resume_batch, chunk, stop_after, threads, metric, seed
 ) -> None:
     folder = tmp_path_factory.mktemp("run")
-    reference = results_of(compute_topk(*inputs, k=30, force_cpu=True, out_path=str(folder / "ref.pt"), metric=metric))
-    target = str(folder / "out.pt")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            interrupt_after(patch, stop_after)
-            with contextlib.suppress(Stop):
-                compute_topk(
-                    *inputs, k=30, force_cpu=True, out_path=target, batch_size=batch, chunk_size=chunk, metric=metric
-                )
-        compute_topk(*inputs, k=30, force_cpu=True, out_path=target, batch_size=resume_batch, metric=metric)
-    finally:
-        torch.set_num_threads(previous)
+    generator = torch.Generator().manual_seed(seed)
+    paths = [str(folder / "q.pt"), str(folder / "d.pt")]
+    torch.save(torch.randn(rows, dim, generator=generator).to(dtype), paths[0])
+    torch.save(torch.randn(docs, dim, generator=generator).to(dtype), paths[1])
+    options = {"k": k, "force_cpu": True, "metric": metric}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TinyKnnWarning)  # k above the number of docs
+        reference = results_of(compute_topk(*paths, out_path=str(folder / "ref.pt"), **options))
+        target = str(folder / "out.pt")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                interrupt_after(patch, stop_after)
+                with contextlib.suppress(Stop):
+                    compute_topk(*paths, out_path=target, batch_size=batch, chunk_size=chunk, **options)
+            compute_topk(*paths, out_path=target, batch_size=resume_batch, **options)
+        finally:
+            torch.set_num_threads(previous)
     scores, indices = results_of(target)
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
+
+
+def test_a_failed_write_keeps_the_finished_checkpoint(inputs, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    target = str(tmp_path / "out.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(results, "write_output", lambda *a, **k: (_ for _ in ()).throw(OutputError("disk full")))
+        with pytest.raises(OutputError):
+            compute_topk(*inputs, k=5, force_cpu=True, out_path=target, batch_size=30)
+    manifest = json.loads((tmp_path / "out.pt.checkpoint" / "manifest.json").read_text())
+    assert manifest["done_rows"] == 90  # every query done: the next run only writes
+    searched = []
+    monkeypatch.setattr(engine, "_search_batch", lambda *a, **k: searched.append(1))
+    assert compute_topk(*inputs, k=5, force_cpu=True, out_path=target, batch_size=30) == target
+    assert searched == [] and not os.path.exists(target + ".checkpoint")
