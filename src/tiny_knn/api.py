@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Union
 
 import numpy as np
 import torch
 
-from . import engine, results
+from . import distributed, engine, results
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
 from .errors import InvalidInputError, MemoryBudgetError
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import DEFAULT_K, INDEX_BYTES, SCORE_BYTES, Plan, default_budget_bytes, make_plan
-from .sources import Source, check_compatible, from_array, open_source
+from .sources import RowRange, Source, check_compatible, from_array, open_source
 from .topk import MAX_KERNEL_DOCS, kernel_available
 
 __version__ = "0.3.0"
@@ -116,6 +118,7 @@ def compute_topk(
     query_ids: str | os.PathLike[str] | None = None,
     doc_ids: str | os.PathLike[str] | None = None,
     restart: bool = False,
+    shard: str = "auto",
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -140,6 +143,7 @@ def compute_topk(
         query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
             parquet and TREC formats in place of row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
+        shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
 
     A run of several query batches keeps a checkpoint beside the output (`OUT.checkpoint/`, see
     checkpoint.py): if it is interrupted, calling again with the same inputs and options resumes after the
@@ -186,16 +190,20 @@ def compute_topk(
         for role, path, source in (("query", query_ids, queries), ("doc", doc_ids, docs))
         if path is not None
     }
-    store = _open_checkpoint(target, fmt, queries, docs, plan, restart)
-    try:
-        scores, indices, plan = _run(queries, docs, plan, progress, store)
-    except BaseException:
-        if isinstance(store, Checkpoint) and store.done_rows < queries.rows:
-            log.warning(
-                f"stopped: {store.done_rows} of {queries.rows} queries are saved in '{store.folder}'; "
-                "run the same command again to continue"
-            )
-        raise
+    job = distributed.current_job()
+    found: Found | None
+    if job is None:
+        found = _search_alone(queries, docs, plan, target, fmt, restart, progress)
+    else:
+        sizes = (max_memory, batch_size, chunk_size)
+        try:
+            found = _search_together(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes)
+        finally:
+            if job is not None and not job.leader:
+                distributed.leave()
+    if found is None:  # another rank of a torchrun job: rank 0 writes the output
+        return target
+    scores, indices, plan, finish = found
     result = {
         "indices": indices,
         "scores": scores,
@@ -212,25 +220,152 @@ def compute_topk(
         "exclude_self": plan.exclude_self,
         **ids,
     }
-    results.write_output(target, fmt, result, higher_is_better(plan.metric))
-    if isinstance(store, Checkpoint):
-        store.remove()
+    try:
+        results.write_output(target, fmt, result, higher_is_better(plan.metric))
+        finish()
+    finally:
+        if job is not None:
+            distributed.leave()
     return target
 
 
+Found = tuple[torch.Tensor, torch.Tensor, Plan, Callable[[], None]]
+
+
+def _search_alone(
+    queries: Source, docs: Source, plan: Plan, target: str, fmt: str, restart: bool, progress: bool
+) -> Found:
+    """One process: search with a checkpoint (when there are several batches); returns the result, the
+    plan used, and what to do once the output is written (delete the checkpoint)."""
+    store = _open_checkpoint(target, fmt, queries, docs, plan, restart)
+    scores, indices, plan = _run_keeping(queries, docs, plan, progress, store)
+    return scores, indices, plan, store.remove if isinstance(store, Checkpoint) else _nothing
+
+
+def _run_keeping(
+    queries: Source, docs: Source, plan: Plan, progress: bool, store: MemoryStore | None
+) -> tuple[torch.Tensor, torch.Tensor, Plan]:
+    """_run, saying where the finished rows are kept if it is interrupted."""
+    try:
+        return _run(queries, docs, plan, progress, store)
+    except BaseException:
+        if isinstance(store, Checkpoint) and store.done_rows < queries.rows:
+            log.warning(
+                f"stopped: {store.done_rows} of {queries.rows} queries are saved in '{store.folder}'; "
+                "run the same command again to continue"
+            )
+        raise
+
+
+def _search_together(
+    job: distributed.Job,
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    target: str,
+    fmt: str,
+    restart: bool,
+    progress: bool,
+    shard: str,
+    sizes: tuple[int | None, int | None, int | None],
+) -> Found | None:
+    """One rank of a torchrun job (see distributed.py). Returns the whole result on rank 0, else None."""
+    distributed.join(job, plan.device)
+    mode = distributed.choose_shard(shard, plan.doc_passes)
+    if mode == "docs":
+        if docs.rows < job.world:
+            raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
+        first, last = distributed.share(docs.rows, job)
+        my_docs = RowRange(docs, first, last)
+        wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
+        quiet_k = min(wanted, my_docs.rows)
+        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, sizes)
+        batch = distributed.agree_min(mine.query_batch_rows, plan.device)
+        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, (sizes[0], batch, sizes[2]))
+        plan = replace(plan, query_batch_rows=batch)
+        store = _open_checkpoint(target, fmt, queries, docs, plan, restart) if job.leader else None
+        if job.leader and store is None:
+            store = MemoryStore(queries.rows, plan.k)
+        done = distributed.from_leader(store.done_rows if store is not None else 0, plan.device)
+        merging = distributed.MergingStore(
+            job,
+            store,
+            done_rows=done,
+            candidates=wanted,
+            k=plan.k,
+            higher_is_better=higher_is_better(plan.metric),
+            exclude_self=plan.exclude_self,
+            device=plan.device,
+        )
+        _run_keeping(queries, my_docs, mine, progress and job.leader, merging)
+        if store is None:
+            return None
+        return store.scores, store.indices, plan, store.remove if isinstance(store, Checkpoint) else _nothing
+    first, last = distributed.share(queries.rows, job)
+    my_queries = RowRange(queries, first, last)
+    mine = _rank_plan(my_queries, docs, plan.k, plan, plan.exclude_self, sizes)
+    rank_target = f"{target}.rank{job.rank}of{job.world}"
+    own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, count_output=False)
+    scores, indices, _ = _run_keeping(my_queries, docs, mine, progress and job.leader, own)
+    folder = distributed.assembly_folder(target) if job.leader else ""
+    collected = distributed.collect_rows(job, scores, indices, queries.rows, folder, plan.device)
+
+    def finish() -> None:
+        if isinstance(own, Checkpoint):
+            own.remove()
+        distributed.remove_folder(folder)
+        distributed.barrier(plan.device)  # the others keep their checkpoints until the output is written
+
+    if collected is None:
+        distributed.barrier(plan.device)
+        if isinstance(own, Checkpoint):
+            own.remove()
+        return None
+    return collected[0], collected[1], plan, finish
+
+
+def _rank_plan(
+    queries: Source,
+    docs: Source,
+    k: int,
+    like: Plan,
+    exclude_self: bool,
+    sizes: tuple[int | None, int | None, int | None],
+) -> Plan:
+    """The plan for one rank's share, with the whole job's device and metric."""
+    max_memory, batch_size, chunk_size = sizes
+    return _plan(
+        queries,
+        docs,
+        k,
+        force_cpu=like.device == "cpu",
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        metric=like.metric,
+        exclude_self=exclude_self,
+        results_on_disk=True,
+    )
+
+
+def _nothing() -> None:
+    return None
+
+
 def _open_checkpoint(
-    target: str, fmt: str, queries: Source, docs: Source, plan: Plan, restart: bool
+    target: str, fmt: str, queries: Source, docs: Source, plan: Plan, restart: bool, count_output: bool = True
 ) -> MemoryStore | None:
     """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space."""
     folder = checkpoint_folder(target)
     result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
-    output_bytes = result_bytes * (4 if fmt == "trec" else 1)  # a TREC line is about 4 times the binary pair
+    output_bytes = result_bytes * (4 if fmt == "trec" else 1) if count_output else 0  # TREC: ~4x the binary
     fresh = restart or not os.path.isdir(folder)
     wanted = plan.doc_passes > 1
     check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
-    store = Checkpoint.open(
-        target, fingerprint(queries, docs, plan), queries.rows, plan.k, restart=restart, wanted=wanted
-    )
+    mark = fingerprint(queries, docs, plan)
+    if queries.first_row:
+        mark["first_query"] = queries.first_row  # one rank's share
+    store = Checkpoint.open(target, mark, queries.rows, plan.k, restart=restart, wanted=wanted)
     if store is not None and store.done_rows:
         log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
     return store

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="check the inputs, print the plan (sizes, passes, bytes, memory), exit"
     )
     parser.add_argument(
+        "--shard",
+        choices=("auto", "docs", "queries"),
+        default="auto",
+        help="under torchrun: split the docs between ranks (each reads its share; rank 0 merges) or the queries "
+        "(each reads all docs); auto picks docs when one rank can hold every query's top-k",
+    )
+    parser.add_argument(
         "--restart", action="store_true", help="discard the checkpoint of an interrupted run instead of continuing it"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, notes or warnings on stderr")
@@ -145,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 query_ids=args.query_ids,
                 doc_ids=args.doc_ids,
                 restart=args.restart,
+                shard=args.shard,
             )
         )
 
@@ -194,7 +202,8 @@ def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    print(path)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 speaks for the job
+        print(path)
     return EXIT_OK
 
 

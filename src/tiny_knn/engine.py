@@ -99,8 +99,10 @@ def _search_batch(
         scores[uncertain], indices[uncertain] = _search_again(host_queries, uncertain, docs, plan, plan.candidates)
     if plan.metric == "l2":
         scores, indices = _refine_l2(host_queries[:rows], docs, plan, scores, indices, max_offset)
+    if docs.first_row:
+        indices += docs.first_row  # a share of the docs: global doc numbers from here on
     if plan.exclude_self:
-        return drop_self(scores, indices, batch_start, plan.k)
+        return drop_self(scores, indices, queries.first_row + batch_start, plan.k)
     return scores[:, : plan.k], indices[:, : plan.k]
 
 

@@ -48,6 +48,7 @@ class Source(ABC):
     rows: int
     dim: int
     dtype: torch.dtype
+    first_row = 0  # the global number of row 0 (a RowRange of a larger source starts further on)
 
     def label(self) -> str:
         return f"{self.role} file '{self.path}'"
@@ -127,6 +128,26 @@ class HDF5Source(Source):
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         out[: positions.numel()].copy_(torch.from_numpy(self.dataset[positions.numpy()]))
+
+
+class RowRange(Source):
+    """Rows [start, stop) of another source, numbered globally from `start` (one process's share)."""
+
+    def __init__(self, source: Source, start: int, stop: int) -> None:
+        super().__init__(source.path, source.role)
+        self.source = source
+        self.first_row = source.first_row + start
+        self._start = start
+        self.rows, self.dim, self.dtype = stop - start, source.dim, source.dtype
+
+    def label(self) -> str:
+        return self.source.label()
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        self.source.read_into(self._start + start, self._start + stop, out)
+
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        self.source.read_rows(positions + self._start, out)
 
 
 class ShardedSource(Source):

@@ -1,0 +1,221 @@
+"""Distributing: one search across the processes of a torchrun job, on torch.distributed.
+
+    torchrun --nproc-per-node 8 -m tiny_knn QUERIES DOCS --k 1000 --output-path OUT.pt
+
+torchrun starts one process per GPU (or CPU slot) and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous; each process runs the ordinary command. NCCL joins them on GPUs, gloo on the CPU. The work is
+split one of two ways:
+
+- `docs`: each rank streams its own contiguous share of the docs against every query, and after each
+  query batch rank 0 gathers every rank's top-k and merges them with the one tie rule. Each doc is read
+  by one rank only; the merge moves world × k candidates per query.
+- `queries`: each rank searches its own contiguous share of the queries against every doc, and rank 0
+  gathers the finished rows at the end. No merge; every rank reads all the docs.
+
+Either way the answer is byte-identical to a single process's: every score is computed in the same
+aligned tiles whatever rows a process holds (see plan.py), and merging exact per-rank top-k lists by
+(score, index) gives the exact overall top-k. Only rank 0 writes the output; with a checkpoint, each
+rank's share resumes after an interruption (docs: rank 0's merged rows; queries: each rank's own).
+A rank that fails exits, torchrun stops the others, and every collective has a timeout, so the job never
+hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import MemoryStore
+from .refine import drop_self
+
+SHARD_MODES = ("auto", "docs", "queries")
+# Seconds any collective may wait for the other ranks (TINY_KNN_DIST_TIMEOUT overrides).
+DEFAULT_TIMEOUT_S = 600
+# Rows per message when rank 0 collects a query-sharded result.
+COLLECT_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def current_job() -> Job | None:
+    """The torchrun job this process belongs to (from its environment), or None when it runs alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return Job(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(job: Job, device: str) -> None:
+    """Joins the job's process group: NCCL with one GPU per rank, or gloo on the CPU."""
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=float(os.environ.get("TINY_KNN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    if device == "cuda":
+        torch.cuda.set_device(job.local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(rows: int, job: Job) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of `rows`, as even as can be."""
+    return rows * job.rank // job.world, rows * (job.rank + 1) // job.world
+
+
+def choose_shard(requested: str, passes_for_all_queries: int) -> str:
+    """`docs` when one rank could hold every query's running top-k (the docs are then read once in all,
+    split between ranks), else `queries`, which also divides the passes over the docs."""
+    if requested != "auto":
+        return requested
+    return "docs" if passes_for_all_queries == 1 else "queries"
+
+
+def agree_min(value: int, device: str) -> int:
+    """The smallest `value` over all ranks (so that every rank cuts the same query batches)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device(device))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def from_leader(value: int, device: str) -> int:
+    """Rank 0's `value`, on every rank (the resume point)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device(device))
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+class MergingStore(MemoryStore):
+    """For `docs` sharding: each finished batch of this rank's candidates (global doc numbers) goes to
+    rank 0, which merges every rank's into the overall top k and hands them to its own `store`."""
+
+    def __init__(
+        self,
+        job: Job,
+        store: MemoryStore | None,
+        *,
+        done_rows: int,
+        candidates: int,
+        k: int,
+        higher_is_better: bool,
+        exclude_self: bool,
+        device: str,
+    ) -> None:
+        self.job, self.store, self.done_rows = job, store, done_rows
+        # Rank 0 holds the merged result; the others hold nothing.
+        self.scores = store.scores if store is not None else torch.empty(0)
+        self.indices = store.indices if store is not None else torch.empty(0, dtype=torch.int64)
+        self.candidates, self.k, self.device = candidates, k, device
+        self.higher_is_better, self.exclude_self = higher_is_better, exclude_self
+
+    def save(self, start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
+        rows, mine = scores.shape
+        # Every rank sends the same shape: a rank with fewer docs than candidates pads with sentinels
+        # (worst score, index -1) that the merge drops.
+        worst = float("-inf") if self.higher_is_better else float("inf")
+        padded_scores = torch.full((rows, self.candidates), worst, dtype=torch.float32)
+        padded_indices = torch.full((rows, self.candidates), -1, dtype=torch.int64)
+        padded_scores[:, :mine], padded_indices[:, :mine] = scores, indices
+        gathered = _gather([padded_scores, padded_indices], self.job, self.device)
+        if self.job.leader:
+            all_scores = torch.cat([parts[0] for parts in gathered], dim=1)
+            all_indices = torch.cat([parts[1] for parts in gathered], dim=1)
+            merged_scores, merged_indices = merge(all_scores, all_indices, self.higher_is_better)
+            keep = self.k + int(self.exclude_self)
+            merged_scores, merged_indices = merged_scores[:, :keep], merged_indices[:, :keep]
+            if self.exclude_self:
+                merged_scores, merged_indices = drop_self(merged_scores, merged_indices, start, self.k)
+            assert self.store is not None
+            self.store.save(start, merged_scores, merged_indices)
+        self.done_rows = start + rows
+
+
+def merge(scores: torch.Tensor, indices: torch.Tensor, higher_is_better: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orders each row's candidates (already ascending by index within equal scores, ranks in doc order)
+    best first by a stable sort, so equal scores stay in ascending index order: the one tie rule. Padding
+    (index -1, the worst score) sorts last."""
+    key = scores + 0.0  # -0.0 and +0.0 compare equal, as everywhere else
+    order = torch.argsort(key, dim=1, descending=higher_is_better, stable=True)
+    return torch.gather(scores, 1, order), torch.gather(indices, 1, order)
+
+
+def collect_rows(
+    job: Job, share_scores: torch.Tensor, share_indices: torch.Tensor, rows: int, folder: str, device: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For `queries` sharding: rank 0 receives every rank's rows into memory-mapped arrays under `folder`
+    (so the output's size never sets anyone's memory); other ranks send theirs and get None."""
+    k = share_scores.shape[1]
+    if not job.leader:
+        for start in range(0, share_scores.shape[0], COLLECT_ROWS):
+            for part in (share_scores, share_indices):
+                dist.send(part[start : start + COLLECT_ROWS].contiguous().to(_comm_device(device)), dst=0)
+        return None
+    scores = np.lib.format.open_memmap(os.path.join(folder, "scores.npy"), mode="w+", dtype=np.float32, shape=(rows, k))
+    indices = np.lib.format.open_memmap(os.path.join(folder, "indices.npy"), mode="w+", dtype=np.int64, shape=(rows, k))
+    scores[: share_scores.shape[0]] = share_scores.numpy()
+    indices[: share_indices.shape[0]] = share_indices.numpy()
+    for rank in range(1, job.world):
+        first, last = share(rows, Job(rank, job.world, 0))
+        for start in range(first, last, COLLECT_ROWS):
+            stop = min(start + COLLECT_ROWS, last)
+            for target, dtype in ((scores, torch.float32), (indices, torch.int64)):
+                buffer = torch.empty((stop - start, k), dtype=dtype, device=_comm_device(device))
+                dist.recv(buffer, src=rank)
+                target[start:stop] = buffer.cpu().numpy()
+    return torch.from_numpy(scores), torch.from_numpy(indices)
+
+
+def assembly_folder(output_path: str) -> str:
+    """A fresh folder beside the output for rank 0 to assemble a query-sharded result in."""
+    return tempfile.mkdtemp(
+        prefix=f".{os.path.basename(output_path)}.", suffix=".ranks", dir=os.path.dirname(os.path.abspath(output_path))
+    )
+
+
+def remove_folder(folder: str) -> None:
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def barrier(device: str) -> None:
+    if device == "cuda":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _gather(parts: list[torch.Tensor], job: Job, device: str) -> list[list[torch.Tensor]]:
+    """Every rank's `parts`, on rank 0 (in rank order); [] elsewhere."""
+    where = _comm_device(device)
+    gathered: list[list[torch.Tensor]] = []
+    for part in parts:
+        local = part.to(where)
+        buckets = [torch.empty_like(local) for _ in range(job.world)] if job.leader else None
+        dist.gather(local, gather_list=buckets, dst=0)
+        if buckets is not None:
+            gathered.append([bucket.cpu() for bucket in buckets])
+    return [list(per_rank) for per_rank in zip(*gathered, strict=True)] if job.leader else []
+
+
+def _comm_device(device: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")

@@ -1,0 +1,102 @@
+"""torchrun on the CPU (gloo): the same bytes as one process, in both shard modes; a failing rank ends
+the job quickly; and the pieces (shares, merge, job detection) on their own."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tiny_knn import compute_topk, distributed
+
+TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tiny_knn"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("dist")
+    generator = torch.Generator().manual_seed(31)
+    torch.save(torch.randn(37, 16, generator=generator), folder / "q.pt")  # 37 and 1001: uneven shares
+    docs = torch.randn(1001, 16, generator=generator)
+    docs[500:520] = docs[0]  # ties across the two ranks' shares
+    torch.save(docs, folder / "d.pt")
+    return folder
+
+
+def run_two_ranks(arguments: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TWO_RANKS, *arguments], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("shard", "queries", "options"),
+    [
+        ("docs", "q.pt", {"k": 30, "batch_size": 8}),  # several batches: merged per batch, checkpointed
+        ("queries", "d.pt", {"k": 12, "batch_size": 200, "metric": "l2", "exclude_self": True}),
+    ],
+)
+def test_two_ranks_give_the_bytes_of_one_process(files, shard, queries, options) -> None:  # type: ignore[no-untyped-def]
+    q_path, d_path = str(files / queries), str(files / "d.pt")
+    reference = torch.load(compute_topk(q_path, d_path, force_cpu=True, out_path=str(files / "one.pt"), **options))
+    flags = ["--k", str(options["k"]), "--batch-size", str(options["batch_size"]), "--cpu", "--quiet"]
+    flags += ["--metric", options.get("metric", "ip")] + (["--exclude-self"] if options.get("exclude_self") else [])
+    done = run_two_ranks([q_path, d_path, *flags, "--shard", shard, "--output-path", str(files / f"{shard}.pt")])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(files / f"{shard}.pt")  # printed once, by rank 0
+    result = torch.load(files / f"{shard}.pt")
+    assert torch.equal(result["indices"], reference["indices"]) and torch.equal(result["scores"], reference["scores"])
+    leftovers = [path.name for path in files.iterdir() if "checkpoint" in path.name or "ranks" in path.name]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_quickly(files) -> None:  # type: ignore[no-untyped-def]
+    docs = torch.load(files / "d.pt")
+    docs[900, 3] = float("nan")  # in rank 1's share of the docs
+    torch.save(docs, files / "bad.pt")
+    started = time.monotonic()
+    done = run_two_ranks([str(files / "q.pt"), str(files / "bad.pt"), "--k", "5", "--cpu", "--shard", "docs",
+                          "--output-path", str(files / "never.pt")])  # fmt: skip
+    assert done.returncode != 0
+    assert "row 900 holds NaN" in done.stderr
+    assert time.monotonic() - started < 60, "rank 0 must not wait for the failed rank"
+    assert not (files / "never.pt").exists()
+
+
+def test_shares_cover_every_row_once() -> None:
+    for rows in (1, 7, 1001):
+        for world in (1, 2, 3, 8):
+            shares = [distributed.share(rows, distributed.Job(rank, world, 0)) for rank in range(world)]
+            assert shares[0][0] == 0 and shares[-1][1] == rows
+            assert all(first[1] == second[0] for first, second in itertools.pairwise(shares))
+
+
+def test_merge_keeps_the_tie_rule_across_ranks() -> None:
+    # Rank 0 holds docs 0-9, rank 1 docs 10-19; equal scores must come out by ascending index.
+    scores = torch.tensor([[5.0, 3.0, 3.0, float("-inf"), 5.0, 3.0, 1.0, 0.0]])
+    indices = torch.tensor([[2, 4, 7, -1, 11, 12, 13, 15]])
+    _, merged_indices = distributed.merge(scores, indices, higher_is_better=True)
+    assert merged_indices.tolist() == [[2, 11, 4, 7, 12, 13, 15, -1]]
+    _, order = distributed.merge(torch.tensor([[0.5, float("inf"), 0.5]]), torch.tensor([[3, -1, 9]]), False)
+    assert order.tolist() == [[3, 9, -1]]
+
+
+def test_choose_shard() -> None:
+    assert distributed.choose_shard("auto", 1) == "docs"
+    assert distributed.choose_shard("auto", 3) == "queries"
+    assert distributed.choose_shard("docs", 3) == "docs"
+
+
+def test_current_job_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.current_job() is None  # no rank: not launched by torchrun
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.current_job() == distributed.Job(2, 4, 0)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.current_job() is None  # a job of one is just a process
