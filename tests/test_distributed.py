@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tiny_knn import compute_topk, distributed
+from tiny_knn.plan import Plan, make_plan
 
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tiny_knn"]
 
@@ -86,9 +87,15 @@ def test_merge_keeps_the_tie_rule_across_ranks() -> None:
 
 
 def test_choose_shard() -> None:
-    assert distributed.choose_shard("auto", 1) == "docs"
-    assert distributed.choose_shard("auto", 3) == "queries"
-    assert distributed.choose_shard("docs", 3) == "docs"
+    def plan(queries: int, docs: int, batch: int) -> Plan:
+        return make_plan(queries=queries, docs=docs, dim=768, k=100, device="cpu", budget_bytes=2**40,
+                         selection="sort", batch_rows=batch)  # fmt: skip
+
+    few_queries, many_queries = plan(100, 10**7, 100), plan(10**6, 10**7, 10**6)
+    assert distributed.choose_shard("auto", few_queries, 8, 10**7 * 768 * 4) == "docs"  # tiny merge, big read
+    assert distributed.choose_shard("auto", many_queries, 8, 10**7 * 768 * 4) == "queries"  # huge merge
+    assert distributed.choose_shard("auto", plan(1000, 10**7, 100), 8, 10**7 * 768 * 4) == "queries"  # passes
+    assert distributed.choose_shard("docs", many_queries, 8, 1) == "docs"
 
 
 def test_current_job_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -271,7 +271,7 @@ def _search_together(
 ) -> Found | None:
     """One rank of a torchrun job (see distributed.py). Returns the whole result on rank 0, else None."""
     distributed.join(job, plan.device)
-    mode = distributed.choose_shard(shard, plan.doc_passes)
+    mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
     if mode == "docs":
         if docs.rows < job.world:
             raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "docs", "queries"),
         default="auto",
         help="under torchrun: split the docs between ranks (each reads its share; rank 0 merges) or the queries "
-        "(each reads all docs); auto picks docs when one rank can hold every query's top-k",
+        "(each reads all docs); auto weighs rank 0's merge against reading the docs on every rank",
     )
     parser.add_argument(
         "--restart", action="store_true", help="discard the checkpoint of an interrupted run instead of continuing it"

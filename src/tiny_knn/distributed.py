@@ -33,11 +33,16 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import MemoryStore
+from .plan import Plan
 from .refine import drop_self
 
 SHARD_MODES = ("auto", "docs", "queries")
 # Seconds any collective may wait for the other ranks (TINY_KNN_DIST_TIMEOUT overrides).
 DEFAULT_TIMEOUT_S = 600
+# Cost model for --shard auto: rank 0's merge, measured at about 110 ns per candidate (sort of world x k
+# per query, one thread, benchmarks/RESULTS.md), against reading docs from the page cache or a fast disk.
+MERGE_S_PER_CANDIDATE = 1.1e-7
+READ_BYTES_PER_S = 1e10
 # Rows per message when rank 0 collects a query-sharded result.
 COLLECT_ROWS = 4096
 
@@ -83,12 +88,21 @@ def share(rows: int, job: Job) -> tuple[int, int]:
     return rows * job.rank // job.world, rows * (job.rank + 1) // job.world
 
 
-def choose_shard(requested: str, passes_for_all_queries: int) -> str:
-    """`docs` when one rank could hold every query's running top-k (the docs are then read once in all,
-    split between ranks), else `queries`, which also divides the passes over the docs."""
+def choose_shard(requested: str, plan: Plan, world: int, doc_bytes: int) -> str:
+    """Which split costs less (see benchmarks/RESULTS.md, "Scaling model"):
+
+    - `queries` when one rank could not hold every query's running top-k: splitting the queries also
+      divides the passes over the docs;
+    - else `docs` when merging world × k candidates per query on rank 0 costs less than every rank reading
+      all the docs once more, and `queries` otherwise.
+    """
     if requested != "auto":
         return requested
-    return "docs" if passes_for_all_queries == 1 else "queries"
+    if plan.doc_passes > 1:
+        return "queries"
+    merge_s = plan.queries * world * plan.candidates * MERGE_S_PER_CANDIDATE
+    extra_read_s = doc_bytes * (world - 1) / world / READ_BYTES_PER_S
+    return "docs" if merge_s < extra_read_s else "queries"
 
 
 def agree_min(value: int, device: str) -> int:
