@@ -4,6 +4,7 @@ the job quickly; and the pieces (shares, merge, job detection) on their own."""
 from __future__ import annotations
 
 import itertools
+import signal
 import subprocess
 import sys
 import time
@@ -107,3 +108,29 @@ def test_current_job_from_the_environment(monkeypatch) -> None:  # type: ignore[
     assert distributed.current_job() == distributed.Job(2, 4, 0)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.current_job() is None  # a job of one is just a process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["queries", "docs"])
+def test_an_interrupted_job_resumes_on_every_rank(tmp_path, shard) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(5)
+    torch.save(torch.randn(1200, 32, generator=generator), tmp_path / "q.pt")
+    torch.save(torch.randn(200_000, 32, generator=generator), tmp_path / "d.pt")
+    reference = torch.load(compute_topk(str(tmp_path / "q.pt"), str(tmp_path / "d.pt"), k=20, force_cpu=True,
+                                        out_path=str(tmp_path / "one.pt")))  # fmt: skip
+    argv = [*TWO_RANKS, str(tmp_path / "q.pt"), str(tmp_path / "d.pt"), "--k", "20", "--cpu", "--batch-size", "40",
+            "--shard", shard, "--output-path", str(tmp_path / "out.pt")]  # fmt: skip
+    job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("out.pt*checkpoint/manifest.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and "queries are saved in" in err, err
+    assert not (tmp_path / "out.pt").exists()
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
+    result = torch.load(tmp_path / "out.pt")
+    assert torch.equal(result["indices"], reference["indices"]) and torch.equal(result["scores"], reference["scores"])
+    assert not list(tmp_path.glob("out.pt*checkpoint"))

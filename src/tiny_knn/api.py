@@ -249,9 +249,10 @@ def _run_keeping(
     try:
         return _run(queries, docs, plan, progress, store)
     except BaseException:
-        if isinstance(store, Checkpoint) and store.done_rows < queries.rows:
+        kept = store.store if isinstance(store, distributed.MergingStore) else store
+        if isinstance(kept, Checkpoint) and kept.done_rows < queries.rows:
             log.warning(
-                f"stopped: {store.done_rows} of {queries.rows} queries are saved in '{store.folder}'; "
+                f"stopped: {kept.done_rows} of {queries.rows} queries are saved in '{kept.folder}'; "
                 "run the same command again to continue"
             )
         raise
