@@ -102,8 +102,8 @@ def test_identical_whatever_the_plan(metric, batch, chunk) -> None:  # type: ign
 def test_prepare_is_row_by_row() -> None:
     rows = torch.randn(300, 16)
     whole, parts = rows.clone(), rows.clone()
-    offsets = prepare_docs(whole, "l2")
-    parted = torch.cat([prepare_docs(parts[i : i + 7], "l2") for i in range(0, 300, 7)])  # type: ignore[misc]
+    offsets, _ = prepare_docs(whole, "l2")
+    parted = torch.cat([prepare_docs(parts[i : i + 7], "l2")[0] for i in range(0, 300, 7)])  # type: ignore[misc]
     assert offsets is not None and torch.equal(offsets, parted)
     prepare_queries(whole, "cosine")
     for i in range(0, 300, 7):

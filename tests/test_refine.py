@@ -31,12 +31,12 @@ def test_uncertified_rows_are_reported_and_exact_search_answers_them() -> None:
     keys = queries @ docs.T - 0.5 * (docs * docs).sum(dim=1)
     top_keys, top_indices = keys.topk(12, dim=1)
     max_norm = float(docs.norm(dim=1).max())
-    _, _, certified = refine.refine_l2(queries, source, top_keys, top_indices, max_norm, keep=5)
+    _, _, certified = refine.refine(queries, source, top_keys, top_indices, max_norm, keep=5)
     assert certified.numel() == 0  # a margin of 7 candidates is plenty for random data
     # A huge claimed doc norm makes the bound useless: no row can be certified.
-    _, indices, uncertain = refine.refine_l2(queries, source, top_keys, top_indices, 1e6, keep=5)
+    _, indices, uncertain = refine.refine(queries, source, top_keys, top_indices, 1e6, keep=5)
     assert torch.equal(uncertain, torch.arange(20))
-    exact_distances, exact_indices = refine.exact_l2_search(queries, source, 5)
+    exact_distances, exact_indices = refine.exact_search(queries, source, 5)
     best, best_indices = brute_force(queries, docs, 5, "l2")
     assert torch.equal(exact_indices, best_indices) and torch.equal(exact_distances, best.float())
     assert torch.equal(indices[:, :5], best_indices)
@@ -47,19 +47,19 @@ def test_every_fallback_gives_the_same_answer(monkeypatch) -> None:  # type: ign
     queries, docs = torch.randn(30, 12, generator=generator), torch.randn(3000, 12, generator=generator)
     reference = search(queries, docs, 10, metric="l2", device="cpu")
     calls = {"widened": 0, "exact": 0}
-    real_refine, real_exact = refine.refine_l2, refine.exact_l2_search
+    real_refine, real_exact = refine.refine, refine.exact_search
 
-    def refuse_first(query_rows, docs, keys, indices, max_doc_norm, keep):  # type: ignore[no-untyped-def]
+    def refuse_first(query_rows, docs, keys, indices, max_doc_norm, keep, *args):  # type: ignore[no-untyped-def]
         calls["widened"] += keys.shape[1] > 26
-        distances, order, _ = real_refine(query_rows, docs, keys, indices, max_doc_norm, keep)
+        distances, order, _ = real_refine(query_rows, docs, keys, indices, max_doc_norm, keep, *args)
         return distances, order, torch.arange(query_rows.shape[0])  # certify nothing, ever
 
-    def exact(query_rows, docs, keep):  # type: ignore[no-untyped-def]
+    def exact(query_rows, docs, keep, *args):  # type: ignore[no-untyped-def]
         calls["exact"] += 1
-        return real_exact(query_rows, docs, keep)
+        return real_exact(query_rows, docs, keep, *args)
 
-    monkeypatch.setattr(engine, "refine_l2", refuse_first)
-    monkeypatch.setattr(engine, "exact_l2_search", exact)
+    monkeypatch.setattr(engine, "refine", refuse_first)
+    monkeypatch.setattr(engine, "exact_search", exact)
     scores, indices = search(queries, docs, 10, metric="l2", device="cpu")
     assert calls["widened"] >= 1 and calls["exact"] >= 1
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
@@ -75,15 +75,22 @@ def test_drop_self_by_index_not_by_position() -> None:
 
 
 @pytest.mark.skipif(not kernel_available(), reason="C kernel not built")
+@pytest.mark.parametrize("squared", [True, False])
 @pytest.mark.parametrize("dim", [1, 7, 8, 13, 384])
-def test_exact_distances_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch, dim) -> None:  # type: ignore[no-untyped-def]
+def test_exact_scores_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch, dim, squared) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(dim)
     queries, docs = torch.randn(6, dim, generator=generator), torch.randn(400, dim, generator=generator) * 5
     indices = torch.randint(400, (6, 50), generator=generator)
-    in_place = refine._exact_distances(queries, from_array(docs, "docs"), indices)
-    gathered = refine._exact_distances(queries, from_array(docs.double(), "docs"), indices)  # not a float32 table
+    in_place = refine._exact_scores(queries, from_array(docs, "docs"), indices, squared)
+    gathered = refine._exact_scores(queries, from_array(docs.double(), "docs"), indices, squared)  # not a float32 table
     monkeypatch.setattr(refine, "KERNEL", None)
-    fallback = refine._exact_distances(queries, from_array(docs, "docs"), indices)
+    fallback = refine._exact_scores(queries, from_array(docs, "docs"), indices, squared)
     assert torch.equal(in_place, gathered) and torch.equal(in_place, fallback)
-    exact = ((queries.double()[:, None, :] - docs.double()[indices]) ** 2).sum(dim=2)
-    assert torch.allclose(in_place, exact, rtol=1e-14, atol=0)
+    if squared:
+        exact = ((queries.double()[:, None, :] - docs.double()[indices]) ** 2).sum(dim=2)
+    else:
+        exact = (queries.double()[:, None, :] * docs.double()[indices]).sum(dim=2)
+    # Error relative to the sum of the terms' magnitudes (a dot product may cancel; a distance cannot).
+    magnitude = (queries.double()[:, None, :] - docs.double()[indices] if squared else
+                 queries.double()[:, None, :] * docs.double()[indices]).abs().sum(dim=2)  # fmt: skip
+    assert ((in_place - exact).abs() <= 1e-14 * magnitude ** (2 if squared else 1)).all()

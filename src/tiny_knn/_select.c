@@ -176,15 +176,24 @@ void tk_decode(const uint64_t *keys, int64_t n, float *scores, int64_t *indices)
     }
 }
 
-/* Exact squared distances for l2 re-scoring (refine.py): out[r * cands + c] = sum over i of
- * (double(doc[i]) - double(query_r[i]))^2, where doc is the row indices[r * cands + c] of the float32 rows at
- * `docs` (row_stride floats apart). The difference of two float32 values is exact in double and so, almost
- * always, is its square, so the only rounding is in the sum, relative to the distance itself.
- * The sum runs over TK_LANES interleaved accumulators (lane = i mod TK_LANES), combined as a fixed tree:
- * the same bits on every machine and thread count, and the order refine.py's numpy fallback follows. */
+/* Exact re-scoring of candidates (refine.py): for each query row r and candidate c, with doc = row
+ * indices[r * cands + c] of the float32 rows at `docs` (row_stride floats apart), out[r * cands + c] is
+ *   l2 (squared = 1): sum over i of (double(doc[i]) - double(query_r[i]))^2, or
+ *   ip (squared = 0): sum over i of double(doc[i]) * double(query_r[i]).
+ * Differences and products of float32 values are exact in double (almost always, for the squares), so the
+ * only rounding is in the sum. The sum runs over TK_LANES interleaved accumulators (lane = i mod TK_LANES)
+ * combined as a fixed tree: the same bits on every machine and thread count, and the order that
+ * refine.py's numpy fallback follows. */
 #define TK_LANES 8
-void tk_l2_exact(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride, int64_t dim,
-                 const int64_t *indices, int64_t rows, int64_t cands, double *out)
+static inline double tk_term(float doc, float query, int squared)
+{
+    double t = (double)doc - (double)query;
+    return squared ? t * t : (double)doc * (double)query;
+}
+
+static inline void tk_exact_rows(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride,
+                                 int64_t dim, const int64_t *indices, int64_t rows, int64_t cands, double *out,
+                                 int squared)
 {
     for (int64_t r = 0; r < rows; r++) {
         const float *query = queries + r * query_stride;
@@ -193,18 +202,21 @@ void tk_l2_exact(const float *docs, int64_t row_stride, const float *queries, in
             double acc[TK_LANES] = {0};
             int64_t i = 0;
             for (; i + TK_LANES <= dim; i += TK_LANES) {
-                for (int j = 0; j < TK_LANES; j++) {
-                    double t = (double)doc[i + j] - (double)query[i + j];
-                    acc[j] += t * t;
-                }
+                for (int j = 0; j < TK_LANES; j++) acc[j] += tk_term(doc[i + j], query[i + j], squared);
             }
-            for (; i < dim; i++) {
-                double t = (double)doc[i] - (double)query[i];
-                acc[i % TK_LANES] += t * t;
-            }
+            for (; i < dim; i++) acc[i % TK_LANES] += tk_term(doc[i], query[i], squared);
             out[r * cands + c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         }
     }
+}
+
+void tk_exact(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride, int64_t dim,
+              const int64_t *indices, int64_t rows, int64_t cands, double *out, int32_t squared)
+{
+    if (squared)
+        tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 1);
+    else
+        tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 0);
 }
 
 static struct PyModuleDef tk_module = {PyModuleDef_HEAD_INIT, "_select", "ctypes-loaded selection kernel", -1,

@@ -16,7 +16,7 @@ from . import distributed, engine, results
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
 from .errors import InvalidInputError, MemoryBudgetError
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
-from .plan import DEFAULT_K, INDEX_BYTES, SCORE_BYTES, Plan, default_budget_bytes, make_plan
+from .plan import DEFAULT_K, INDEX_BYTES, PRECISIONS, SCORE_BYTES, Plan, default_budget_bytes, make_plan
 from .sources import RowRange, Source, check_compatible, from_array, open_source
 from .topk import MAX_KERNEL_DOCS, kernel_available
 
@@ -40,6 +40,7 @@ def search(
     *,
     metric: str = DEFAULT_METRIC,
     exclude_self: bool = False,
+    precision: str = "exact",
     device: str | None = None,
     max_memory: int | None = None,
     batch_size: int | None = None,
@@ -59,6 +60,9 @@ def search(
         metric: "ip" (dot product, highest first), "cosine" (highest first) or "l2" (squared Euclidean
             distance, smallest first).
         exclude_self: queries and docs are the same rows (query i is doc i): leave each query's own row out.
+        precision: "exact" (the default: float32 products, for now on every device), "fp32", "bf16"
+            (products of rows rounded to bfloat16, every answer re-scored exactly and certified; ip and l2)
+            or "bf16-unsafe" (bfloat16 products returned as they are: fast on a GPU, not exact; ip, cosine).
         device: "cpu" or "cuda"; default CUDA when available.
         max_memory, batch_size, chunk_size, progress: as for `compute_topk`.
 
@@ -96,6 +100,7 @@ def search(
         chunk_size=chunk_size,
         metric=metric,
         exclude_self=exclude_self,
+        precision=precision,
     )
     scores, indices, _ = _run(query_source, doc_source, plan, progress)
     return scores, indices
@@ -119,6 +124,7 @@ def compute_topk(
     doc_ids: str | os.PathLike[str] | None = None,
     restart: bool = False,
     shard: str = "auto",
+    precision: str = "exact",
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -144,6 +150,7 @@ def compute_topk(
             parquet and TREC formats in place of row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
         shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
+        precision: "exact" (default), "fp32", "bf16" or "bf16-unsafe", as for `search`.
 
     A run of several query batches keeps a checkpoint beside the output (`OUT.checkpoint/`, see
     checkpoint.py): if it is interrupted, calling again with the same inputs and options resumes after the
@@ -181,6 +188,7 @@ def compute_topk(
         metric=metric,
         exclude_self=exclude_self,
         results_on_disk=True,
+        precision=precision,
     )
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
@@ -216,7 +224,7 @@ def compute_topk(
         "chunk_size": plan.doc_chunk_rows,
         "version": __version__,
         "metric": plan.metric,
-        "precision": "float32",
+        "precision": plan.precision,
         "exclude_self": plan.exclude_self,
         **ids,
     }
@@ -346,6 +354,7 @@ def _rank_plan(
         metric=like.metric,
         exclude_self=exclude_self,
         results_on_disk=True,
+        precision=like.precision,
     )
 
 
@@ -385,6 +394,7 @@ def prepare(
     metric: str = DEFAULT_METRIC,
     exclude_self: bool = False,
     results_on_disk: bool = False,
+    precision: str = "exact",
 ) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
     queries = open_source(q_path, "queries")
@@ -406,6 +416,7 @@ def prepare(
         metric=metric,
         exclude_self=exclude_self,
         results_on_disk=results_on_disk,
+        precision=precision,
     )
     return queries, docs, plan
 
@@ -437,6 +448,7 @@ def _plan(
     exclude_self: bool,
     selection: str = "auto",
     results_on_disk: bool = False,
+    precision: str = "exact",
 ) -> Plan:
     """Checks the options against both inputs, then plans."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -448,6 +460,7 @@ def _plan(
         check_metric(metric)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
+    precision = _check_precision(precision, metric)
     check_compatible(queries, docs)
     available = docs.rows - int(exclude_self)
     if exclude_self and available < 1:
@@ -478,9 +491,24 @@ def _plan(
             metric=metric,
             exclude_self=exclude_self,
             results_on_disk=results_on_disk,
+            precision=precision,
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None
+
+
+def _check_precision(precision: str, metric: str) -> str:
+    """The plan's precision for the requested one ("exact" is float32 products until the certified
+    bfloat16 path has been checked on a GPU); refuses combinations not built yet."""
+    chosen = "fp32" if precision == "exact" else precision
+    if chosen not in PRECISIONS:
+        raise InvalidInputError(f"precision={precision!r}: expected one of exact, {', '.join(PRECISIONS)}")
+    if (chosen, metric) in (("bf16", "cosine"), ("bf16-unsafe", "l2")):
+        raise InvalidInputError(
+            f"precision {chosen} with metric {metric} is not supported yet; "
+            + ("normalise the rows and use ip" if metric == "cosine" else "use precision bf16")
+        )
+    return chosen
 
 
 def _run(

@@ -135,6 +135,7 @@ def fingerprint(queries: Source, docs: Source, plan: Plan) -> dict[str, Any]:
         "k": plan.k,
         "metric": plan.metric,
         "exclude_self": plan.exclude_self,
+        "precision": plan.precision,
         "device": plan.device,
         "compute_dtype": str(plan.compute_dtype),
     }

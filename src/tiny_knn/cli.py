@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "l2: squared Euclidean distance, smallest first, re-scored exactly",
     )
     parser.add_argument(
+        "--precision",
+        choices=("exact", "fp32", "bf16", "bf16-unsafe"),
+        default="exact",
+        help="exact: float32 products (for now on every device); bf16: products of rows rounded to bfloat16, "
+        "every answer re-scored exactly and certified (ip, l2); bf16-unsafe: bfloat16 products as they are, "
+        "not exact (ip, cosine)",
+    )
+    parser.add_argument(
         "--exclude-self",
         action="store_true",
         help="QUERIES and DOCS are the same file: leave each query's own row out (by index, so duplicates stay)",
@@ -153,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc_ids=args.doc_ids,
                 restart=args.restart,
                 shard=args.shard,
+                precision=args.precision,
             )
         )
 
@@ -170,6 +179,7 @@ def _describe_plan(args: argparse.Namespace) -> str:
         metric=args.metric,
         exclude_self=args.exclude_self,
         results_on_disk=True,
+        precision=args.precision,
     )
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(

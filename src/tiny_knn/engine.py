@@ -15,9 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .checkpoint import MemoryStore
-from .metrics import prepare_docs, prepare_queries
-from .plan import COL_ALIGN, L2_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
-from .refine import drop_self, exact_l2_search, refine_l2
+from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
+from .plan import COL_ALIGN, REFINE_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
+from .refine import drop_self, exact_search, refine
 from .sources import Source
 from .topk import RunningTopK, make_running_topk
 
@@ -89,16 +89,17 @@ def _search_batch(
     host_queries = torch.zeros((round_up(rows, ROW_ALIGN), queries.dim), dtype=plan.compute_dtype)
     queries.read_into(batch_start, batch_stop, host_queries)
     prepare_queries(host_queries[:rows], plan.metric)
-    query_rows = host_queries.to(device)
+    multiplied = _multiplied_queries(host_queries, plan)
+    query_rows = multiplied.to(device)
     start_thresholds = _sampled_thresholds(query_rows, rows, docs, plan) if plan.threshold_sample_docs else None
-    running, max_offset = _search_rows(query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds)
+    running, largest_sq = _search_rows(query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds)
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
         # The sampled estimate was too high for these rows: search them again from scratch.
-        scores[uncertain], indices[uncertain] = _search_again(host_queries, uncertain, docs, plan, plan.candidates)
-    if plan.metric == "l2":
-        scores, indices = _refine_l2(host_queries[:rows], docs, plan, scores, indices, max_offset)
+        scores[uncertain], indices[uncertain] = _search_again(multiplied, uncertain, docs, plan, plan.candidates)
+    if plan.refined:
+        scores, indices = _refine(host_queries[:rows], multiplied, docs, plan, scores, indices, largest_sq)
     if docs.first_row:
         indices += docs.first_row  # a share of the docs: global doc numbers from here on
     if plan.exclude_self:
@@ -117,32 +118,45 @@ def _search_again(
     return running.result()
 
 
-def _refine_l2(
+def _multiplied_queries(host_queries: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The query rows as the matrix product sees them: rounded to bfloat16 in reduced precision."""
+    if plan.precision == "fp32":
+        return host_queries
+    rounded = host_queries.clone()
+    round_to_bfloat16(rounded.numpy())
+    return rounded
+
+
+def _refine(
     query_rows: torch.Tensor,
+    multiplied: torch.Tensor,
     docs: Source,
     plan: Plan,
     keys: torch.Tensor,
     indices: torch.Tensor,
-    max_offset: float,
+    largest_sq: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact distances for every row, nearest first, certified (refine.py). Rows that fail are searched
-    again with four times the candidates; rows that fail again get the exact streamed search."""
+    """Exact scores for every row, best first, certified (refine.py). Rows that fail are searched again
+    with four times the candidates; rows that fail again get the exact streamed search."""
     keep = plan.k + int(plan.exclude_self)
-    max_doc_norm = (2 * max_offset) ** 0.5
-    distances, indices, uncertain = refine_l2(query_rows, docs, keys, indices, max_doc_norm, keep)
-    distances, indices = distances[:, :keep], indices[:, :keep]
-    wide = min(docs.rows, L2_WIDENING * plan.candidates)
-    group = max(1, plan.query_batch_rows // L2_WIDENING)  # the batch's memory for selection state, no more
+    max_doc_norm = largest_sq**0.5
+    metric = "l2" if plan.metric == "l2" else "ip"
+    scores, indices, uncertain = refine(query_rows, docs, keys, indices, max_doc_norm, keep, metric, plan.precision)
+    scores, indices = scores[:, :keep], indices[:, :keep]
+    wide = min(docs.rows, REFINE_WIDENING * plan.candidates)
+    group = max(1, plan.query_batch_rows // REFINE_WIDENING)  # the batch's memory for selection state, no more
     failed = []
     for rows in torch.split(uncertain, group) if uncertain.numel() else ():
-        wide_keys, wide_indices = _search_again(query_rows, rows, docs, plan, wide)
-        redone, redone_indices, still = refine_l2(query_rows[rows], docs, wide_keys, wide_indices, max_doc_norm, keep)
-        distances[rows], indices[rows] = redone[:, :keep], redone_indices[:, :keep]
+        wide_keys, wide_indices = _search_again(multiplied, rows, docs, plan, wide)
+        redone, redone_indices, still = refine(
+            query_rows[rows], docs, wide_keys, wide_indices, max_doc_norm, keep, metric, plan.precision
+        )
+        scores[rows], indices[rows] = redone[:, :keep], redone_indices[:, :keep]
         failed.append(rows[still])
     uncertain = torch.cat(failed) if failed else uncertain
     if uncertain.numel():
-        distances[uncertain], indices[uncertain] = exact_l2_search(query_rows[uncertain], docs, keep)
-    return distances, indices
+        scores[uncertain], indices[uncertain] = exact_search(query_rows[uncertain], docs, keep, metric)
+    return scores, indices
 
 
 def _search_rows(
@@ -155,16 +169,15 @@ def _search_rows(
     start_thresholds: torch.Tensor | None,
 ) -> tuple[RunningTopK, float]:
     """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment), keeping
-    `candidates` per row. Also returns the largest key offset seen (l2: the largest ½‖d‖²; else 0)."""
+    `candidates` per row. Also returns the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
     tile_storage = torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
-    max_offset = 0.0
-    for first_doc, doc_count, chunk, offsets in _doc_chunks(docs, plan, device):
+    largest_sq = 0.0
+    for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
-        if offsets is not None:
-            max_offset = max(max_offset, float(offsets.max()))
+        largest_sq = max(largest_sq, chunk_largest_sq)
         for block_start in range(0, rows, plan.query_block_rows):
             block_rows = min(plan.query_block_rows, rows - block_start)
             padded_rows = round_up(block_rows, ROW_ALIGN)
@@ -173,7 +186,7 @@ def _search_rows(
             running.add(tile[:block_rows, :doc_count], block_start, first_doc)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
-    return running, max_offset
+    return running, largest_sq
 
 
 def _score(
@@ -194,7 +207,7 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
     positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
     sample_docs = torch.zeros((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
-    offsets = _prepared_offsets(sample_docs, sample, plan, query_rows.device)
+    offsets, _ = _prepared_offsets(sample_docs, sample, plan, query_rows.device)
     sample_docs_t = sample_docs.to(query_rows.device).T
     rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
     thresholds = torch.empty(rows, dtype=torch.float32)
@@ -207,22 +220,25 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
     return thresholds
 
 
-def _prepared_offsets(rows: torch.Tensor, count: int, plan: Plan, device: torch.device) -> torch.Tensor | None:
-    """Applies the metric to freshly read doc rows (the first `count`); returns their key offsets, padded
-    with zeros to the length of `rows`, on `device`."""
-    offsets = prepare_docs(rows[:count], plan.metric)
+def _prepared_offsets(
+    rows: torch.Tensor, count: int, plan: Plan, device: torch.device
+) -> tuple[torch.Tensor | None, float]:
+    """Applies the metric and precision to freshly read doc rows (the first `count`); returns their key
+    offsets, padded with zeros to the length of `rows`, on `device`, and their largest squared norm."""
+    offsets, largest_sq = prepare_docs(rows[:count], plan.metric, plan.precision)
     if offsets is None:
-        return None
+        return None, largest_sq
     padded = torch.zeros(rows.shape[0], dtype=torch.float32)
     padded[:count] = offsets
-    return padded.to(device)
+    return padded.to(device), largest_sq
 
 
-def _doc_chunks(
-    docs: Source, plan: Plan, device: torch.device
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-    """Yields (first_doc, doc_count, chunk, key offsets) with the next chunk already being read on another
-    thread.
+Chunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float]
+
+
+def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chunk]:
+    """Yields (first_doc, doc_count, chunk, key offsets, largest squared norm) with the next chunk already
+    being read on another thread.
 
     `chunk` holds doc_count rows followed by zero rows up to the alignment; it is reused two chunks later,
     so the caller must be done with it before asking for the next-but-one.
@@ -232,23 +248,23 @@ def _doc_chunks(
     buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pin) for _ in range(2)]
     starts = range(0, docs.rows, chunk_rows)
 
-    def read(index: int) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    def read(index: int) -> Chunk:
         start = starts[index]
         count = min(chunk_rows, docs.rows - start)
         buffer = buffers[index % 2]
         docs.read_into(start, start + count, buffer)
         buffer[count : round_up(count, COL_ALIGN)].numpy().fill(0)
-        offsets = _prepared_offsets(buffer[: round_up(count, COL_ALIGN)], count, plan, torch.device("cpu"))
-        return start, count, buffer, offsets
+        offsets, largest_sq = _prepared_offsets(buffer[: round_up(count, COL_ALIGN)], count, plan, torch.device("cpu"))
+        return start, count, buffer, offsets, largest_sq
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiny-knn-read") as reader:
-        pending: Future[tuple[int, int, torch.Tensor, torch.Tensor | None]] = reader.submit(read, 0)
+        pending: Future[Chunk] = reader.submit(read, 0)
         for index in range(len(starts)):
-            start, count, buffer, offsets = pending.result()
+            start, count, buffer, offsets, largest_sq = pending.result()
             if index + 1 < len(starts):
                 # The other buffer was last used by the previous chunk, whose tiles are fully scored.
                 pending = reader.submit(read, index + 1)
             if device.type != "cpu":
                 buffer = buffer.to(device)
                 offsets = None if offsets is None else offsets.to(device)
-            yield start, count, buffer, offsets
+            yield start, count, buffer, offsets, largest_sq

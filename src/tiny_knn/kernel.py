@@ -23,7 +23,7 @@ def _load() -> ctypes.CDLL | None:
         "tk_scan": (i64, [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64]),
         "tk_select_best": (None, [ptr, i64, ptr, i64, i64]),
         "tk_decode": (None, [ptr, i64, ptr, ptr]),
-        "tk_l2_exact": (None, [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr]),
+        "tk_exact": (None, [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int32]),
     }
     for name, (result, arguments) in signatures.items():
         function = getattr(lib, name)

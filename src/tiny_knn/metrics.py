@@ -33,19 +33,37 @@ def prepare_queries(rows: torch.Tensor, metric: str) -> None:
         _normalize(rows.numpy())
 
 
-def prepare_docs(rows: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """Makes freshly read float32 CPU doc rows ready to multiply; returns their key offsets, if any.
+def prepare_docs(rows: torch.Tensor, metric: str, precision: str = "fp32") -> tuple[torch.Tensor | None, float]:
+    """Makes freshly read float32 CPU doc rows ready to multiply; returns their key offsets, if any, and
+    the largest squared norm among them (0.0 when no refinement needs it).
 
     `cosine` scales each row to unit length in place; `l2` returns ½‖row‖² (float32), which the engine
-    subtracts from each doc's column of products. Row by row and in numpy (single-threaded, so it can run on
-    the read-ahead thread), hence the same bits whatever chunk a row arrives in.
+    subtracts from each doc's column of products. In reduced precision the rows are then rounded to
+    bfloat16 values in place (the offsets too are taken from the rounded rows: the key is the product of
+    rounded rows). Row by row and in numpy (single-threaded, so it can run on the read-ahead thread), hence
+    the same bits whatever chunk a row arrives in.
     """
+    values = rows.numpy()
     if metric == "cosine":
-        _normalize(rows.numpy())
-    elif metric == "l2":
-        values = rows.numpy()
-        return torch.from_numpy(np.einsum("ij,ij->i", values, values) * np.float32(0.5))
-    return None
+        _normalize(values)
+    largest = 0.0
+    if metric == "l2" or precision != "fp32":
+        squares = np.einsum("ij,ij->i", values, values)
+        largest = float(squares.max()) if squares.size else 0.0
+    if precision != "fp32":
+        round_to_bfloat16(values)
+    if metric == "l2":
+        squares = np.einsum("ij,ij->i", values, values) if precision != "fp32" else squares
+        return torch.from_numpy(squares * np.float32(0.5)), largest
+    return None, largest
+
+
+def round_to_bfloat16(values: np.ndarray) -> None:
+    """Rounds float32 values in place to the nearest bfloat16 (ties to even), kept as float32: what a
+    tensor core multiplies. Finite inputs only (rows are checked when read)."""
+    bits = values.view(np.uint32)
+    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    bits &= np.uint32(0xFFFF0000)
 
 
 def _normalize(values: np.ndarray) -> None:

@@ -32,7 +32,10 @@ THRESHOLD_SAMPLE_SIGMAS = 4.0
 L2_EXTRA_CANDIDATES_MIN = 16
 L2_EXTRA_CANDIDATES_FRACTION = 1 / 8
 REFINE_GATHER_BYTES = 16 * 2**20
-L2_WIDENING = 4  # rows not certified are searched again with this many times the candidates
+REFINE_WIDENING = 4  # rows not certified are searched again with this many times the candidates
+# --precision: fp32 (exact products), bf16 (keys from rows rounded to bfloat16, every answer re-scored
+# exactly and certified, see refine.py), bf16-unsafe (keys from rounded rows, returned as they are).
+PRECISIONS = ("fp32", "bf16", "bf16-unsafe")
 # Share of the free memory taken when the user sets no budget.
 DEFAULT_BUDGET_FRACTION = 0.6
 SCORE_BYTES = 4
@@ -94,6 +97,12 @@ class Plan:
     metric: str = "ip"  # see metrics.py
     exclude_self: bool = False  # drop each query's own row (doc index == query index)
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
+    precision: str = "fp32"  # see PRECISIONS
+
+    @property
+    def refined(self) -> bool:
+        """True when the candidates are re-scored exactly and certified (refine.py)."""
+        return self.metric == "l2" or self.precision == "bf16"
 
     @property
     def candidates(self) -> int:
@@ -126,7 +135,8 @@ class Plan:
             ),
             f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}, metric {self.metric}"
             + (", excluding each query's own row" if self.exclude_self else "")
-            + (f", {self.candidates} candidates per query re-scored" if self.metric == "l2" else ""),
+            + (f", precision {self.precision}" if self.precision != "fp32" else "")
+            + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
             f"rows, doc chunk {self.doc_chunk_rows} rows",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
@@ -156,11 +166,11 @@ def threshold_sample_rank(docs: int, k: int, sample: int) -> int:
     return max(1, min(sample, int(expected + THRESHOLD_SAMPLE_SIGMAS * expected**0.5) + 1))
 
 
-def search_candidates(k: int, docs: int, metric: str, exclude_self: bool) -> int:
-    """Candidates to keep per query so as to return k: one more to drop the query itself, and for l2 a
-    margin for rows whose keys are too close to tell apart."""
+def search_candidates(k: int, docs: int, metric: str, exclude_self: bool, precision: str = "fp32") -> int:
+    """Candidates to keep per query so as to return k: one more to drop the query itself, and where they
+    are re-scored (l2, bf16) a margin for rows whose keys are too close to tell apart."""
     wanted = k + int(exclude_self)
-    if metric == "l2":
+    if metric == "l2" or precision == "bf16":
         wanted += max(L2_EXTRA_CANDIDATES_MIN, int(wanted * L2_EXTRA_CANDIDATES_FRACTION))
     return min(docs, wanted)
 
@@ -211,6 +221,7 @@ def make_plan(
     metric: str = "ip",
     exclude_self: bool = False,
     results_on_disk: bool = False,
+    precision: str = "fp32",
 ) -> Plan:
     """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
 
@@ -220,7 +231,7 @@ def make_plan(
     if exclude_self and docs < 2:
         raise ValueError("excluding each query's own row needs at least 2 docs")
     k = min(k, docs - int(exclude_self))
-    candidates = search_candidates(k, docs, metric, exclude_self)
+    candidates = search_candidates(k, docs, metric, exclude_self, precision)
     cuda = device == "cuda"
     block = min(CUDA_QUERY_BLOCK_ROWS if cuda else CPU_QUERY_BLOCK_ROWS, round_up(queries, ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
@@ -240,7 +251,7 @@ def make_plan(
             selection=selection,
             docs=docs,
             candidates=candidates,
-            refine=metric == "l2",
+            refine=metric == "l2" or precision == "bf16",
             results_on_disk=results_on_disk,
         )
 
@@ -282,6 +293,7 @@ def make_plan(
         metric=metric,
         exclude_self=exclude_self,
         search_k=candidates,
+        precision=precision,
     )
 
 

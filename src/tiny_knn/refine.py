@@ -7,7 +7,10 @@
   *certified*: every doc left out had a key no higher than the last candidate's, so with a rigorous bound
   on the key's rounding error, none of them can be nearer than the k-th answer. Rows that fail are
   searched again with more candidates (see engine.py), and rows that still fail (data far from the
-  origin, where the bound is loose) get `exact_l2_search`: every doc's exact distance, streamed.
+  origin, where the bound is loose) get `exact_search`: every doc's exact score, streamed.
+- `--precision bf16`: the keys come from rows rounded to bfloat16, so every score is re-scored exactly
+  (q·d in float64, rounded once to float32) and certified the same way, with the bound widened by the
+  rounding of the rows.
 - `exclude_self`: each query's own row (doc index == query index) is dropped by index, not by position,
   from k + 1 candidates; if it is not among them, the last one is dropped.
 """
@@ -24,101 +27,126 @@ from .plan import REFINE_GATHER_BYTES
 from .sources import ArraySource, Source
 from .topk import SortMergeTopK
 
-UNIT_ROUNDOFF_FLOAT32 = 2.0**-24
-LANES = 8  # partial sums of an exact distance, as in _select.c's tk_l2_exact
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
+LANES = 8  # partial sums of an exact score, as in _select.c's tk_exact
 
 
-def key_error_bound(query_norms: torch.Tensor, max_doc_norm: float, dim: int) -> torch.Tensor:
+def key_error_bound(
+    query_norms: torch.Tensor, max_doc_norm: float, dim: int, metric: str = "l2", precision: str = "fp32"
+) -> torch.Tensor:
     """Per query, a bound on |computed key − exact key| for every doc (float64).
 
     The dot product of dim float32 terms, in any order and with or without FMA, is within γ_dim·‖q‖‖d‖ of
-    the exact value (Higham, Accuracy and Stability of Numerical Algorithms, §3.1); ½‖d‖² is within
-    γ_dim·½‖d‖²; the subtraction adds one more rounding. Doubled for the rounding of the norms themselves.
+    the exact value (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). In bf16, rounding the
+    rows first moves q·d by at most (2u + u²)‖q‖‖d‖ (u = 2^-8), and the float32 sum of the rounded rows'
+    products (exact in float32) adds γ_dim·(1 + u)²‖q‖‖d‖. For l2, ½‖d‖² carries the same relative errors,
+    and the subtraction one more rounding. Doubled for the rounding of the norms themselves.
     """
-    gamma = (dim + 2) * UNIT_ROUNDOFF_FLOAT32 / (1 - (dim + 2) * UNIT_ROUNDOFF_FLOAT32)
+    gamma = (dim + 2) * UNIT_ROUNDOFF["fp32"] / (1 - (dim + 2) * UNIT_ROUNDOFF["fp32"])
+    rounding = 0.0
+    if precision != "fp32":
+        unit = UNIT_ROUNDOFF["bf16"]
+        rounding, gamma = 2 * unit + unit**2, gamma * (1 + unit) ** 2
     q = query_norms.to(torch.float64)
-    return 2 * gamma * (q * max_doc_norm + 0.5 * max_doc_norm**2)
+    offset = 0.5 * max_doc_norm**2 if metric == "l2" else 0.0
+    return 2 * (rounding + gamma) * (q * max_doc_norm + offset)
 
 
-def refine_l2(
+def refine(
     query_rows: torch.Tensor,
     docs: Source,
     keys: torch.Tensor,
     indices: torch.Tensor,
     max_doc_norm: float,
     keep: int,
+    metric: str = "l2",
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact distances for the candidates, ordered nearest first, and the rows not certified.
+    """Exact scores for the candidates, best first, and the rows not certified.
 
     Args:
-        query_rows: (rows, dim) float32 queries.
+        query_rows: (rows, dim) float32 queries, as given (not rounded).
         keys, indices: (rows, c) search keys (best first) and doc indices of each row's c candidates.
         max_doc_norm: the largest ‖d‖ over all docs (an upper bound).
-        keep: answers needed per row; the keep-th nearest candidate is the one certified.
+        keep: answers needed per row; the keep-th best candidate is the one certified.
+        metric: "l2" (exact squared distances, nearest first) or "ip" (exact dot products, highest first).
+        precision: how the keys were computed ("fp32", or "bf16": from rows rounded to bfloat16).
 
     Returns:
-        (distances float32 (rows, c), indices int64 (rows, c), uncertain rows int64 (n,)).
+        (scores float32 (rows, c), indices int64 (rows, c), uncertain rows int64 (n,)).
     """
     rows, candidates = indices.shape
-    distances = torch.empty((rows, candidates), dtype=torch.float64)
+    exact = torch.empty((rows, candidates), dtype=torch.float64)
     # The C kernel reads a float32 array's rows in place; otherwise candidates are gathered, a few rows at a time.
     in_place = KERNEL is not None and _is_table(docs)
     step = rows if in_place else max(1, REFINE_GATHER_BYTES // max(1, candidates * docs.dim * 4))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        distances[start:stop] = _exact_distances(query_rows[start:stop], docs, indices[start:stop])
-    # Rank by the float32 distance that is returned, ties by ascending index (the one tie rule).
-    rounded = distances.to(torch.float32)
+        exact[start:stop] = _exact_scores(query_rows[start:stop], docs, indices[start:stop], metric == "l2")
+    # Rank by the float32 score that is returned, ties by ascending index (the one tie rule).
+    nearest_first = metric == "l2"
+    rounded = exact.to(torch.float32)
     by_index = torch.argsort(indices, dim=1, stable=True)
-    by_distance = torch.argsort(torch.gather(rounded, 1, by_index), dim=1, stable=True)
-    order = torch.gather(by_index, 1, by_distance)
-    ordered_distances = torch.gather(distances, 1, order)
+    by_score = torch.argsort(torch.gather(rounded, 1, by_index), dim=1, descending=not nearest_first, stable=True)
+    order = torch.gather(by_index, 1, by_score)
+    ordered = torch.gather(exact, 1, order)
     ordered_indices = torch.gather(indices, 1, order)
     if candidates >= docs.rows:
-        return ordered_distances.to(torch.float32), ordered_indices, torch.empty(0, dtype=torch.int64)
-    # A doc left out had key <= the lowest candidate key, so exact key <= that + bound, and its exact
-    # distance ‖q‖² − 2·key >= the floor below. Strictly nearer than the floor: certified, with a float32
-    # ulp to spare so that no left-out doc can round to the same float32 distance.
+        return ordered.to(torch.float32), ordered_indices, torch.empty(0, dtype=torch.int64)
+    # A doc left out had key <= the lowest candidate key, so its exact key is <= that + bound. Certified
+    # when the keep-th answer is strictly better than anything a left-out doc can reach, with a float32 ulp
+    # to spare so that no left-out doc can round to the same float32 score.
     query_wide = query_rows.to(torch.float64)
     query_sq = (query_wide * query_wide).sum(dim=1)
-    bound = key_error_bound(query_sq.sqrt(), max_doc_norm, docs.dim)
-    floor = query_sq - 2 * (keys[:, -1].to(torch.float64) + bound)
-    kth = ordered_distances[:, keep - 1]
-    uncertain = torch.nonzero(~(kth * (1 + 2.0**-22) < floor)).flatten()
-    return ordered_distances.to(torch.float32), ordered_indices, uncertain
+    bound = key_error_bound(query_sq.sqrt(), max_doc_norm, docs.dim, metric, precision)
+    ceiling = keys[:, -1].to(torch.float64) + bound
+    kth = ordered[:, keep - 1]
+    if nearest_first:  # exact key = (‖q‖² − distance) / 2
+        certified = kth * (1 + 2.0**-22) < query_sq - 2 * ceiling
+    else:
+        certified = kth - kth.abs() * 2.0**-22 - 1e-30 > ceiling
+    return ordered.to(torch.float32), ordered_indices, torch.nonzero(~certified).flatten()
 
 
-def exact_l2_search(query_rows: torch.Tensor, docs: Source, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `keep` nearest docs of each query row by exact distance, streaming every doc: slow, but exact for
-    any data and bounded in memory. Returns (distances float32, indices int64), nearest first."""
+def exact_search(
+    query_rows: torch.Tensor, docs: Source, keep: int, metric: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` best docs of each query row by exact score, streaming every doc: slow, but exact for any
+    data and bounded in memory. Returns (scores float32, indices int64), best first."""
     rows, dim = query_rows.shape
     chunk = max(64, REFINE_GATHER_BYTES // (24 * dim * rows))
     running = SortMergeTopK(rows, keep)
+    sign = -1.0 if metric == "l2" else 1.0  # the running top-k keeps the highest: nearest = highest −distance
     for start in range(0, docs.rows, chunk):
         count = min(chunk, docs.rows - start)
         window = torch.arange(start, start + count, dtype=torch.int64).expand(rows, count)
-        exact = _exact_distances(query_rows, docs, window).to(torch.float32)
-        running.add(0 - exact, 0, start)  # nearest first = highest key first
-    negated, indices = running.result()
-    return 0 - negated, indices
+        exact = _exact_scores(query_rows, docs, window, metric == "l2").to(torch.float32)
+        running.add(sign * exact + 0.0, 0, start)
+    signed, indices = running.result()
+    return sign * signed + 0.0, indices
 
 
-def _exact_distances(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor) -> torch.Tensor:
-    """‖q − d‖² in float64 for each (query row, candidate index) pair, summed in LANES interleaved partial
-    sums combined as a fixed tree (as the C kernel does), so every path gives the same bits."""
+def _exact_scores(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor, squared: bool) -> torch.Tensor:
+    """‖q − d‖² (squared) or q·d in float64 for each (query row, candidate index) pair, summed in LANES
+    interleaved partial sums combined as a fixed tree (as the C kernel does), so every path gives the same
+    bits."""
     table, positions = _row_table(docs, indices)
     queries = query_rows.to(torch.float32).contiguous()
     rows, candidates = indices.shape
     out = torch.empty((rows, candidates), dtype=torch.float64)
     if KERNEL is None:
         gathered = table.numpy()[positions.numpy()]  # (rows, c, dim)
-        difference = np.subtract(gathered, queries.numpy()[:, None, :], dtype=np.float64)
-        out.numpy()[...] = _lane_sums(difference * difference)
+        if squared:
+            difference = np.subtract(gathered, queries.numpy()[:, None, :], dtype=np.float64)
+            terms = difference * difference
+        else:
+            terms = np.multiply(gathered, queries.numpy()[:, None, :], dtype=np.float64)
+        out.numpy()[...] = _lane_sums(terms)
         return out
     dim = queries.shape[1]
 
     def run(lo: int, hi: int) -> None:
-        KERNEL.tk_l2_exact(
+        KERNEL.tk_exact(
             table.data_ptr(),
             table.stride(0),
             queries.data_ptr() + lo * dim * 4,
@@ -128,6 +156,7 @@ def _exact_distances(query_rows: torch.Tensor, docs: Source, indices: torch.Tens
             hi - lo,
             candidates,
             out.data_ptr() + lo * candidates * 8,
+            int(squared),
         )
 
     threads = max(1, min(torch.get_num_threads(), rows))
@@ -156,11 +185,11 @@ def _is_table(docs: Source) -> bool:
     return isinstance(docs, ArraySource) and docs.tensor.dtype == torch.float32 and docs.tensor.stride(1) == 1
 
 
-def _lane_sums(squares: np.ndarray) -> np.ndarray:
+def _lane_sums(terms: np.ndarray) -> np.ndarray:
     """Sums the last axis as the C kernel does: lane i % LANES, lanes in order, then a fixed tree."""
-    dim = squares.shape[-1]
-    padded = np.zeros((*squares.shape[:-1], -(-dim // LANES) * LANES), dtype=np.float64)
-    padded[..., :dim] = squares
+    dim = terms.shape[-1]
+    padded = np.zeros((*terms.shape[:-1], -(-dim // LANES) * LANES), dtype=np.float64)
+    padded[..., :dim] = terms
     acc = padded[..., :LANES].copy()
     for start in range(LANES, padded.shape[-1], LANES):
         acc += padded[..., start : start + LANES]
