@@ -32,6 +32,10 @@ THRESHOLD_SAMPLE_SIGMAS = 4.0
 L2_EXTRA_CANDIDATES_MIN = 16
 L2_EXTRA_CANDIDATES_FRACTION = 1 / 8
 REFINE_GATHER_BYTES = 16 * 2**20
+# Measured at 4,096 x 200,000 x 384: at k=10, 95% of rows failed certification with 16 extra candidates, none
+# with 96; at k=1000 every row needs more than 500 (and is widened; benchmarks/RESULTS.md).
+BF16_EXTRA_CANDIDATES_MIN = 96
+BF16_EXTRA_CANDIDATES_FRACTION = 1 / 8
 REFINE_WIDENING = 4  # rows not certified are searched again with this many times the candidates
 # --precision: fp32 (exact products), bf16 (keys from rows rounded to bfloat16, every answer re-scored
 # exactly and certified, see refine.py), bf16-unsafe (keys from rounded rows, returned as they are).
@@ -170,7 +174,9 @@ def search_candidates(k: int, docs: int, metric: str, exclude_self: bool, precis
     """Candidates to keep per query so as to return k: one more to drop the query itself, and where they
     are re-scored (l2, bf16) a margin for rows whose keys are too close to tell apart."""
     wanted = k + int(exclude_self)
-    if metric == "l2" or precision == "bf16":
+    if precision == "bf16":  # bfloat16's error bound is wide: a wider margin saves a second pass
+        wanted += max(BF16_EXTRA_CANDIDATES_MIN, int(wanted * BF16_EXTRA_CANDIDATES_FRACTION))
+    elif metric == "l2":
         wanted += max(L2_EXTRA_CANDIDATES_MIN, int(wanted * L2_EXTRA_CANDIDATES_FRACTION))
     return min(docs, wanted)
 
