@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .api import TinyKnnWarning, __version__, compute_topk, prepare
 from .errors import TinyKnnError
@@ -148,39 +149,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.queries,
                 args.docs,
                 k=args.k,
-                force_cpu=args.cpu,
                 out_path=args.output_path,
-                max_memory=args.max_memory,
-                batch_size=args.batch_size,
-                chunk_size=args.chunk_size,
                 progress=not args.quiet,
-                metric=args.metric,
-                exclude_self=args.exclude_self,
                 output_format=args.format,
                 query_ids=args.query_ids,
                 doc_ids=args.doc_ids,
                 restart=args.restart,
                 shard=args.shard,
-                precision=args.precision,
+                **_plan_options(args),
             )
         )
 
 
+def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that shape the plan, as both compute_topk and prepare take them."""
+    return {
+        "force_cpu": args.cpu,
+        "max_memory": args.max_memory,
+        "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size,
+        "metric": args.metric,
+        "exclude_self": args.exclude_self,
+        "precision": args.precision,
+    }
+
+
 def _describe_plan(args: argparse.Namespace) -> str:
     """The plan as text, without searching."""
-    queries, docs, plan = prepare(
-        args.queries,
-        args.docs,
-        args.k,
-        force_cpu=args.cpu,
-        max_memory=args.max_memory,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        metric=args.metric,
-        exclude_self=args.exclude_self,
-        results_on_disk=True,
-        precision=args.precision,
-    )
+    queries, docs, plan = prepare(args.queries, args.docs, args.k, results_on_disk=True, **_plan_options(args))
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(
         [
