@@ -118,10 +118,10 @@ def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatc
     generator = torch.Generator().manual_seed(5)
     queries, docs = torch.randn(50, 16, generator=generator), torch.randn(7000, 16, generator=generator)
     paths = pair(queries, docs)
-    queries_source, docs_source, plan = prepare(*paths, 700, force_cpu=True, selection="threshold")
+    queries_source, docs_source, plan = prepare(*paths, 1000, force_cpu=True, selection="threshold")
     assert plan.threshold_sample_docs > 0
     scores, indices, _ = engine.search(queries_source, docs_source, plan)
-    reference = run(*paths, 700, selection="sort")
+    reference = run(*paths, 1000, selection="sort")
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
 
 

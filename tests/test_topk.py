@@ -88,3 +88,28 @@ def test_make_running_topk_choices() -> None:
         make_running_topk(2, 3, cpu, 2**32, "threshold")
     with pytest.raises(ValueError, match="unknown selection"):
         make_running_topk(2, 3, cpu, 100, "heap")
+
+
+@pytest.mark.parametrize(("rows", "block_rows", "threads"), [(100, 16, 2), (37, 32, 2), (300, 64, 3), (20, 256, 1)])
+def test_scoring_inside_the_selector_equals_offering_whole_tiles(rows: int, block_rows: int, threads: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    k, dim, doc_count, padded_docs = 25, 12, 50, 64
+    queries = torch.zeros(-(-rows // 16) * 16, dim)  # zero-padded to the row alignment, as the engine does
+    queries[:rows] = torch.randint(-2, 3, (rows, dim), generator=generator).float()  # many ties
+    chunks = [torch.zeros(padded_docs, dim) for _ in range(4)]
+    for chunk in chunks:
+        chunk[:doc_count] = torch.randint(-2, 3, (doc_count, dim), generator=generator).float()
+    fused, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
+    asked = []
+    for number, chunk in enumerate(chunks):
+
+        def score(lo: int, hi: int, out: torch.Tensor, chunk: torch.Tensor = chunk) -> None:
+            asked.append((lo, hi))
+            torch.mm(queries[lo:hi], chunk.T, out=out)
+
+        fused.add_products(score, number * doc_count, doc_count, padded_docs, block_rows)
+        reference.add((queries[:rows] @ chunk.T)[:, :doc_count], 0, number * doc_count)
+    assert all(lo % 16 == 0 and (hi - lo) % 16 == 0 and hi - lo <= block_rows for lo, hi in asked)
+    assert sorted(set(asked))[-1][1] == queries.shape[0]  # every row scored, padding included
+    for got, expected in zip(fused.result(), reference.result(), strict=True):
+        assert torch.equal(got, expected)

@@ -492,6 +492,7 @@ def _plan(
             exclude_self=exclude_self,
             results_on_disk=results_on_disk,
             precision=precision,
+            threads=torch.get_num_threads(),
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None

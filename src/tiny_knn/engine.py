@@ -1,6 +1,9 @@
 """Searching: the streaming loop. For each batch of queries, stream the docs in chunks, score each
 (query block x doc chunk) tile with one matrix product, and offer the tile to the running top-k.
 
+On the CPU, with the threshold selector, the selector's threads do the products too: each multiplies its own
+query rows by the chunk, a block at a time, and scans the block's tile while it is still in cache.
+
 A background thread reads the next doc chunk from disk (page cache) while the current one is scored.
 Tiles are padded to the plan's alignment so that every score is computed by the same kind of product
 whatever the block sizes (see plan.py). The engine knows nothing of file formats: a Source hands it rows.
@@ -9,6 +12,7 @@ whatever the block sizes (see plan.py). The engine knows nothing of file formats
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,8 +22,8 @@ from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
 from .plan import COL_ALIGN, REFINE_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
 from .refine import drop_self, exact_search, refine
-from .sources import Source
-from .topk import RunningTopK, make_running_topk
+from .sources import Source, from_array
+from .topk import RunningTopK, ThresholdTopK, make_running_topk
 
 ProgressCallback = Callable[[int], None]
 
@@ -172,18 +176,25 @@ def _search_rows(
     `candidates` per row. Also returns the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
-    tile_storage = torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
+    fused = isinstance(running, ThresholdTopK)  # products and selection together, on the selector's threads
+    tile_storage = None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, device=device)
     largest_sq = 0.0
     for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
         largest_sq = max(largest_sq, chunk_largest_sq)
-        for block_start in range(0, rows, plan.query_block_rows):
-            block_rows = min(plan.query_block_rows, rows - block_start)
-            padded_rows = round_up(block_rows, ROW_ALIGN)
-            tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
-            _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
-            running.add(tile[:block_rows, :doc_count], block_start, first_doc)
+        if fused:
+            assert isinstance(running, ThresholdTopK)
+            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets)
+            running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows)
+        else:
+            assert tile_storage is not None
+            for block_start in range(0, rows, plan.query_block_rows):
+                block_rows = min(plan.query_block_rows, rows - block_start)
+                padded_rows = round_up(block_rows, ROW_ALIGN)
+                tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
+                _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
+                running.add(tile[:block_rows, :doc_count], block_start, first_doc)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
     return running, largest_sq
@@ -198,26 +209,31 @@ def _score(
         out.sub_(offsets)
 
 
+def _score_rows(
+    query_rows: torch.Tensor,
+    doc_rows_t: torch.Tensor,
+    offsets: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    out: torch.Tensor,
+) -> None:
+    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows)."""
+    _score(query_rows[lo:hi], doc_rows_t, offsets, out)
+
+
 def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
-    """Per query, a key that probably at least `candidates` docs beat: a high rank within a strided sample.
+    """Per query, a key that probably at least `candidates` docs beat: a high rank within a strided sample,
+    found by the same search as the real one, over the sampled docs.
 
     Only an estimate: the selector certifies each row afterwards (see ThresholdTopK).
     """
     sample = plan.threshold_sample_docs
     positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
-    sample_docs = torch.zeros((sample, docs.dim), dtype=plan.compute_dtype)
+    sample_docs = torch.empty((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
-    offsets, _ = _prepared_offsets(sample_docs, sample, plan, query_rows.device)
-    sample_docs_t = sample_docs.to(query_rows.device).T
     rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
-    thresholds = torch.empty(rows, dtype=torch.float32)
-    for block_start in range(0, rows, plan.query_block_rows):
-        block_rows = min(plan.query_block_rows, rows - block_start)
-        padded_rows = round_up(block_rows, ROW_ALIGN)
-        scores = torch.empty((padded_rows, sample), dtype=torch.float32, device=query_rows.device)
-        _score(query_rows[block_start : block_start + padded_rows], sample_docs_t, offsets, scores)
-        thresholds[block_start : block_start + block_rows] = scores[:block_rows].topk(rank, dim=1).values[:, -1].cpu()
-    return thresholds
+    running, _ = _search_rows(query_rows, rows, from_array(sample_docs, "docs sample"), plan, rank, None, None)
+    return running.result()[0][:, -1]
 
 
 def _prepared_offsets(

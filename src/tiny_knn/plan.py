@@ -18,14 +18,20 @@ ROW_ALIGN = 16
 COL_ALIGN = 64
 # Tile shapes at the matrix-product floor on a 2-core AVX2 machine (benchmarks/RESULTS.md).
 CPU_QUERY_BLOCK_ROWS = 4096
+# With the threshold selector, every thread multiplies its own blocks of this many rows (single-threaded
+# products at the same rate) and scans each tile while it is still in cache (2 MiB at 1024 docs; 256 and
+# 1024 rows measured within 2%).
+CPU_THREAD_BLOCK_ROWS = 512
 CPU_DOC_CHUNK_ROWS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 32768
 # Sampled starting threshold (threshold selection only): score each query against a strided sample of
 # the docs and start from a score that, with high probability, at least k docs beat. Used only where the
-# expected rank of the k-th best doc within the sample is large enough for the estimate to be tight.
+# expected rank of the k-th best doc within the sample is large enough for the estimate to be tight and
+# the saving to outweigh the sample's cost: measured at 4096 x 200,000 (benchmarks/RESULTS.md), expected rank
+# 10 (k=1000) cost 0.05-0.15 s more than it saved, rank 20 (k=2000) saved 0.2 s.
 THRESHOLD_SAMPLE_FRACTION = 0.01
-THRESHOLD_SAMPLE_MIN_RANK = 10.0
+THRESHOLD_SAMPLE_MIN_RANK = 16.0
 THRESHOLD_SAMPLE_SIGMAS = 4.0
 # l2 keeps a few more candidates than it returns, so that most rows are certified at once (refine.py),
 # and re-scores them in gathers of about this many bytes of doc rows.
@@ -194,6 +200,7 @@ def estimate_bytes(
     candidates: int | None = None,
     refine: bool = False,
     results_on_disk: bool = False,
+    threads: int = 1,
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
     for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings)."""
@@ -203,7 +210,7 @@ def estimate_bytes(
     if refine:
         state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
     doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
-    tile = block_rows * chunk_rows * SCORE_BYTES
+    tile = block_rows * chunk_rows * SCORE_BYTES * (threads if selection == "threshold" else 1)  # a tile per thread
     if selection == "sort":  # the tile's sorted copy and the merge's temporaries
         tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
@@ -228,6 +235,7 @@ def make_plan(
     exclude_self: bool = False,
     results_on_disk: bool = False,
     precision: str = "fp32",
+    threads: int = 1,
 ) -> Plan:
     """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
 
@@ -239,7 +247,11 @@ def make_plan(
     k = min(k, docs - int(exclude_self))
     candidates = search_candidates(k, docs, metric, exclude_self, precision)
     cuda = device == "cuda"
-    block = min(CUDA_QUERY_BLOCK_ROWS if cuda else CPU_QUERY_BLOCK_ROWS, round_up(queries, ROW_ALIGN))
+    if cuda:
+        block = CUDA_QUERY_BLOCK_ROWS
+    else:
+        block = CPU_THREAD_BLOCK_ROWS if selection == "threshold" else CPU_QUERY_BLOCK_ROWS
+    block = min(block, round_up(queries, ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
     chunk = min(chunk, round_up(docs, COL_ALIGN))
     if batch_rows:
@@ -259,6 +271,7 @@ def make_plan(
             candidates=candidates,
             refine=metric == "l2" or precision == "bf16",
             results_on_disk=results_on_disk,
+            threads=threads,
         )
 
     while True:

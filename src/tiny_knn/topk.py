@@ -12,12 +12,14 @@ the fast path is tested against, bit for bit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .kernel import KERNEL, kernel_available
+from .plan import ROW_ALIGN, round_up
 
 __all__ = ["MAX_KERNEL_DOCS", "RunningTopK", "SortMergeTopK", "ThresholdTopK", "kernel_available", "make_running_topk"]
 
@@ -25,6 +27,10 @@ __all__ = ["MAX_KERNEL_DOCS", "RunningTopK", "SortMergeTopK", "ThresholdTopK", "
 FINALIZE_ROWS = 256
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
+
+
+# score(lo, hi, out): writes the scores of (padded) query rows lo..hi against the current doc chunk into out.
+ScoreRows = Callable[[int, int, torch.Tensor], None]
 
 
 def pool_capacity(k: int) -> int:
@@ -80,51 +86,85 @@ class ThresholdTopK(RunningTopK):
             self._thresholds.copy_(self._start_thresholds)
         self._uncertain = torch.empty(0, dtype=torch.int64)
         self._threads = max(1, threads or torch.get_num_threads())
-        self._executor = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
+        # Each worker runs single-threaded matrix products (add_products), so that together they share the
+        # cores the way one multi-threaded product would.
+        self._executor = (
+            ThreadPoolExecutor(self._threads, initializer=torch.set_num_threads, initargs=(1,))
+            if self._threads > 1
+            else None
+        )
+        self._tiles: list[torch.Tensor] = []
 
     def _row_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
-        parts = min(self._threads, max(1, (stop - start) // 16))
-        step = -(-(stop - start) // parts)
+        """One range of rows per thread, each starting at a multiple of ROW_ALIGN."""
+        parts = min(self._threads, max(1, (stop - start) // ROW_ALIGN))
+        step = round_up(-(-(stop - start) // parts), ROW_ALIGN)
         return [(lo, min(lo + step, stop)) for lo in range(start, stop, step)]
 
     def _run(self, fn, ranges: list[tuple[int, int]]) -> list[int]:  # type: ignore[no-untyped-def]
         if self._executor is None or len(ranges) == 1:
-            return [fn(lo, hi) for lo, hi in ranges]
-        return list(self._executor.map(lambda r: fn(*r), ranges))
+            return [fn(part, lo, hi) for part, (lo, hi) in enumerate(ranges)]
+        return list(self._executor.map(lambda args: fn(*args), [(part, *r) for part, r in enumerate(ranges)]))
+
+    def _scan(self, scores: torch.Tensor, row_start: int, rows: int, cols: int, first_doc: int) -> int:
+        """Scans rows 0..rows, cols 0..cols of `scores` (contiguous rows) as the selector's rows row_start..."""
+        return int(
+            self._lib.tk_scan(
+                scores.data_ptr(),
+                scores.stride(0),
+                rows,
+                cols,
+                first_doc,
+                self._thresholds.data_ptr() + row_start * 4,
+                self._pools.data_ptr() + row_start * self.capacity * 8,
+                self.capacity,
+                self._fills.data_ptr() + row_start * 4,
+                self.k,
+            )
+        )
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
         if scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.device.type != "cpu":
             raise ValueError("ThresholdTopK takes CPU float32 tiles with contiguous rows")
         rows, cols = scores.shape
-        row_stride = scores.stride(0)
-        base = scores.data_ptr()
-        pools, fills, thresholds = self._pools, self._fills, self._thresholds
 
-        def scan(lo: int, hi: int) -> int:
-            r = row_start + lo
-            return int(
-                self._lib.tk_scan(
-                    base + lo * row_stride * 4,
-                    row_stride,
-                    hi - lo,
-                    cols,
-                    first_doc,
-                    thresholds.data_ptr() + r * 4,
-                    pools.data_ptr() + r * self.capacity * 8,
-                    self.capacity,
-                    fills.data_ptr() + r * 4,
-                    self.k,
-                )
-            )
+        def scan(_part: int, lo: int, hi: int) -> int:
+            return self._scan(scores[lo:hi], row_start + lo, hi - lo, cols, first_doc)
 
         self.survivors += sum(self._run(scan, self._row_ranges(0, rows)))
+
+    def add_products(self, score: ScoreRows, first_doc: int, doc_count: int, padded_docs: int, block_rows: int) -> None:
+        """Scores all rows against a doc chunk and selects, each tile scanned while it is still in cache.
+
+        Each thread takes its own rows, `block_rows` (a multiple of ROW_ALIGN) at a time: `score(lo, hi,
+        tile)` writes padded query rows lo..hi against the chunk's `padded_docs` (padded) docs into a tile
+        of the thread's own, which is scanned at once, its first `doc_count` columns being real docs.
+        Compared with one product over all rows and then a scan, the scores never travel to memory and back.
+        """
+
+        def work(part: int, lo: int, hi: int) -> int:
+            if self._tiles[part].numel() < block_rows * padded_docs:
+                self._tiles[part] = torch.empty(block_rows * padded_docs, dtype=torch.float32)
+            survivors = 0
+            for start in range(lo, hi, block_rows):
+                stop = min(start + block_rows, hi)
+                padded = round_up(stop - start, ROW_ALIGN)
+                tile = self._tiles[part][: padded * padded_docs].view(padded, padded_docs)
+                score(start, start + padded, tile)
+                survivors += self._scan(tile, start, stop - start, doc_count, first_doc)
+            return survivors
+
+        ranges = self._row_ranges(0, self.rows)
+        while len(self._tiles) < len(ranges):  # grown here, not by racing threads
+            self._tiles.append(torch.empty(0, dtype=torch.float32))
+        self.survivors += sum(self._run(work, ranges))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.empty((self.rows, self.k), dtype=torch.float32)
         indices = torch.empty((self.rows, self.k), dtype=torch.int64)
         keys = self._pools.numpy().view(np.uint64)
 
-        def finalize(lo: int, hi: int) -> int:
+        def finalize(_part: int, lo: int, hi: int) -> int:
             self._lib.tk_select_best(
                 self._pools.data_ptr() + lo * self.capacity * 8,
                 self.capacity,
