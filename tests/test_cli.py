@@ -199,3 +199,19 @@ def test_dry_run_names_the_metric(pair, capsys) -> None:  # type: ignore[no-unty
     assert main([d_path, d_path, "--k", "5", "--cpu", "--dry-run", "--metric", "l2", "--exclude-self"]) == 0
     text = capsys.readouterr().out
     assert "metric l2, excluding each query's own row, 22 candidates per query re-scored" in text
+
+
+def test_the_console_script_is_installed_and_runs(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from importlib.metadata import entry_points
+
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "tiny-knn"]
+    assert script.value == "tiny_knn.cli:console_main"
+    q_path, d_path = pair(torch.randn(3, 8), torch.randn(20, 8))
+    out = str(tmp_path / "script.pt")
+    finished = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "tiny-knn"), q_path, d_path, "--k", "4", "--quiet",
+         "--output-path", out],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == out and torch.load(out)["indices"].shape == (3, 4)
