@@ -56,6 +56,17 @@ def test_two_ranks_give_the_bytes_of_one_process(files, shard, queries, options)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("shard", ["docs", "queries"])
+def test_rank_0_shows_the_progress_of_the_whole_job(files, shard) -> None:  # type: ignore[no-untyped-def]
+    # 37 queries in batches of 10 against 1001 docs: 4 passes, 4,004 docs scored in all, about half by rank 0.
+    done = run_two_ranks([str(files / "q.pt"), str(files / "d.pt"), "--k", "5", "--cpu", "--batch-size", "10",
+                          "--shard", shard, "--output-path", str(files / f"progress-{shard}.pt")])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bars = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.startswith("tiny-knn:")]
+    assert bars and "4.00k/4.00k" in bars[-1], bars[-3:]
+
+
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_quickly(files) -> None:  # type: ignore[no-untyped-def]
     docs = torch.load(files / "d.pt")
     docs[900, 3] = float("nan")  # in rank 1's share of the docs

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import distributed, engine, results
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
@@ -24,6 +27,8 @@ __version__ = "0.3.0"
 
 # Progress notes (resuming, where an interrupted run's work is kept); the CLI prints them on stderr.
 log = logging.getLogger("tiny_knn")
+# Seconds between two readings of a torchrun job's progress on rank 0.
+PROGRESS_POLL_S = 0.5
 
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
@@ -251,11 +256,16 @@ def _search_alone(
 
 
 def _run_keeping(
-    queries: Source, docs: Source, plan: Plan, progress: bool, store: MemoryStore | None
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    progress: bool,
+    store: MemoryStore | None,
+    shared: distributed.JobProgress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """_run, saying where the finished rows are kept if it is interrupted."""
     try:
-        return _run(queries, docs, plan, progress, store)
+        return _run(queries, docs, plan, progress, store, shared)
     except BaseException:
         kept = store.store if isinstance(store, distributed.MergingStore) else store
         if isinstance(kept, Checkpoint) and kept.done_rows < queries.rows:
@@ -278,8 +288,29 @@ def _search_together(
     shard: str,
     sizes: tuple[int | None, int | None, int | None],
 ) -> Found | None:
-    """One rank of a torchrun job (see distributed.py). Returns the whole result on rank 0, else None."""
+    """One rank of a torchrun job (see distributed.py). Returns the whole result on rank 0, else None.
+
+    With progress on, every rank counts the docs it scores in the job's store and rank 0 shows the total;
+    where the store cannot be reached, rank 0 shows its own share."""
     distributed.join(job, plan.device)
+    shared = distributed.JobProgress.connect() if progress else None
+    with _job_progress_bar(shared if job.leader else None):
+        return _search_share(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared)
+
+
+def _search_share(
+    job: distributed.Job,
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    target: str,
+    fmt: str,
+    restart: bool,
+    progress: bool,
+    shard: str,
+    sizes: tuple[int | None, int | None, int | None],
+    shared: distributed.JobProgress | None,
+) -> Found | None:
     mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
     if mode == "docs":
         if docs.rows < job.world:
@@ -306,7 +337,7 @@ def _search_together(
             exclude_self=plan.exclude_self,
             device=plan.device,
         )
-        _run_keeping(queries, my_docs, mine, progress and job.leader, merging)
+        _run_keeping(queries, my_docs, mine, progress and job.leader, merging, shared)
         if store is None:
             return None
         return store.scores, store.indices, plan, store.remove if isinstance(store, Checkpoint) else _nothing
@@ -315,7 +346,7 @@ def _search_together(
     mine = _rank_plan(my_queries, docs, plan.k, plan, plan.exclude_self, sizes)
     rank_target = f"{target}.rank{job.rank}of{job.world}"
     own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, count_output=False)
-    scores, indices, _ = _run_keeping(my_queries, docs, mine, progress and job.leader, own)
+    scores, indices, _ = _run_keeping(my_queries, docs, mine, progress and job.leader, own, shared)
     folder = distributed.assembly_folder(target) if job.leader else ""
     collected = distributed.collect_rows(job, scores, indices, queries.rows, folder, plan.device)
 
@@ -513,17 +544,55 @@ def _check_precision(precision: str, metric: str) -> str:
 
 
 def _run(
-    queries: Source, docs: Source, plan: Plan, progress: bool, store: MemoryStore | None = None
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    progress: bool,
+    store: MemoryStore | None = None,
+    shared: distributed.JobProgress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
+    """engine.search, with a progress bar or, in a torchrun job, progress counted for the whole job (`shared`)."""
+    done = 0 if store is None else store.done_rows
+    total = docs.rows * -(-(queries.rows - done) // plan.query_batch_rows)
+    if shared is not None:
+        shared.expect(total)
+        return engine.search(queries, docs, plan, on_docs_scored=shared.scored, store=store)
     if not progress:
         return engine.search(queries, docs, plan, store=store)
-    from tqdm import tqdm
+    with _progress_bar(total) as bar:
+        return engine.search(queries, docs, plan, on_docs_scored=bar.update, store=store)
 
-    done = 0 if store is None else store.done_rows
-    passes = -(-(queries.rows - done) // plan.query_batch_rows)
-    with tqdm(total=docs.rows * passes, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True) as bar:
 
-        def advance(doc_count: int) -> None:
-            bar.update(doc_count)
+def _progress_bar(total: int) -> tqdm:
+    return tqdm(total=total, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True)
 
-        return engine.search(queries, docs, plan, on_docs_scored=advance, store=store)
+
+@contextlib.contextmanager
+def _job_progress_bar(shared: distributed.JobProgress | None) -> Iterator[None]:
+    """On rank 0 of a torchrun job: a bar that follows the docs scored by every rank, read from the job's
+    store every PROGRESS_POLL_S seconds on a thread of its own (rank 0 may be busy merging or waiting)."""
+    reader = distributed.JobProgress.connect() if shared is not None else None
+    if reader is None:
+        yield
+        return
+    stop = threading.Event()
+    with _progress_bar(0) as bar:
+
+        def show() -> None:
+            scored, expected = reader.read()
+            bar.total, bar.n = expected, scored
+            bar.refresh()
+
+        def follow() -> None:
+            with contextlib.suppress(RuntimeError):  # the store went away: the job is ending anyway
+                while not stop.wait(PROGRESS_POLL_S):
+                    show()
+                show()
+
+        thread = threading.Thread(target=follow, name="tiny-knn-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()

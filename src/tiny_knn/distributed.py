@@ -43,6 +43,8 @@ DEFAULT_TIMEOUT_S = 600
 # per query, one thread, benchmarks/RESULTS.md), against reading docs from the page cache or a fast disk.
 MERGE_S_PER_CANDIDATE = 1.1e-7
 READ_BYTES_PER_S = 1e10
+# Seconds to reach the job's key-value store for whole-job progress.
+PROGRESS_TIMEOUT_S = 30
 # Rows per message when rank 0 collects a query-sharded result.
 COLLECT_ROWS = 4096
 
@@ -81,6 +83,44 @@ def join(job: Job, device: str) -> None:
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class JobProgress:
+    """Docs scored by every rank, counted in the job's key-value store (the TCPStore at MASTER_ADDR:MASTER_PORT
+    that torchrun's rendezvous runs), so that rank 0 can show the progress of the whole job.
+
+    Each rank says how many docs it will score (`expect`) and reports them as it goes (`scored`); `read`
+    returns (scored, expected) over all ranks so far. Every instance has its own connection.
+    """
+
+    def __init__(self) -> None:
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        client = dist.TCPStore(  # type: ignore[attr-defined]
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=PROGRESS_TIMEOUT_S),
+        )
+        self._store = dist.PrefixStore(  # type: ignore[attr-defined]
+            f"tiny_knn/progress/{attempt}/", client
+        )
+
+    @classmethod
+    def connect(cls) -> JobProgress | None:
+        """A connection to the job's store, or None when there is none to reach (progress stays per rank)."""
+        try:
+            return cls()
+        except (KeyError, ValueError, RuntimeError):
+            return None
+
+    def expect(self, docs: int) -> None:
+        self._store.add("expected", docs)
+
+    def scored(self, docs: int) -> None:
+        self._store.add("scored", docs)
+
+    def read(self) -> tuple[int, int]:
+        return self._store.add("scored", 0), self._store.add("expected", 0)
 
 
 def share(rows: int, job: Job) -> tuple[int, int]:
