@@ -210,7 +210,12 @@ def compute_topk(
     else:
         sizes = (max_memory, batch_size, chunk_size)
         try:
-            found = _search_together(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes)
+            distributed.join(job, plan.device)
+            # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
+            # store cannot be reached, its own share).
+            shared = distributed.JobProgress.connect() if progress else None
+            with _job_progress_bar(shared if job.leader else None):
+                found = _search_together(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared)
         finally:
             if job is not None and not job.leader:
                 distributed.leave()
@@ -287,30 +292,10 @@ def _search_together(
     progress: bool,
     shard: str,
     sizes: tuple[int | None, int | None, int | None],
-) -> Found | None:
-    """One rank of a torchrun job (see distributed.py). Returns the whole result on rank 0, else None.
-
-    With progress on, every rank counts the docs it scores in the job's store and rank 0 shows the total;
-    where the store cannot be reached, rank 0 shows its own share."""
-    distributed.join(job, plan.device)
-    shared = distributed.JobProgress.connect() if progress else None
-    with _job_progress_bar(shared if job.leader else None):
-        return _search_share(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared)
-
-
-def _search_share(
-    job: distributed.Job,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    target: str,
-    fmt: str,
-    restart: bool,
-    progress: bool,
-    shard: str,
-    sizes: tuple[int | None, int | None, int | None],
     shared: distributed.JobProgress | None,
 ) -> Found | None:
+    """One rank of a torchrun job (see distributed.py), joined already. Returns the whole result on rank 0,
+    else None. With `shared`, the docs this rank scores are counted for the whole job's progress."""
     mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
     if mode == "docs":
         if docs.rows < job.world:
