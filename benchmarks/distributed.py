@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py                  # 4,096 x 200,000 x 384 float32 (bench.py's default), k=100
     python benchmarks/distributed.py --quick          # 1,024 x 20,000 x 128
+    python benchmarks/distributed.py --docs 1000000   # any size: --queries, --docs, --dim
 
 Every run has 1 thread per process (OMP_NUM_THREADS=1, as torchrun sets by default), so 2 ranks use the
 2 cores that 1 process leaves half idle: the figure is the parallel efficiency of the split, not a
@@ -60,13 +61,17 @@ def merge_costs(k: int, worlds: Sequence[int], queries: int = 256) -> dict[int, 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--queries", type=int, help=f"queries (default {DEFAULT['queries']})")
+    parser.add_argument("--docs", type=int, help=f"docs (default {DEFAULT['docs']})")
+    parser.add_argument("--dim", type=int, help=f"dimension (default {DEFAULT['dim']})")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "distributed.json")
     )
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else DEFAULT
+    size = dict(QUICK if args.quick else DEFAULT)
+    size.update({name: getattr(args, name) for name in size if getattr(args, name) is not None})
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="tiny-knn-dist-") as folder:
         q_path, d_path = write_data(folder, size["queries"], size["docs"], size["dim"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,3 +116,28 @@ def test_scoring_inside_the_selector_equals_offering_whole_tiles(rows: int, bloc
     assert sorted(set(asked))[-1][1] == queries.shape[0]  # every row scored, padding included
     for got, expected in zip(fused.result(), reference.result(), strict=True):
         assert torch.equal(got, expected)
+
+
+SCAN_CHECK = """
+import torch
+from tiny_knn.topk import SortMergeTopK, ThresholdTopK
+generator = torch.Generator().manual_seed(3)
+fast, reference = ThresholdTopK(40, 30, threads=1), SortMergeTopK(40, 30)
+for number in range(12):
+    tile = torch.randint(-4, 5, (40, 203), generator=generator).float()  # ties, and a ragged tail of 11 columns
+    for selector in (fast, reference):
+        selector.add(tile, 0, number * 203)
+for got, expected in zip(fast.result(), reference.result()):
+    assert torch.equal(got, expected)
+"""
+
+
+@pytest.mark.parametrize("simd", ["default", "without AVX2"])
+def test_both_scan_paths_of_the_kernel_select_the_same(simd: str) -> None:
+    # The kernel picks its AVX2 scan at run time where the CPU has it; TINY_KNN_NO_AVX2 forces the SSE2 one.
+    environment = dict(os.environ)
+    environment.pop("TINY_KNN_NO_AVX2", None)
+    if simd != "default":
+        environment["TINY_KNN_NO_AVX2"] = "1"
+    done = subprocess.run([sys.executable, "-c", SCAN_CHECK], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

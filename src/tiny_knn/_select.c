@@ -3,8 +3,8 @@
  * Each query row owns a pool of packed 64-bit keys (score descending, then doc index ascending), so the
  * k best candidates are simply the k smallest keys. A score tile is scanned once against the row's
  * threshold (a score the k-th best so far is at least as good as); only survivors are appended, and a
- * full pool is compacted back to about k keys around a sampled pivot. Selection cost is therefore one vectorised compare per score plus
- * O(1) amortised work per survivor, instead of a top-k over every score.
+ * full pool is compacted back to about k keys around a sampled pivot. Selection cost is therefore one
+ * vectorised compare per score plus O(1) amortised work per survivor, instead of a top-k over every score.
  *
  * Precondition: for a given row, tiles arrive in ascending doc order. Then a new score equal to the
  * threshold always loses the tie to the key that set it (its index is larger), so a strict ">" is exact.
@@ -21,6 +21,10 @@
 #if defined(__SSE2__) || defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #define TK_HAVE_SSE2 1
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TK_HAVE_AVX2 1 /* compiled per function (target attribute), chosen at run time */
 #endif
 
 static inline uint64_t tk_key(float score, uint32_t doc)
@@ -118,43 +122,94 @@ static inline float tk_push(uint64_t *pool, int64_t capacity, int32_t *fill, int
     return threshold;
 }
 
-/* Scans rows [0, rows) of a score tile. Returns the number of survivors appended. */
+/* Pushes every score of row[j..cols) above the threshold. Returns the survivors. */
+static inline int64_t tk_scan_tail(const float *row, int64_t j, int64_t cols, int64_t first_doc, float *threshold,
+                                   uint64_t *pool, int64_t capacity, int32_t *fill, int64_t k)
+{
+    int64_t survivors = 0;
+    for (; j < cols; j++) {
+        float score = row[j];
+        if (score > *threshold) {
+            *threshold = tk_push(pool, capacity, fill, k, *threshold, score, (uint32_t)(first_doc + j));
+            survivors++;
+        }
+    }
+    return survivors;
+}
+
+/* Pushes the scores of row[j + bit] for each set bit of mask that still beat the threshold. */
+static inline int64_t tk_scan_mask(const float *row, int64_t j, unsigned mask, int64_t first_doc, float *threshold,
+                                   uint64_t *pool, int64_t capacity, int32_t *fill, int64_t k)
+{
+    int64_t survivors = 0;
+    while (mask) {
+        int bit = __builtin_ctz(mask);
+        mask &= mask - 1;
+        float score = row[j + bit];
+        if (score > *threshold) {
+            *threshold = tk_push(pool, capacity, fill, k, *threshold, score, (uint32_t)(first_doc + j + bit));
+            survivors++;
+        }
+    }
+    return survivors;
+}
+
+/* Scans one row of a tile (SSE2, 8 scores per step where available). Returns the survivors. */
+static int64_t tk_scan_row(const float *row, int64_t cols, int64_t first_doc, float *threshold, uint64_t *pool,
+                           int64_t capacity, int32_t *fill, int64_t k)
+{
+    int64_t survivors = 0, j = 0;
+#ifdef TK_HAVE_SSE2
+    for (; j + 8 <= cols; j += 8) {
+        __m128 t = _mm_set1_ps(*threshold);
+        unsigned mask = (unsigned)(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j), t)) |
+                                   (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j + 4), t)) << 4));
+        if (mask) survivors += tk_scan_mask(row, j, mask, first_doc, threshold, pool, capacity, fill, k);
+    }
+#endif
+    return survivors + tk_scan_tail(row, j, cols, first_doc, threshold, pool, capacity, fill, k);
+}
+
+#ifdef TK_HAVE_AVX2
+/* The same, 32 scores per step: once the threshold is high, almost every step is 4 compares and a test. */
+__attribute__((target("avx2"))) static int64_t tk_scan_row_avx2(const float *row, int64_t cols, int64_t first_doc,
+                                                                 float *threshold, uint64_t *pool, int64_t capacity,
+                                                                 int32_t *fill, int64_t k)
+{
+    int64_t survivors = 0, j = 0;
+    for (; j + 32 <= cols; j += 32) {
+        __m256 t = _mm256_set1_ps(*threshold);
+        __m256 a = _mm256_cmp_ps(_mm256_loadu_ps(row + j), t, _CMP_GT_OQ);
+        __m256 b = _mm256_cmp_ps(_mm256_loadu_ps(row + j + 8), t, _CMP_GT_OQ);
+        __m256 c = _mm256_cmp_ps(_mm256_loadu_ps(row + j + 16), t, _CMP_GT_OQ);
+        __m256 d = _mm256_cmp_ps(_mm256_loadu_ps(row + j + 24), t, _CMP_GT_OQ);
+        __m256 any = _mm256_or_ps(_mm256_or_ps(a, b), _mm256_or_ps(c, d));
+        if (_mm256_testz_ps(any, any)) continue;
+        unsigned mask = (unsigned)_mm256_movemask_ps(a) | ((unsigned)_mm256_movemask_ps(b) << 8) |
+                        ((unsigned)_mm256_movemask_ps(c) << 16) | ((unsigned)_mm256_movemask_ps(d) << 24);
+        survivors += tk_scan_mask(row, j, mask, first_doc, threshold, pool, capacity, fill, k);
+    }
+    return survivors + tk_scan_tail(row, j, cols, first_doc, threshold, pool, capacity, fill, k);
+}
+#endif
+
+typedef int64_t (*tk_row_scanner)(const float *, int64_t, int64_t, float *, uint64_t *, int64_t, int32_t *, int64_t);
+
+/* Scans rows [0, rows) of a score tile. Returns the number of survivors appended. Uses the AVX2 scan where
+ * the CPU has it; both push the same scores in the same order, so results do not depend on the CPU. */
 int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t cols, int64_t first_doc,
                 float *thresholds, uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k)
 {
+    tk_row_scanner scan_row = tk_scan_row;
+#ifdef TK_HAVE_AVX2
+    static int avx2 = -1; /* TINY_KNN_NO_AVX2 (tests) forces the SSE2 scan */
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") && !getenv("TINY_KNN_NO_AVX2");
+    if (avx2) scan_row = tk_scan_row_avx2;
+#endif
     int64_t survivors = 0;
     for (int64_t r = 0; r < rows; r++) {
-        const float *row = scores + r * row_stride;
-        uint64_t *pool = pools + r * capacity;
-        int32_t fill = fills[r];
-        float threshold = thresholds[r];
-        int64_t j = 0;
-#ifdef TK_HAVE_SSE2
-        for (; j + 8 <= cols; j += 8) {
-            __m128 t = _mm_set1_ps(threshold);
-            int mask = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j), t)) |
-                       (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j + 4), t)) << 4);
-            while (mask) {
-                int bit = __builtin_ctz((unsigned)mask);
-                mask &= mask - 1;
-                float score = row[j + bit];
-                if (score > threshold) {
-                    threshold = tk_push(pool, capacity, &fill, k, threshold, score,
-                                        (uint32_t)(first_doc + j + bit));
-                    survivors++;
-                }
-            }
-        }
-#endif
-        for (; j < cols; j++) {
-            float score = row[j];
-            if (score > threshold) {
-                threshold = tk_push(pool, capacity, &fill, k, threshold, score, (uint32_t)(first_doc + j));
-                survivors++;
-            }
-        }
-        fills[r] = fill;
-        thresholds[r] = threshold;
+        survivors += scan_row(scores + r * row_stride, cols, first_doc, &thresholds[r], pools + r * capacity,
+                              capacity, &fills[r], k);
     }
     return survivors;
 }
