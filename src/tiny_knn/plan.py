@@ -27,12 +27,12 @@ CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 32768
 # Sampled starting threshold (threshold selection only): score each query against a strided sample of
 # the docs and start from a score that, with high probability, at least k docs beat. Used only where the
-# expected rank of the k-th best doc within the sample is large enough for the estimate to be tight and
-# the saving to outweigh the sample's cost: measured at 4096 x 200,000 (benchmarks/RESULTS.md), expected rank
-# 10 (k=1000) cost 0.05-0.15 s more than it saved, rank 20 (k=2000) saved 0.2 s.
+# expected rank of the k-th best doc within the sample is large enough for the estimate to be tight. A row
+# whose estimate was too high needs a second pass over the docs, which costs about as much as the sample
+# saves: at 4 deviations about one row in 4,096 needed it at k=1000; at 6, none (benchmarks/RESULTS.md).
 THRESHOLD_SAMPLE_FRACTION = 0.01
-THRESHOLD_SAMPLE_MIN_RANK = 16.0
-THRESHOLD_SAMPLE_SIGMAS = 4.0
+THRESHOLD_SAMPLE_MIN_RANK = 10.0
+THRESHOLD_SAMPLE_SIGMAS = 6.0
 # l2 keeps a few more candidates than it returns, so that most rows are certified at once (refine.py),
 # and re-scores them in gathers of about this many bytes of doc rows.
 L2_EXTRA_CANDIDATES_MIN = 16
