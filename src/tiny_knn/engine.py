@@ -177,7 +177,9 @@ def _search_rows(
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
     fused = isinstance(running, ThresholdTopK)  # products and selection together, on the selector's threads
-    tile_storage = None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, device=device)
+    tile_storage = (
+        None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
+    )
     largest_sq = 0.0
     for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
