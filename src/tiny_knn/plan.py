@@ -148,7 +148,7 @@ class Plan:
             + (f", precision {self.precision}" if self.precision != "fp32" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
-            f"rows, doc chunk {self.doc_chunk_rows} rows",
+            f"rows{' per thread' if self.selection == 'threshold' else ''}, doc chunk {self.doc_chunk_rows} rows",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
 
