@@ -251,12 +251,14 @@ def make_plan(
         block = CUDA_QUERY_BLOCK_ROWS
     else:
         block = CPU_THREAD_BLOCK_ROWS if selection == "threshold" else CPU_QUERY_BLOCK_ROWS
-    block = min(block, round_up(queries, ROW_ALIGN))
+    # The threshold selector's threads each multiply their own share of the rows.
+    sharing = threads if selection == "threshold" and not cuda else 1
+    block = min(block, round_up(-(-queries // sharing), ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
     chunk = min(chunk, round_up(docs, COL_ALIGN))
     if batch_rows:
         batch_rows = min(batch_rows, queries)
-        block = min(block, round_up(batch_rows, ROW_ALIGN))
+        block = min(block, round_up(-(-batch_rows // sharing), ROW_ALIGN))
 
     def cost(batch: int, block: int, chunk: int) -> int:
         return estimate_bytes(
@@ -294,7 +296,7 @@ def make_plan(
         block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
         if not chunk_rows:
             chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
-    block = min(block, round_up(batch, ROW_ALIGN))
+    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
     return Plan(
         device=device,
         compute_dtype=torch.float32,
