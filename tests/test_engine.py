@@ -17,6 +17,13 @@ from tiny_knn.topk import kernel_available
 SELECTIONS = ["threshold", "sort"] if kernel_available() else ["sort"]
 
 
+@pytest.fixture(autouse=True, params=["threads multiply their own rows", "one product per block"])
+def product_split(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every test runs both ways the threshold selector's products can be split (plan.fuse_products): the
+    small inputs here would otherwise always take the second."""
+    monkeypatch.setattr(plan_module, "FUSED_MIN_ROWS_PER_THREAD", 1 if request.param.startswith("threads") else 10**9)
+
+
 def run(q_path: str, d_path: str, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
     queries, docs, plan = prepare(q_path, d_path, k, force_cpu=True, **options)
     scores, indices, _ = engine.search(queries, docs, plan)

@@ -90,3 +90,15 @@ def test_threshold_sample_only_where_the_estimate_is_tight() -> None:
     assert threshold_sample_docs(200_000, 2000, "sort") == 0
     rank = threshold_sample_rank(200_000, 2000, 2048)
     assert 20 < rank < 2048  # past the expected rank (20.5), with margin
+
+
+def test_threads_multiply_their_own_rows_only_when_each_has_enough() -> None:
+    many = make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="threshold",
+                     threads=8)  # fmt: skip
+    assert many.fused and many.query_block_rows == 512  # 4096 / 8 = 512 rows per thread
+    few = make_plan(queries=64, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="threshold",
+                    threads=8)  # fmt: skip
+    assert not few.fused and few.query_block_rows == 64  # 8 rows a thread is too few: one product on 8 threads
+    assert "per thread" in many.describe()[2] and "per thread" not in few.describe()[2]
+    assert not make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="sort",
+                         threads=8).fused  # fmt: skip

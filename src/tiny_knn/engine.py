@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
-from .plan import COL_ALIGN, REFINE_WIDENING, ROW_ALIGN, Plan, round_up, threshold_sample_rank
+from .plan import COL_ALIGN, REFINE_WIDENING, ROW_ALIGN, Plan, fuse_products, round_up, threshold_sample_rank
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
@@ -176,7 +176,8 @@ def _search_rows(
     `candidates` per row. Also returns the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
-    fused = isinstance(running, ThresholdTopK)  # products and selection together, on the selector's threads
+    # Products and selection together, on the selector's threads, when each thread has rows enough.
+    fused = isinstance(running, ThresholdTopK) and fuse_products(rows, running.threads)
     tile_storage = (
         None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
     )

@@ -22,6 +22,10 @@ CPU_QUERY_BLOCK_ROWS = 4096
 # products at the same rate) and scans each tile while it is still in cache (2 MiB at 1024 docs; 256 and
 # 1024 rows measured within 2%).
 CPU_THREAD_BLOCK_ROWS = 512
+# ... but only when every thread gets at least this many rows of the batch. With fewer, one product on all
+# threads covers the batch: per-thread blocks would leave cores idle. On 2 threads, per-thread blocks of
+# 16 and 32 rows still beat one product for the batch by 15-25% (benchmarks/RESULTS.md).
+FUSED_MIN_ROWS_PER_THREAD = ROW_ALIGN
 CPU_DOC_CHUNK_ROWS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 32768
@@ -108,6 +112,7 @@ class Plan:
     exclude_self: bool = False  # drop each query's own row (doc index == query index)
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
     precision: str = "fp32"  # see PRECISIONS
+    fused: bool = False  # CPU: each selector thread multiplies its own rows, query_block_rows at a time
 
     @property
     def refined(self) -> bool:
@@ -148,9 +153,15 @@ class Plan:
             + (f", precision {self.precision}" if self.precision != "fp32" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
-            f"rows{' per thread' if self.selection == 'threshold' else ''}, doc chunk {self.doc_chunk_rows} rows",
+            f"rows{' per thread' if self.fused else ''}, doc chunk {self.doc_chunk_rows} rows",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
+
+
+def fuse_products(rows: int, threads: int) -> bool:
+    """Whether the threshold selector's threads each multiply their own share of `rows` queries (and scan
+    their tiles at once), rather than one product on all threads per block (see topk.ThresholdTopK)."""
+    return threads <= 1 or rows >= threads * FUSED_MIN_ROWS_PER_THREAD
 
 
 def selection_state_bytes(k: int, selection: str) -> int:
@@ -251,8 +262,9 @@ def make_plan(
         block = CUDA_QUERY_BLOCK_ROWS
     else:
         block = CPU_THREAD_BLOCK_ROWS if selection == "threshold" else CPU_QUERY_BLOCK_ROWS
-    # The threshold selector's threads each multiply their own share of the rows.
-    sharing = threads if selection == "threshold" and not cuda else 1
+    # The threshold selector's threads each multiply their own share of the rows (see fuse_products).
+    per_thread = selection == "threshold" and not cuda
+    sharing = threads if per_thread else 1
     block = min(block, round_up(-(-queries // sharing), ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
     chunk = min(chunk, round_up(docs, COL_ALIGN))
@@ -296,7 +308,11 @@ def make_plan(
         block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
         if not chunk_rows:
             chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
-    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
+    fused = per_thread and fuse_products(batch, threads)
+    if per_thread and not fused:
+        block = min(block * threads, round_up(batch, ROW_ALIGN))  # one product for the batch, within the estimate
+    else:
+        block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
     return Plan(
         device=device,
         compute_dtype=torch.float32,
@@ -315,6 +331,7 @@ def make_plan(
         exclude_self=exclude_self,
         search_k=candidates,
         precision=precision,
+        fused=fused,
     )
 
 

@@ -95,6 +95,10 @@ class ThresholdTopK(RunningTopK):
         )
         self._tiles: list[torch.Tensor] = []
 
+    @property
+    def threads(self) -> int:
+        return self._threads
+
     def _row_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
         """One range of rows per thread, each starting at a multiple of ROW_ALIGN."""
         parts = min(self._threads, max(1, (stop - start) // ROW_ALIGN))
