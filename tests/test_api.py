@@ -148,3 +148,11 @@ def test_search_in_memory_takes_tensors_arrays_and_paths(pair) -> None:  # type:
 def test_search_refuses_bad_arguments(queries, options, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidInputError, match=message):
         tiny_knn.search(queries, torch.zeros(9, 3), 2, **options)
+
+
+def test_the_installed_version_is_the_package_version() -> None:
+    from importlib.metadata import version
+
+    import tiny_knn
+
+    assert version("tiny-knn") == tiny_knn.__version__
