@@ -5,7 +5,7 @@
 
 Each `--set MODULE.NAME=V1,V2,...` names a constant of a tiny_knn module and the values to try; with several
 `--set`, every combination runs. Within each repeat the variants run in turn for each k, and each run is
-preceded by the floor: a loop of 4096-row x 1024-doc products over the same data, so that the ratio
+preceded by the floor: bench.py's loop of 4096-row x 1024-doc products over the same data, so that the ratio
 compares like with like on a VM whose speed drifts. Prints, per k and variant, the median seconds and the
 median ratio to the adjacent floor, and how many rows needed a second pass (sampled threshold too high).
 Data: bench.py's generator, written to --out once (default 4096 x 200,000 x 384).
@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from bench import write_data
+from bench import floor_times, write_data
 
 from tiny_knn import compute_topk, topk
+
+FLOOR_SHAPE = (4096, 1024)  # query rows x doc rows per product, one of bench.py's floor shapes
 
 
 def parse_setting(text: str) -> tuple[Any, str, list[Any]]:
@@ -37,18 +39,6 @@ def parse_setting(text: str) -> tuple[Any, str, list[Any]]:
         raise SystemExit(f"--set {text}: tiny_knn.{module_name} has no {name}")
     kind = type(getattr(module, name))
     return module, name, [kind(value) for value in values.split(",")]
-
-
-def floor_seconds(queries: torch.Tensor, docs: torch.Tensor) -> float:
-    """The products alone, 4096 x 1024 tiles, scaled to all the docs."""
-    tile = torch.empty(min(4096, queries.shape[0]), 1024)
-    started = time.perf_counter()
-    whole = docs.shape[0] // 1024 * 1024
-    for block in range(0, queries.shape[0], 4096):
-        rows = queries[block : block + 4096]
-        for start in range(0, whole, 1024):
-            torch.mm(rows, docs[start : start + 1024].T, out=tile[: rows.shape[0]])
-    return (time.perf_counter() - started) * docs.shape[0] / whole
 
 
 def main(argv: Sequence[str]) -> int:
@@ -67,7 +57,6 @@ def main(argv: Sequence[str]) -> int:
     )
     os.makedirs(args.out, exist_ok=True)
     q_path, d_path = write_data(args.out, args.queries, args.docs, args.dim)
-    queries, docs = torch.load(q_path), torch.load(d_path)
     redone = [0]
     original_result = topk.ThresholdTopK.result
 
@@ -83,7 +72,7 @@ def main(argv: Sequence[str]) -> int:
             for number, variant in enumerate(variants):
                 for module, name, value in variant:
                     setattr(module, name, value)
-                floor = floor_seconds(queries, docs)
+                floor = floor_times(q_path, d_path, [FLOOR_SHAPE])["x".join(map(str, FLOOR_SHAPE))]
                 redone[0] = 0
                 started = time.perf_counter()
                 compute_topk(q_path, d_path, k=k, force_cpu=True, out_path=os.path.join(args.out, "variant.pt"))
