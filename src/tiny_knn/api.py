@@ -214,7 +214,7 @@ def compute_topk(
             # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
             # store cannot be reached, its own share).
             shared = distributed.JobProgress.connect() if progress else None
-            with _job_progress_bar(shared if job.leader else None):
+            with _job_progress_bar(shared is not None and job.leader):
                 found = _search_together(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared)
         finally:
             if job is not None and not job.leader:
@@ -553,17 +553,18 @@ def _progress_bar(total: int) -> tqdm:
 
 
 @contextlib.contextmanager
-def _job_progress_bar(shared: distributed.JobProgress | None) -> Iterator[None]:
-    """On rank 0 of a torchrun job: a bar that follows the docs scored by every rank, read from the job's
-    store every PROGRESS_POLL_S seconds on a thread of its own (rank 0 may be busy merging or waiting)."""
-    reader = distributed.JobProgress.connect() if shared is not None else None
+def _job_progress_bar(show: bool) -> Iterator[None]:
+    """With `show` (rank 0 of a torchrun job): a bar that follows the docs scored by every rank, read from
+    the job's store every PROGRESS_POLL_S seconds by a thread with a connection of its own (rank 0 may be
+    busy merging or waiting)."""
+    reader = distributed.JobProgress.connect() if show else None
     if reader is None:
         yield
         return
     stop = threading.Event()
     with _progress_bar(0) as bar:
 
-        def show() -> None:
+        def update() -> None:
             scored, expected = reader.read()
             bar.total, bar.n = expected, scored
             bar.refresh()
@@ -571,8 +572,8 @@ def _job_progress_bar(shared: distributed.JobProgress | None) -> Iterator[None]:
         def follow() -> None:
             with contextlib.suppress(RuntimeError):  # the store went away: the job is ending anyway
                 while not stop.wait(PROGRESS_POLL_S):
-                    show()
-                show()
+                    update()
+                update()
 
         thread = threading.Thread(target=follow, name="tiny-knn-progress", daemon=True)
         thread.start()
