@@ -37,14 +37,20 @@ class MemoryStore:
 
     def __init__(self, rows: int, k: int) -> None:
         self.done_rows = 0
+        self.rows = rows
         self.scores = torch.empty((rows, k), dtype=torch.float32)
         self.indices = torch.empty((rows, k), dtype=torch.int64)
 
     def save(self, start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
         """Stores the finished rows [start, start + len(scores)); batches arrive in order."""
         stop = start + scores.shape[0]
-        self.scores[start:stop] = scores
-        self.indices[start:stop] = indices
+        if type(self) is MemoryStore and start == 0 and stop == self.rows:
+            # One batch holds every row: keep its tensors rather than copy them (at k=2000 and 4096 queries,
+            # 98 MB of fresh pages and a copy).
+            self.scores, self.indices = scores.contiguous(), indices.contiguous()
+        else:
+            self.scores[start:stop] = scores
+            self.indices[start:stop] = indices
         self.done_rows = stop
 
 
