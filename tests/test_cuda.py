@@ -53,3 +53,15 @@ def test_out_of_memory_halves_blocks_and_carries_on(cuda, pair, monkeypatch) -> 
     result = torch.load(compute_topk(*pair(queries, docs), k=10))
     assert calls["n"] >= 2
     assert_exact(queries, docs, result["scores"], result["indices"])
+
+
+def test_gpu_selector_equals_the_reference_on_tied_tiles(cuda) -> None:  # type: ignore[no-untyped-def]
+    from test_topk import offer, tie_heavy_tiles
+
+    from tiny_knn.topk import PackedTopK, SortMergeTopK
+
+    for levels in (0, 1, 3):
+        tiles = tie_heavy_tiles(levels, 64, [4096, 1000, 4096, 333], levels)
+        [(gpu_scores, gpu_indices)] = offer([PackedTopK(64, 300, "cuda")], [tile.cuda() for tile in tiles])
+        [(ref_scores, ref_indices)] = offer([SortMergeTopK(64, 300)], tiles)
+        assert torch.equal(gpu_scores, ref_scores) and torch.equal(gpu_indices, ref_indices)

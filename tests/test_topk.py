@@ -9,8 +9,17 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tiny_knn.topk import SortMergeTopK, ThresholdTopK, kernel_available, make_running_topk, pool_capacity
+from tiny_knn.topk import (
+    PackedTopK,
+    SortMergeTopK,
+    ThresholdTopK,
+    kernel_available,
+    make_running_topk,
+    pool_capacity,
+)
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
 
@@ -82,10 +91,44 @@ def test_start_threshold_above_everything_leaves_the_row_uncertain() -> None:
     assert selector.uncertain_rows().tolist() == [0]
 
 
+def tie_heavy_tiles(seed: int, rows: int, widths: list[int], levels: int) -> list[torch.Tensor]:
+    """Tiles whose scores take `levels` distinct values (0 means continuous), with -0.0 mixed in."""
+    generator = torch.Generator().manual_seed(seed)
+    tiles = []
+    for cols in widths:
+        tile = torch.randn(rows, cols, generator=generator)
+        if levels:
+            tile = torch.randint(-levels, levels + 1, (rows, cols), generator=generator).float()
+            tile[torch.rand(rows, cols, generator=generator) < 0.3] = -0.0
+        tiles.append(tile)
+    return tiles
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 9),
+    k=st.integers(1, 40),
+    widths=st.lists(st.integers(1, 200), min_size=1, max_size=6),
+    levels=st.sampled_from([0, 1, 3, 50]),
+    split=st.integers(0, 9),
+)
+def test_partial_sort_equals_sort_merge(
+    seed: int, rows: int, k: int, widths: list[int], levels: int, split: int
+) -> None:
+    tiles = tie_heavy_tiles(seed, rows, widths, levels)
+    splits = (0, split) if 0 < split < rows else (0,)
+    (fast_scores, fast_indices), (ref_scores, ref_indices) = offer(
+        [PackedTopK(rows, k), SortMergeTopK(rows, k)], tiles, row_splits=splits
+    )
+    assert torch.equal(fast_scores, ref_scores) and torch.equal(fast_indices, ref_indices)
+    assert not fast_scores.signbit().logical_and(fast_scores == 0).any()  # no -0.0 in the answer
+
+
 def test_make_running_topk_choices() -> None:
     cpu = torch.device("cpu")
     assert isinstance(make_running_topk(2, 3, cpu, 100), ThresholdTopK)
-    assert isinstance(make_running_topk(2, 3, cpu, 100, "sort"), SortMergeTopK)
+    assert isinstance(make_running_topk(2, 3, cpu, 100, "sort"), PackedTopK)
     assert isinstance(make_running_topk(2, 3, cpu, 2**32), SortMergeTopK)
     with pytest.raises(RuntimeError):
         make_running_topk(2, 3, cpu, 2**32, "threshold")
@@ -141,3 +184,17 @@ def test_both_scan_paths_of_the_kernel_select_the_same(simd: str) -> None:
         environment["TINY_KNN_NO_AVX2"] = "1"
     done = subprocess.run([sys.executable, "-c", SCAN_CHECK], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_packed_keys_order_by_score_then_doc_and_unpack_exactly() -> None:
+    from tiny_knn.topk import _pack, _unpack
+
+    special = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
+    scores = torch.cat([special, torch.randn(2000), special]).unsqueeze(0)
+    docs = torch.arange(scores.shape[1], dtype=torch.int64).unsqueeze(0) * 1_000_003 % 2**32
+    keys = _pack(scores, docs)
+    unpacked_scores, unpacked_docs = _unpack(keys)
+    assert torch.equal(unpacked_docs, docs) and torch.equal(unpacked_scores, scores + 0.0)
+    assert not unpacked_scores.signbit()[unpacked_scores == 0].any()
+    expected = sorted(range(scores.shape[1]), key=lambda i: (-scores[0, i].item(), docs[0, i].item()))
+    assert torch.argsort(keys[0]).tolist() == expected

@@ -222,8 +222,9 @@ def estimate_bytes(
         state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
     doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
     tile = block_rows * chunk_rows * SCORE_BYTES * (threads if selection == "threshold" else 1)  # a tile per thread
-    if selection == "sort":  # the tile's sorted copy and the merge's temporaries
-        tile += block_rows * (chunk_rows + 4 * k) * (SCORE_BYTES + INDEX_BYTES)
+    if selection == "sort":  # topk's temporaries (packed keys for every score when k is over half a chunk)
+        per_score = 1 + (4 * INDEX_BYTES if 2 * candidates > chunk_rows else 0)
+        tile += block_rows * (chunk_rows * per_score + 4 * candidates * (SCORE_BYTES + INDEX_BYTES))
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection)

@@ -5,8 +5,9 @@ ascending document index, so that the answer never depends on how the work was c
 below rely on score tiles arriving in ascending document order for any given query row.
 
 `ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
+`PackedTopK` is the GPU path (torch.topk on packed 64-bit keys; no sort until the end).
 `SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
-the fast path is tested against, bit for bit.
+both are tested against, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ import torch
 from .kernel import KERNEL, kernel_available
 from .plan import ROW_ALIGN, round_up
 
-__all__ = ["MAX_KERNEL_DOCS", "RunningTopK", "SortMergeTopK", "ThresholdTopK", "kernel_available", "make_running_topk"]
+__all__ = [
+    "MAX_KERNEL_DOCS",
+    "PackedTopK",
+    "RunningTopK",
+    "SortMergeTopK",
+    "ThresholdTopK",
+    "kernel_available",
+    "make_running_topk",
+]
 
 # Rows sorted at a time when a selector hands over its result (bounds the sorted copy).
 FINALIZE_ROWS = 256
@@ -212,22 +221,92 @@ class SortMergeTopK(RunningTopK):
         self._indices = torch.full((rows, k), -1, dtype=torch.int64, device=device)
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
-        rows, cols = scores.shape
-        stop = row_start + rows
+        cols = scores.shape[1]
         # Adding 0.0 turns -0.0 into +0.0, as the kernel does, so the two order zeros alike.
         tile_scores, tile_order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True)
         take = min(self.k, cols)
+        self._merge(row_start, tile_scores[:, :take], tile_order[:, :take] + first_doc)
+
+    def _merge(self, row_start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
+        """Merges a tile's best (in rule order, doc indices above all seen so far) into rows row_start..."""
+        stop = row_start + scores.shape[0]
         # Stable sorts keep ties in input order: running entries (smaller doc indices, already in rule
         # order) before the tile's (in rule order too), which is exactly ascending doc index.
-        merged_scores = torch.cat([self._scores[row_start:stop], tile_scores[:, :take]], dim=1)
-        merged_indices = torch.cat([self._indices[row_start:stop], tile_order[:, :take] + first_doc], dim=1)
+        merged_scores = torch.cat([self._scores[row_start:stop], scores], dim=1)
+        merged_indices = torch.cat([self._indices[row_start:stop], indices], dim=1)
         best_scores, pick = torch.sort(merged_scores, dim=1, descending=True, stable=True)
         self._scores[row_start:stop] = best_scores[:, : self.k]
         self._indices[row_start:stop] = torch.gather(merged_indices, 1, pick[:, : self.k])
-        self.survivors += rows * take
+        self.survivors += scores.numel()
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._scores.cpu(), self._indices.cpu()
+
+
+class PackedTopK(RunningTopK):
+    """The GPU selector (and the CPU's without the kernel): the same answer as SortMergeTopK, with no sort
+    until the end.
+
+    As in the C kernel, each (score, doc) is packed into one 64-bit key that orders by descending score,
+    then ascending doc; keys are distinct, so the k best are simply the k smallest keys, a set that
+    torch.topk finds exactly whatever its order. Per tile: torch.topk on the scores, whose choice among
+    copies of the k-th score is arbitrary, so rows where a copy was left out (rare but for heavily tied
+    data) take the top-k of their packed keys instead; then the tile's keys are merged into the running
+    ones with one more torch.topk. Needs fewer than 2**32 docs.
+    """
+
+    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(rows, k)
+        self._keys = torch.full((rows, k), _EMPTY, dtype=torch.int64, device=device)
+
+    def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        cols = scores.shape[1]
+        take = min(self.k, cols)
+        if take * 2 > cols:  # topk saves little here: pack every score
+            keys = _pack(scores, _doc_numbers(scores, first_doc, cols))
+            keys = torch.topk(keys, take, dim=1, largest=False, sorted=False).values
+        else:
+            values, positions = torch.topk(scores, take, dim=1, sorted=False)
+            kth = values.min(dim=1, keepdim=True).values
+            tied = torch.nonzero((values == kth).sum(dim=1) != (scores == kth).sum(dim=1)).flatten()
+            keys = _pack(values, positions + first_doc)
+            if tied.numel():
+                rows_tied = scores[tied]
+                every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
+                keys[tied] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
+        stop = row_start + scores.shape[0]
+        merged = torch.cat([self._keys[row_start:stop], keys], dim=1)
+        self._keys[row_start:stop] = torch.topk(merged, self.k, dim=1, largest=False, sorted=False).values
+        self.survivors += keys.numel()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.sort(self._keys, dim=1).values
+        scores, indices = _unpack(keys)
+        empty = keys == _EMPTY  # fewer than k docs seen: -inf and -1, as SortMergeTopK
+        return scores.masked_fill(empty, float("-inf")).cpu(), indices.masked_fill(empty, -1).cpu()
+
+
+_EMPTY = torch.iinfo(torch.int64).max  # no doc yet: sorts after every key
+_LOW_32 = 0xFFFFFFFF
+_SIGN_32 = 0x80000000
+
+
+def _doc_numbers(like: torch.Tensor, first_doc: int, cols: int) -> torch.Tensor:
+    return torch.arange(first_doc, first_doc + cols, dtype=torch.int64, device=like.device).expand(like.shape[0], -1)
+
+
+def _pack(scores: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """int64 keys, ascending in (score descending, doc ascending); -0.0 packs as +0.0. docs < 2**32."""
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64) & _LOW_32
+    rising = torch.where(bits >= _SIGN_32, bits ^ _LOW_32, bits | _SIGN_32)  # larger score, larger bits
+    return ((rising ^ _LOW_32) - _SIGN_32) * 2**32 + docs  # signed, so that int64 order is key order
+
+
+def _unpack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rising = ((keys >> 32) + _SIGN_32) ^ _LOW_32
+    bits = torch.where(rising >= _SIGN_32, rising & (_SIGN_32 - 1), rising ^ _LOW_32)
+    bits = torch.where(bits >= _SIGN_32, bits - 2**32, bits)  # as a signed 32-bit value
+    return bits.to(torch.int32).view(torch.float32), keys & _LOW_32
 
 
 def make_running_topk(
@@ -238,7 +317,7 @@ def make_running_topk(
     method: str = "auto",
     start_thresholds: torch.Tensor | None = None,
 ) -> RunningTopK:
-    """Picks the selector: the C threshold kernel on CPU when built, else the sort-merge method.
+    """Picks the selector: the C threshold kernel on CPU when built, else top-k and sort (any device).
 
     `start_thresholds` (threshold selector only) are estimated starting thresholds, see ThresholdTopK.
     """
@@ -249,4 +328,6 @@ def make_running_topk(
         raise RuntimeError("the threshold selector needs the CPU, the built kernel and fewer than 2**32 docs")
     if method != "sort" and use_kernel:
         return ThresholdTopK(rows, k, start_thresholds=start_thresholds)
+    if docs < MAX_KERNEL_DOCS:
+        return PackedTopK(rows, k, device)
     return SortMergeTopK(rows, k, device)
