@@ -156,3 +156,21 @@ def test_docs_are_streamed_in_chunks_never_whole(pair, doc_reads) -> None:  # ty
 def test_docs_read_once_per_query_batch(pair, doc_reads) -> None:  # type: ignore[no-untyped-def]
     run(*pair(torch.randn(10, 8), torch.randn(300, 8)), 5, batch_size=4)
     assert sum(doc_reads) == 3 * 300  # three query batches, one pass each
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pieces) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.errors import InvalidInputError
+
+    docs = torch.randn(1000, 8)
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    starts = []
+    for start, count, rows, *_ in engine._host_chunks(source, plan, pinned=False, pieces=pieces):
+        assert torch.equal(rows[:count], docs[start : start + count])  # buffers are reused: check each now
+        starts.append(start)
+    assert starts == [0, 256, 512, 768]
+    docs[600, 3] = float("nan")
+    docs[700, 1] = float("inf")
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
+        list(engine._host_chunks(source, plan, pinned=False, pieces=pieces))
