@@ -113,7 +113,7 @@ def tie_heavy_tiles(seed: int, rows: int, widths: list[int], levels: int) -> lis
     levels=st.sampled_from([0, 1, 3, 50]),
     split=st.integers(0, 9),
 )
-def test_partial_sort_equals_sort_merge(
+def test_packed_equals_sort_merge(
     seed: int, rows: int, k: int, widths: list[int], levels: int, split: int
 ) -> None:
     tiles = tie_heavy_tiles(seed, rows, widths, levels)

@@ -250,8 +250,8 @@ class PackedTopK(RunningTopK):
     As in the C kernel, each (score, doc) is packed into one 64-bit key that orders by descending score,
     then ascending doc; keys are distinct, so the k best are simply the k smallest keys, a set that
     torch.topk finds exactly whatever its order. Per tile: torch.topk on the scores, whose choice among
-    copies of the k-th score is arbitrary, so rows where a copy was left out (rare but for heavily tied
-    data) take the top-k of their packed keys instead; then the tile's keys are merged into the running
+    copies of the k-th score is arbitrary, so rows where the (k+1)-th best ties with another of the best
+    (rare but for heavily tied data) take the top-k of their packed keys instead; then the tile's keys are merged into the running
     ones with one more torch.topk. Needs fewer than 2**32 docs.
     """
 
@@ -266,14 +266,17 @@ class PackedTopK(RunningTopK):
             keys = _pack(scores, _doc_numbers(scores, first_doc, cols))
             keys = torch.topk(keys, take, dim=1, largest=False, sorted=False).values
         else:
-            values, positions = torch.topk(scores, take, dim=1, sorted=False)
-            kth = values.min(dim=1, keepdim=True).values
-            tied = torch.nonzero((values == kth).sum(dim=1) != (scores == kth).sum(dim=1)).flatten()
-            keys = _pack(values, positions + first_doc)
+            # One more than needed: the k best are certain where the (k+1)-th best is the only copy of its
+            # score among them; it is then dropped (its key made empty).
+            values, positions = torch.topk(scores, take + 1, dim=1, sorted=False)
+            last = values.min(dim=1, keepdim=True)
+            tied = torch.nonzero((values == last.values).sum(dim=1) > 1).flatten()
+            keys = _pack(values, positions + first_doc).scatter_(1, last.indices, _EMPTY)
             if tied.numel():
                 rows_tied = scores[tied]
                 every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
-                keys[tied] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
+                keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
+                keys[tied, take] = _EMPTY
         stop = row_start + scores.shape[0]
         merged = torch.cat([self._keys[row_start:stop], keys], dim=1)
         self._keys[row_start:stop] = torch.topk(merged, self.k, dim=1, largest=False, sorted=False).values
