@@ -477,6 +477,7 @@ def main(argv: Sequence[str]) -> int:
             log("faiss is not installed (pip install faiss-cpu): dropping the faiss contenders")
             args.contenders = [name for name in args.contenders if not name.startswith("faiss")]
     began = time.perf_counter()
+    args.out = os.path.abspath(args.out)  # workers run elsewhere
     os.makedirs(args.out, exist_ok=True)
     results_dir = os.path.join(args.out, "results")
     os.makedirs(results_dir, exist_ok=True)

@@ -12,8 +12,8 @@ tiny-knn streams them from the page cache as a user's run would):
   tiny-knn     compute_topk(queries.pt, docs.pt, k, out_path=...) on CUDA: from the .pt paths to the
                written result file, wall clock.
   naive        both files loaded onto the GPU, then per 65,536-doc chunk q @ chunk.T (exact float32),
-               torch.topk, cat with the running top-k, torch.topk again; results copied back. Wall clock,
-               loading included, saving excluded.
+               torch.topk, cat with the running top-k, torch.topk again; results copied back and saved with
+               torch.save, as tiny-knn's are. Wall clock, loading and saving included.
 
 Effective TFLOP/s = 2 * Q * D * dim / seconds. Each contender runs --repeats times after a warm-up run;
 the median is reported. tiny-knn's answer is checked against the naive loop's (identical scores, and
@@ -56,7 +56,7 @@ def floor_seconds(queries: torch.Tensor, docs: torch.Tensor, tf32: bool) -> floa
     return start.elapsed_time(stop) / 1000
 
 
-def naive_topk(q_path: str, d_path: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_topk(q_path: str, d_path: str, k: int, out_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     torch.backends.cuda.matmul.allow_tf32 = False
     queries = torch.load(q_path, weights_only=True).cuda()
     docs = torch.load(d_path, weights_only=True, mmap=True)
@@ -74,7 +74,9 @@ def naive_topk(q_path: str, d_path: str, k: int) -> tuple[torch.Tensor, torch.Te
         best_scores, position = torch.topk(merged_scores, k, dim=1)
         best_indices = torch.gather(merged_indices, 1, position)
     assert best_scores is not None and best_indices is not None
-    return best_scores.cpu(), best_indices.cpu()
+    answer = best_scores.cpu(), best_indices.cpu()
+    torch.save({"indices": answer[1], "scores": answer[0]}, out_path)
+    return answer
 
 
 def exact_reference(q_path: str, d_path: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -178,7 +180,7 @@ def main(argv: Sequence[str]) -> int:
                 )
                 if repeat:
                     times[name].append(seconds)
-            seconds, _ = timed(lambda k=k: naive_topk(q_path, d_path, k))
+            seconds, _ = timed(lambda k=k: naive_topk(q_path, d_path, k, os.path.join(args.out, "naive.pt")))
             if repeat:
                 times["naive"].append(seconds)
         checks = {}

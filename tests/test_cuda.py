@@ -65,3 +65,12 @@ def test_gpu_selector_equals_the_reference_on_tied_tiles(cuda) -> None:  # type:
         [(gpu_scores, gpu_indices)] = offer([PackedTopK(64, 300, "cuda")], [tile.cuda() for tile in tiles])
         [(ref_scores, ref_indices)] = offer([SortMergeTopK(64, 300)], tiles)
         assert torch.equal(gpu_scores, ref_scores) and torch.equal(gpu_indices, ref_indices)
+
+
+def test_large_results_come_back_through_pinned_buffers_intact(cuda, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn import topk
+
+    monkeypatch.setattr(topk, "HOST_STAGE_BYTES", 4096)
+    for dtype in (torch.float32, torch.int64):
+        on_gpu = torch.randn(333, 77, device="cuda").mul(1000).to(dtype)  # 5 and 13 stages, the last partial
+        assert torch.equal(topk.to_host(on_gpu), on_gpu.cpu())

@@ -113,9 +113,7 @@ def tie_heavy_tiles(seed: int, rows: int, widths: list[int], levels: int) -> lis
     levels=st.sampled_from([0, 1, 3, 50]),
     split=st.integers(0, 9),
 )
-def test_packed_equals_sort_merge(
-    seed: int, rows: int, k: int, widths: list[int], levels: int, split: int
-) -> None:
+def test_packed_equals_sort_merge(seed: int, rows: int, k: int, widths: list[int], levels: int, split: int) -> None:
     tiles = tie_heavy_tiles(seed, rows, widths, levels)
     splits = (0, split) if 0 < split < rows else (0,)
     (fast_scores, fast_indices), (ref_scores, ref_indices) = offer(

@@ -28,7 +28,7 @@ CPU_THREAD_BLOCK_ROWS = 512
 FUSED_MIN_ROWS_PER_THREAD = ROW_ALIGN
 CPU_DOC_CHUNK_ROWS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
-CUDA_DOC_CHUNK_ROWS = 32768
+CUDA_DOC_CHUNK_ROWS = 65536
 # Sampled starting threshold (threshold selection only): score each query against a strided sample of
 # the docs and start from a score that, with high probability, at least k docs beat. Used only where the
 # expected rank of the k-th best doc within the sample is large enough for the estimate to be tight. A row

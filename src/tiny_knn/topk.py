@@ -34,6 +34,8 @@ __all__ = [
 
 # Rows sorted at a time when a selector hands over its result (bounds the sorted copy).
 FINALIZE_ROWS = 256
+# Bytes of each of the two pinned buffers that large results from a GPU pass through (see to_host).
+HOST_STAGE_BYTES = 64 * 2**20
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
 
@@ -251,8 +253,8 @@ class PackedTopK(RunningTopK):
     then ascending doc; keys are distinct, so the k best are simply the k smallest keys, a set that
     torch.topk finds exactly whatever its order. Per tile: torch.topk on the scores, whose choice among
     copies of the k-th score is arbitrary, so rows where the (k+1)-th best ties with another of the best
-    (rare but for heavily tied data) take the top-k of their packed keys instead; then the tile's keys are merged into the running
-    ones with one more torch.topk. Needs fewer than 2**32 docs.
+    (rare but for heavily tied data) take the top-k of their packed keys instead; then the tile's keys are
+    merged into the running ones with one more torch.topk. Needs fewer than 2**32 docs.
     """
 
     def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
@@ -286,7 +288,30 @@ class PackedTopK(RunningTopK):
         keys = torch.sort(self._keys, dim=1).values
         scores, indices = _unpack(keys)
         empty = keys == _EMPTY  # fewer than k docs seen: -inf and -1, as SortMergeTopK
-        return scores.masked_fill(empty, float("-inf")).cpu(), indices.masked_fill(empty, -1).cpu()
+        return to_host(scores.masked_fill(empty, float("-inf"))), to_host(indices.masked_fill(empty, -1))
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in (ordinary) host memory. From a GPU, large tensors go through two small pinned buffers in
+    turn, the GPU filling one while the other is copied out: several times the rate of `.cpu()`, whose
+    copies to pageable memory are staged by the driver."""
+    flat = tensor.reshape(-1)
+    step = max(1, HOST_STAGE_BYTES // tensor.element_size())
+    if tensor.device.type == "cpu" or flat.numel() <= step:
+        return tensor.cpu()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype)
+    stages = [torch.empty(step, dtype=tensor.dtype, pin_memory=True) for _ in range(2)]
+    filled = [torch.cuda.Event(), torch.cuda.Event()]  # type: ignore[no-untyped-call]
+    pieces = [(lo, min(lo + step, flat.numel())) for lo in range(0, flat.numel(), step)]
+    for index, (lo, hi) in enumerate([*pieces, (0, 0)]):
+        if hi:  # the buffer was last read out two pieces ago, below
+            stages[index % 2][: hi - lo].copy_(flat[lo:hi], non_blocking=True)
+            filled[index % 2].record()
+        if index:
+            before_lo, before_hi = pieces[index - 1]
+            filled[(index - 1) % 2].synchronize()
+            out.view(-1)[before_lo:before_hi].copy_(stages[(index - 1) % 2][: before_hi - before_lo])
+    return out
 
 
 _EMPTY = torch.iinfo(torch.int64).max  # no doc yet: sorts after every key
