@@ -138,10 +138,10 @@ def doc_reads(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     reads: list[int] = []
     original = ArraySource.read_into
 
-    def spy(self, start, stop, out):  # type: ignore[no-untyped-def]
+    def spy(self, start, stop, out, check=True):  # type: ignore[no-untyped-def]
         if self.role == "docs":
             reads.append(stop - start)
-        original(self, start, stop, out)
+        original(self, start, stop, out, check)
 
     monkeypatch.setattr(ArraySource, "read_into", spy)
     assert reads == []
@@ -174,3 +174,24 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
     with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
         list(engine._host_chunks(source, plan, pinned=False, pieces=pieces))
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row", [0, 1234, 2999])  # sampled (k=1000 samples row 0), mid-chunk, last chunk
+def test_non_finite_docs_are_named_though_only_scores_are_watched(pair, selection, bad, row) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.errors import InvalidInputError
+
+    docs = torch.randn(3000, 8)
+    docs[row, 5] = bad
+    queries = torch.randn(40, 8)
+    queries[0] = 0.0  # the watched row: 0 * Inf is NaN, so it still sees the bad doc
+    with pytest.raises(InvalidInputError, match=rf"row {row} holds NaN or Inf"):
+        run(*pair(queries, docs), 1000, selection=selection, chunk_size=448)
+
+
+def test_finite_docs_whose_scores_overflow_are_not_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    docs, queries = torch.randn(500, 8), torch.randn(20, 8)
+    docs[7] = 3e38  # finite, but its products overflow float32
+    scores, indices = run(*pair(queries, docs), 5, chunk_size=128)
+    assert torch.isinf(scores).any() and indices.shape == (20, 5)

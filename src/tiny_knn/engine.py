@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from .checkpoint import MemoryStore
@@ -186,13 +187,17 @@ def _search_rows(
         None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
     )
     largest_sq = 0.0
+    # On the CPU the docs are not checked as they are read: a NaN or Inf anywhere in a doc makes its score
+    # with every query non-finite (0 * Inf is NaN too), so the first query row's scores reveal it.
+    watch = device.type == "cpu"
     for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
         largest_sq = max(largest_sq, chunk_largest_sq)
+        non_finite: list[bool] = []
         if fused:
             assert isinstance(running, ThresholdTopK)
-            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets)
+            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, non_finite if watch else None)
             running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows)
         else:
             assert tile_storage is not None
@@ -201,7 +206,11 @@ def _search_rows(
                 padded_rows = round_up(block_rows, ROW_ALIGN)
                 tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
                 _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
+                if watch and block_start == 0:
+                    _watch(tile[0], non_finite)
                 running.add(tile[:block_rows, :doc_count], block_start, first_doc)
+        if non_finite:
+            _refuse_non_finite(docs, first_doc, doc_count, plan)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
     return running, largest_sq
@@ -220,12 +229,29 @@ def _score_rows(
     query_rows: torch.Tensor,
     doc_rows_t: torch.Tensor,
     offsets: torch.Tensor | None,
+    non_finite: list[bool] | None,
     lo: int,
     hi: int,
     out: torch.Tensor,
 ) -> None:
-    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows)."""
+    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows); with
+    `non_finite`, the first query row's keys are watched for NaN or Inf."""
     _score(query_rows[lo:hi], doc_rows_t, offsets, out)
+    if non_finite is not None and lo == 0:
+        _watch(out[0], non_finite)
+
+
+def _watch(scores: torch.Tensor, non_finite: list[bool]) -> None:
+    """Notes in `non_finite` whether a row of keys holds NaN or Inf (numpy: cheap, and outside torch's pool)."""
+    if not np.isfinite(scores.numpy()).all():
+        non_finite.append(True)
+
+
+def _refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan) -> None:
+    """Reads docs first_doc... again, checked: raises InvalidInputError naming the first row with NaN or Inf.
+    Returns if there is none (finite docs whose keys overflowed float32)."""
+    rows = torch.empty((doc_count, docs.dim), dtype=plan.compute_dtype)
+    docs.read_into(first_doc, first_doc + doc_count, rows, check=True)
 
 
 def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
@@ -238,6 +264,10 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
     positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
     sample_docs = torch.empty((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(sample_docs.numpy().sum()):  # read_rows does not check: name the row in its file
+            for position in positions[~torch.isfinite(sample_docs).all(dim=1)].tolist()[:1]:
+                docs.read_into(position, position + 1, sample_docs, check=True)
     rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
     running, _ = _search_rows(query_rows, rows, from_array(sample_docs, "docs sample"), plan, rank, None, None)
     return running.result()[0][:, -1]
@@ -269,7 +299,8 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
     cuda = device.type == "cuda"
     # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
     pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
-    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces)
+    # On the CPU, values are checked through the scores instead (see _search_rows).
+    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=cuda)
     if device.type != "cuda":
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
         return
@@ -295,11 +326,11 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
 HostChunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float, "torch.cuda.Event | None"]
 
 
-def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1) -> Iterator[HostChunk]:
+def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1, check: bool = True) -> Iterator[HostChunk]:
     """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of
-    the rows) while the one before is used, into two buffers in turn. With `pinned`, the buffers are pinned
-    and each chunk comes with a CUDA event: once recorded after the chunk's copy to the GPU, the reader waits
-    for it before filling that buffer again."""
+    the rows) while the one before is used, into two buffers in turn; `check`: refuse NaN and Inf (see
+    Source.read_into). With `pinned`, the buffers are pinned and each chunk comes with a CUDA event: once
+    recorded after the chunk's copy to the GPU, the reader waits for it before filling that buffer again."""
     chunk_rows = plan.doc_chunk_rows
     buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pinned) for _ in range(2)]
     copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # type: ignore[no-untyped-call]
@@ -308,7 +339,7 @@ def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1) -> Ite
     piece_readers = ThreadPoolExecutor(pieces, thread_name_prefix="tiny-knn-read-piece") if pieces > 1 else None
 
     def read_piece(start: int, lo: int, hi: int, buffer: torch.Tensor) -> None:
-        docs.read_into(start + lo, start + hi, buffer[lo:])
+        docs.read_into(start + lo, start + hi, buffer[lo:], check)
 
     def read(index: int) -> HostChunk:
         start = starts[index]
@@ -317,7 +348,7 @@ def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1) -> Ite
         if event is not None:
             event.synchronize()  # returns at once if never recorded
         if piece_readers is None:
-            docs.read_into(start, start + count, buffer)
+            docs.read_into(start, start + count, buffer, check)
         else:
             step = -(-count // pieces)
             ranges = [(lo, min(lo + step, count)) for lo in range(0, count, step)]

@@ -59,8 +59,11 @@ class Source(ABC):
         return self.rows * self.dim * torch.empty((), dtype=self.dtype).element_size()
 
     @abstractmethod
-    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         """Copies rows [start, stop) into out[: stop - start], converting dtype; refuses NaN or Inf.
+
+        `check=False` skips that check, for a caller that finds non-finite values another way (the CPU
+        engine looks at the scores, which any NaN or Inf in a doc makes non-finite) and then reads again.
 
         Raises:
             InvalidInputError: a row holds NaN or Inf (the first such row is named).
@@ -83,7 +86,7 @@ class ArraySource(Source):
         self.rows, self.dim = int(tensor.shape[0]), int(tensor.shape[1])
         self.dtype = tensor.dtype
 
-    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         # Runs on the engine's read-ahead thread, so it uses numpy where it can: numpy is single-threaded and
         # does not compete with the matrix product for torch's thread pool.
         block = out[: stop - start]
@@ -92,7 +95,8 @@ class ArraySource(Source):
             block.copy_(rows)
         else:
             np.copyto(block.numpy(), rows.numpy(), casting="same_kind")
-        _check_finite(block, start, self.label())
+        if check:
+            _check_finite(block, start, self.label())
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         out[: positions.numel()].copy_(self.tensor[positions])
@@ -118,13 +122,14 @@ class HDF5Source(Source):
         self.rows, self.dim = (int(size) for size in dataset.shape)
         self.dtype = torch.float16 if dataset.dtype == np.float16 else torch.float32
 
-    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         block = out[: stop - start]
         if block.dtype == torch.bfloat16:
             block.copy_(torch.from_numpy(self.dataset[start:stop]))
         else:
             np.copyto(block.numpy(), self.dataset[start:stop], casting="same_kind")
-        _check_finite(block, start, self.label())
+        if check:
+            _check_finite(block, start, self.label())
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         out[: positions.numel()].copy_(torch.from_numpy(self.dataset[positions.numpy()]))
@@ -143,8 +148,8 @@ class RowRange(Source):
     def label(self) -> str:
         return self.source.label()
 
-    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
-        self.source.read_into(self._start + start, self._start + stop, out)
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
+        self.source.read_into(self._start + start, self._start + stop, out, check)
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         self.source.read_rows(positions + self._start, out)
@@ -178,9 +183,9 @@ class ShardedSource(Source):
                 pieces.append((shard, lo - first, hi - first, lo - start))
         return pieces
 
-    def read_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         for shard, lo, hi, at in self._overlaps(start, stop):
-            shard.read_into(lo, hi, out[at:])
+            shard.read_into(lo, hi, out[at:], check)
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         owner = torch.bucketize(positions, torch.tensor(self.offsets[1:]), right=True)
