@@ -176,8 +176,12 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
         list(engine._host_chunks(source, plan, pinned=False, pieces=pieces))
 
 
+# 0xFFFFFFFF is a NaN too, one that bfloat16 rounding would wrap to zero if it were not caught first.
+ALL_ONES_NAN = torch.tensor([-1], dtype=torch.int32).view(torch.float32).item()
+
+
 @pytest.mark.parametrize("selection", SELECTIONS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), ALL_ONES_NAN])
 @pytest.mark.parametrize("row", [0, 1234, 2999])  # sampled (k=1000 samples row 0), mid-chunk, last chunk
 def test_non_finite_docs_are_named_though_only_scores_are_watched(pair, selection, bad, row) -> None:  # type: ignore[no-untyped-def]
     from tiny_knn.errors import InvalidInputError
@@ -188,6 +192,19 @@ def test_non_finite_docs_are_named_though_only_scores_are_watched(pair, selectio
     queries[0] = 0.0  # the watched row: 0 * Inf is NaN, so it still sees the bad doc
     with pytest.raises(InvalidInputError, match=rf"row {row} holds NaN or Inf"):
         run(*pair(queries, docs), 1000, selection=selection, chunk_size=448)
+
+
+@pytest.mark.parametrize(
+    ("metric", "precision"), [("cosine", "exact"), ("l2", "exact"), ("ip", "bf16"), ("l2", "bf16")]
+)
+@pytest.mark.parametrize("bad", [float("inf"), ALL_ONES_NAN])
+def test_non_finite_docs_are_named_for_every_metric_and_precision(pair, metric, precision, bad) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.errors import InvalidInputError
+
+    docs = torch.randn(2000, 8)
+    docs[777, 2] = bad
+    with pytest.raises(InvalidInputError, match=r"row 777 holds NaN or Inf"):
+        run(*pair(torch.randn(30, 8), docs), 20, metric=metric, precision=precision, chunk_size=256)
 
 
 def test_finite_docs_whose_scores_overflow_are_not_refused(pair) -> None:  # type: ignore[no-untyped-def]

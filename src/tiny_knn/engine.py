@@ -187,9 +187,7 @@ def _search_rows(
         None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
     )
     largest_sq = 0.0
-    # On the CPU the docs are not checked as they are read: a NaN or Inf anywhere in a doc makes its score
-    # with every query non-finite (0 * Inf is NaN too), so the first query row's scores reveal it.
-    watch = device.type == "cpu"
+    watch = _checked_through_scores(plan, device)
     for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
@@ -239,6 +237,17 @@ def _score_rows(
     _score(query_rows[lo:hi], doc_rows_t, offsets, out)
     if non_finite is not None and lo == 0:
         _watch(out[0], non_finite)
+
+
+def _checked_through_scores(plan: Plan, device: torch.device) -> bool:
+    """Whether docs go unchecked for NaN and Inf as they are read, their scores being watched instead.
+
+    So on the CPU in float32: a NaN or Inf anywhere in a doc makes its score with every query non-finite
+    (0 * Inf is NaN too), so the first query row's scores reveal it, and one numpy pass per chunk is saved.
+    Not on a GPU (watching would synchronise every chunk; the reader's threads check cheaply there), nor in
+    bfloat16, whose rounding could turn some NaN bit patterns into zeros before the product.
+    """
+    return device.type == "cpu" and plan.precision == "fp32"
 
 
 def _watch(scores: torch.Tensor, non_finite: list[bool]) -> None:
@@ -299,9 +308,9 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
     cuda = device.type == "cuda"
     # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
     pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
-    # On the CPU, values are checked through the scores instead (see _search_rows).
-    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=cuda)
-    if device.type != "cuda":
+    check = not _checked_through_scores(plan, device)
+    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=check)
+    if not cuda:
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
         return
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]

@@ -60,16 +60,17 @@ def prepare_docs(rows: torch.Tensor, metric: str, precision: str = "fp32") -> tu
 
 def round_to_bfloat16(values: np.ndarray) -> None:
     """Rounds float32 values in place to the nearest bfloat16 (ties to even), kept as float32: what a
-    tensor core multiplies. Finite inputs only (rows are checked when read)."""
+    tensor core multiplies. Finite inputs only (rows are checked when read, before rounding)."""
     bits = values.view(np.uint32)
     bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
     bits &= np.uint32(0xFFFF0000)
 
 
 def _normalize(values: np.ndarray) -> None:
-    norms = np.sqrt(np.einsum("ij,ij->i", values, values))
-    norms[norms == 0] = 1
-    values /= norms[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):  # a NaN or Inf row stays non-finite and is refused later
+        norms = np.sqrt(np.einsum("ij,ij->i", values, values))
+        norms[norms == 0] = 1
+        values /= norms[:, None]
 
 
 def higher_is_better(metric: str) -> bool:
