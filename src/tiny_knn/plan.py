@@ -104,7 +104,7 @@ class Plan:
     query_batch_rows: int  # queries held, with their running top-k, during one pass over the docs
     query_block_rows: int  # queries per matrix product; a multiple of ROW_ALIGN
     doc_chunk_rows: int  # docs per chunk read from disk; a multiple of COL_ALIGN
-    selection: str  # "threshold" (CPU kernel) or "sort" (sort-merge, any device)
+    selection: str  # "threshold" (CPU kernel) or "sort" (torch.topk on packed keys, any device)
     threshold_sample_docs: int  # docs sampled for a starting threshold; 0 = none
     budget_bytes: int
     peak_bytes: int  # estimated peak of the memory the plan allocates
