@@ -212,3 +212,34 @@ def test_finite_docs_whose_scores_overflow_are_not_refused(pair) -> None:  # typ
     docs[7] = 3e38  # finite, but its products overflow float32
     scores, indices = run(*pair(queries, docs), 5, chunk_size=128)
     assert torch.isinf(scores).any() and indices.shape == (20, 5)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_fewer_than_k_docs_above_minus_infinity_are_still_answered(pair, selection, metric) -> None:  # type: ignore[no-untyped-def]
+    queries = torch.tensor([[1.0, 0.0], [-2.0, 0.0]])
+    docs = torch.tensor([[3e38, 0.0], [3e38, 0.0], [0.5, 0.0], [1.0, 1.0]])  # overflowing products
+    scores, indices = run(*pair(queries, docs), 4, selection=selection, metric=metric)
+    assert sorted(indices[0].tolist()) == sorted(indices[1].tolist()) == [0, 1, 2, 3]
+    if metric == "ip":
+        assert indices[1].tolist() == [2, 3, 0, 1] and scores[1, 2:].isinf().all()
+
+
+def test_without_a_query_free_of_zeros_docs_are_checked_as_read(pair) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.errors import InvalidInputError
+
+    queries = torch.randn(20, 8)
+    queries[:, 3] = 0.0  # a BLAS may skip zero factors, and 0 * NaN with them: no query can be watched
+    docs = torch.randn(1000, 8)
+    docs[500, 3] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"row 500 holds NaN or Inf"):
+        run(*pair(queries, docs), 5, chunk_size=128)
+
+
+def test_a_bad_row_before_a_sampled_bad_row_is_the_one_named(pair) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.errors import InvalidInputError
+
+    docs = torch.randn(2000, 6)
+    docs[5, 1] = docs[1500, 2] = float("nan")  # only 1500 falls in the threshold sample
+    with pytest.raises(InvalidInputError, match=r"row 5 holds NaN or Inf"):
+        run(*pair(torch.randn(10, 6), docs), 700)

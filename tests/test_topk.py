@@ -196,3 +196,17 @@ def test_packed_keys_order_by_score_then_doc_and_unpack_exactly() -> None:
     assert not unpacked_scores.signbit()[unpacked_scores == 0].any()
     expected = sorted(range(scores.shape[1]), key=lambda i: (-scores[0, i].item(), docs[0, i].item()))
     assert torch.argsort(keys[0]).tolist() == expected
+
+
+def test_docs_scoring_minus_infinity_are_answers_not_placeholders() -> None:
+    # Products that overflow give -inf; such docs still beat "no doc", in every selector.
+    tile = torch.tensor([[1.0, float("-inf"), 2.0, float("-inf")], [float("-inf")] * 4])
+    for selector in (ThresholdTopK(2, 4), SortMergeTopK(2, 4), PackedTopK(2, 4)):
+        selector.add(tile[:, :2], 0, 0)
+        selector.add(tile[:, 2:], 0, 2)
+        scores, indices = selector.result()
+        if isinstance(selector, ThresholdTopK):  # it cannot finish such rows: it says so, and they are redone
+            assert selector.uncertain_rows().tolist() == [0, 1]
+            continue
+        assert indices.tolist() == [[2, 0, 1, 3], [0, 1, 2, 3]], type(selector).__name__
+        assert scores[0].tolist() == [2.0, 1.0, float("-inf"), float("-inf")]

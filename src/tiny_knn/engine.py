@@ -105,7 +105,8 @@ def _search_batch(
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
-        # The sampled estimate was too high for these rows: search them again from scratch.
+        # The sampled estimate was too high for these rows, or fewer than k docs scored above -inf (products
+        # that overflow): search them again from scratch.
         scores[uncertain], indices[uncertain] = _search_again(multiplied, uncertain, docs, plan, plan.candidates)
     if plan.refined:
         scores, indices = _refine(host_queries[:rows], multiplied, docs, plan, scores, indices, largest_sq)
@@ -119,12 +120,24 @@ def _search_batch(
 def _search_again(
     host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, candidates: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh pass over the docs for the given rows of host_queries, keeping `candidates` per row."""
+    """A fresh pass over the docs for the given rows of host_queries, keeping `candidates` per row. Rows the
+    threshold selector cannot finish (fewer than `candidates` docs score above -inf) take the sort selector."""
+    scores, indices, short = _search_once(host_queries, rows, docs, plan, candidates, plan.selection)
+    if short.numel():
+        scores[short], indices[short], _ = _search_once(host_queries, rows[short], docs, plan, candidates, "sort")
+    return scores, indices
+
+
+def _search_once(
+    host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, candidates: int, selection: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass for the given rows with the given selector: scores, indices and the rows left uncertain."""
     redo_queries = torch.zeros((round_up(rows.numel(), ROW_ALIGN), host_queries.shape[1]), dtype=plan.compute_dtype)
     redo_queries[: rows.numel()] = host_queries[rows]
     device = torch.device(plan.device)
-    running, _ = _search_rows(redo_queries.to(device), rows.numel(), docs, plan, candidates, None, None)
-    return running.result()
+    running, _ = _search_rows(redo_queries.to(device), rows.numel(), docs, plan, candidates, None, None, selection)
+    scores, indices = running.result()
+    return scores, indices, running.uncertain_rows()
 
 
 def _multiplied_queries(host_queries: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -176,26 +189,27 @@ def _search_rows(
     candidates: int,
     on_docs_scored: ProgressCallback | None,
     start_thresholds: torch.Tensor | None,
+    selection: str | None = None,
 ) -> tuple[RunningTopK, float]:
     """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment), keeping
     `candidates` per row. Also returns the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
-    running = make_running_topk(rows, candidates, device, docs.rows, plan.selection, start_thresholds)
+    running = make_running_topk(rows, candidates, device, docs.rows, selection or plan.selection, start_thresholds)
     # Products and selection together, on the selector's threads, when each thread has rows enough.
     fused = isinstance(running, ThresholdTopK) and fuse_products(rows, running.threads)
     tile_storage = (
         None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
     )
     largest_sq = 0.0
-    watch = _checked_through_scores(plan, device)
-    for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device):
+    watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
+    for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device, watched is None):
         padded_docs = round_up(doc_count, COL_ALIGN)
         doc_rows_t = chunk[:padded_docs].T
         largest_sq = max(largest_sq, chunk_largest_sq)
         non_finite: list[bool] = []
         if fused:
             assert isinstance(running, ThresholdTopK)
-            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, non_finite if watch else None)
+            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, watched, non_finite)
             running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows)
         else:
             assert tile_storage is not None
@@ -204,8 +218,8 @@ def _search_rows(
                 padded_rows = round_up(block_rows, ROW_ALIGN)
                 tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
                 _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
-                if watch and block_start == 0:
-                    _watch(tile[0], non_finite)
+                if watched is not None and block_start <= watched < block_start + block_rows:
+                    _watch(tile[watched - block_start], non_finite)
                 running.add(tile[:block_rows, :doc_count], block_start, first_doc)
         if non_finite:
             _refuse_non_finite(docs, first_doc, doc_count, plan)
@@ -227,27 +241,35 @@ def _score_rows(
     query_rows: torch.Tensor,
     doc_rows_t: torch.Tensor,
     offsets: torch.Tensor | None,
-    non_finite: list[bool] | None,
+    watched: int | None,
+    non_finite: list[bool],
     lo: int,
     hi: int,
     out: torch.Tensor,
 ) -> None:
-    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows); with
-    `non_finite`, the first query row's keys are watched for NaN or Inf."""
+    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows); the
+    keys of query row `watched`, if among them, are watched for NaN or Inf."""
     _score(query_rows[lo:hi], doc_rows_t, offsets, out)
-    if non_finite is not None and lo == 0:
-        _watch(out[0], non_finite)
+    if watched is not None and lo <= watched < hi:
+        _watch(out[watched - lo], non_finite)
 
 
 def _checked_through_scores(plan: Plan, device: torch.device) -> bool:
-    """Whether docs go unchecked for NaN and Inf as they are read, their scores being watched instead.
+    """Whether docs may go unchecked for NaN and Inf as they are read, their scores being watched instead.
 
-    So on the CPU in float32: a NaN or Inf anywhere in a doc makes its score with every query non-finite
-    (0 * Inf is NaN too), so the first query row's scores reveal it, and one numpy pass per chunk is saved.
-    Not on a GPU (watching would synchronise every chunk; the reader's threads check cheaply there), nor in
-    bfloat16, whose rounding could turn some NaN bit patterns into zeros before the product.
+    So on the CPU in float32 (one numpy pass per chunk saved): a NaN or Inf anywhere in a doc makes its
+    score with a query whose values are all non-zero non-finite (see _watched_row). Not on a GPU (watching
+    would synchronise every chunk; the reader's threads check cheaply there), nor in bfloat16, whose
+    rounding could turn some NaN bit patterns into zeros before the product.
     """
     return device.type == "cpu" and plan.precision == "fp32"
+
+
+def _watched_row(query_rows: torch.Tensor, rows: int) -> int | None:
+    """The first query with no zero value, or None. Its score with a doc holding NaN or Inf is NaN or Inf
+    whatever the BLAS: every product q_i * d_i is taken (some BLAS skip zero factors, and with them 0 * Inf)."""
+    full = torch.nonzero((query_rows[:rows] != 0).all(dim=1)).flatten()
+    return int(full[0]) if full.numel() else None
 
 
 def _watch(scores: torch.Tensor, non_finite: list[bool]) -> None:
@@ -259,8 +281,9 @@ def _watch(scores: torch.Tensor, non_finite: list[bool]) -> None:
 def _refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan) -> None:
     """Reads docs first_doc... again, checked: raises InvalidInputError naming the first row with NaN or Inf.
     Returns if there is none (finite docs whose keys overflowed float32)."""
-    rows = torch.empty((doc_count, docs.dim), dtype=plan.compute_dtype)
-    docs.read_into(first_doc, first_doc + doc_count, rows, check=True)
+    rows = torch.empty((min(doc_count, plan.doc_chunk_rows), docs.dim), dtype=plan.compute_dtype)
+    for start in range(first_doc, first_doc + doc_count, rows.shape[0]):
+        docs.read_into(start, min(start + rows.shape[0], first_doc + doc_count), rows, check=True)
 
 
 def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
@@ -274,9 +297,10 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
     sample_docs = torch.empty((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
     with np.errstate(over="ignore", invalid="ignore"):
-        if not np.isfinite(sample_docs.numpy().sum()):  # read_rows does not check: name the row in its file
-            for position in positions[~torch.isfinite(sample_docs).all(dim=1)].tolist()[:1]:
-                docs.read_into(position, position + 1, sample_docs, check=True)
+        if not np.isfinite(sample_docs.numpy().sum()):  # read_rows does not check
+            bad = positions[~torch.isfinite(sample_docs).all(dim=1)]
+            if bad.numel():  # name the first bad row in the file, which may lie before the sampled one
+                _refuse_non_finite(docs, 0, int(bad[0]) + 1, plan)
     rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
     running, _ = _search_rows(query_rows, rows, from_array(sample_docs, "docs sample"), plan, rank, None, None)
     return running.result()[0][:, -1]
@@ -298,17 +322,17 @@ def _prepared_offsets(
 Chunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float]
 
 
-def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chunk]:
+def _doc_chunks(docs: Source, plan: Plan, device: torch.device, check: bool = True) -> Iterator[Chunk]:
     """Yields (first_doc, doc_count, chunk, key offsets, largest squared norm) with the next chunk already
     being read on another thread (and, on a GPU, already being copied to it on a side stream).
 
     `chunk` holds doc_count rows followed by zero rows up to the alignment. On the CPU it is reused two
-    chunks later, so the caller must be done with it before asking for the next-but-one.
+    chunks later, so the caller must be done with it before asking for the next-but-one. `check=False`:
+    NaN and Inf are not refused here (the caller watches the scores).
     """
     cuda = device.type == "cuda"
     # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
     pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
-    check = not _checked_through_scores(plan, device)
     chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=check)
     if not cuda:
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)

@@ -203,10 +203,12 @@ class ThresholdTopK(RunningTopK):
         self._run(finalize, self._row_ranges(0, self.rows))
         if self._executor is not None:
             self._executor.shutdown()
+        # A row with fewer than k keys (the threshold kept out docs at or below it, or, with none set, fewer
+        # than k docs scored above -inf) holds garbage past its fill: it must be searched again.
+        uncertain = self._fills < self.k
         if self._start_thresholds is not None:
-            # A row with fewer than k keys holds garbage past its fill; it is searched again anyway.
-            short = self._fills < self.k
-            self._uncertain = torch.nonzero(short | (scores[:, -1] <= self._start_thresholds)).flatten()
+            uncertain |= scores[:, -1] <= self._start_thresholds
+        self._uncertain = torch.nonzero(uncertain).flatten()
         return scores, indices
 
     def uncertain_rows(self) -> torch.Tensor:
@@ -236,6 +238,9 @@ class SortMergeTopK(RunningTopK):
         # order) before the tile's (in rule order too), which is exactly ascending doc index.
         merged_scores = torch.cat([self._scores[row_start:stop], scores], dim=1)
         merged_indices = torch.cat([self._indices[row_start:stop], indices], dim=1)
+        # Placeholders after every real doc, even one scoring -inf (a product that overflowed).
+        real_first = torch.argsort((merged_indices < 0).to(torch.uint8), dim=1, stable=True)
+        merged_scores, merged_indices = merged_scores.gather(1, real_first), merged_indices.gather(1, real_first)
         best_scores, pick = torch.sort(merged_scores, dim=1, descending=True, stable=True)
         self._scores[row_start:stop] = best_scores[:, : self.k]
         self._indices[row_start:stop] = torch.gather(merged_indices, 1, pick[:, : self.k])
