@@ -79,16 +79,22 @@ QUICK = {"queries": 1024, "docs": 20_000, "dim": 128, "ks": "10,2000", "repeats"
 # The contenders' code, run inside a worker child process.
 
 
-def naive_torch_topk(q_path: str, d_path: str, k: int, out_path: str) -> None:
-    """The loop people write first: score a chunk, keep its top k, merge with the running top k."""
+def naive_torch_topk(
+    q_path: str, d_path: str, k: int, out_path: str, device: str = "cpu", chunk_rows: int = NAIVE_CHUNK_ROWS
+) -> None:
+    """The loop people write first: score a chunk, keep its top k, merge with the running top k, save.
+
+    On a GPU (gpu.py), in exact float32, the docs stream from the page cache chunk by chunk; on the CPU they
+    are loaded whole first."""
     import torch
 
-    queries = torch.load(q_path, map_location="cpu", weights_only=True).float()
-    docs = torch.load(d_path, map_location="cpu", weights_only=True).float()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    queries = torch.load(q_path, map_location="cpu", weights_only=True).float().to(device)
+    docs = torch.load(d_path, map_location="cpu", weights_only=True, mmap=device != "cpu")
     k = min(k, docs.shape[0])
     best_scores = best_indices = None
-    for start in range(0, docs.shape[0], NAIVE_CHUNK_ROWS):
-        scores = queries @ docs[start : start + NAIVE_CHUNK_ROWS].T
+    for start in range(0, docs.shape[0], chunk_rows):
+        scores = queries @ docs[start : start + chunk_rows].to(device, non_blocking=True).float().T
         chunk_scores, chunk_indices = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         chunk_indices += start
         if best_scores is None or best_indices is None:
@@ -98,7 +104,8 @@ def naive_torch_topk(q_path: str, d_path: str, k: int, out_path: str) -> None:
         merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
         best_scores, position = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
         best_indices = torch.gather(merged_indices, 1, position)
-    torch.save({"indices": best_indices, "scores": best_scores}, out_path)
+    assert best_scores is not None and best_indices is not None
+    torch.save({"indices": best_indices.cpu(), "scores": best_scores.cpu()}, out_path)
 
 
 def floor_times(q_path: str, d_path: str, shapes: Sequence[tuple[int, int]]) -> dict[str, float]:

@@ -11,13 +11,14 @@ tiny-knn streams them from the page cache as a user's run would):
   floor-tf32   the same with TF32 on (what the original tiny-knn used; not exact).
   tiny-knn     compute_topk(queries.pt, docs.pt, k, out_path=...) on CUDA: from the .pt paths to the
                written result file, wall clock.
-  naive        both files loaded onto the GPU, then per 65,536-doc chunk q @ chunk.T (exact float32),
-               torch.topk, cat with the running top-k, torch.topk again; results copied back and saved with
-               torch.save, as tiny-knn's are. Wall clock, loading and saving included.
+  naive        bench.py's naive loop on the GPU: queries on the GPU, docs streamed to it per 65,536-doc
+               chunk, q @ chunk.T (exact float32), torch.topk, cat with the running top-k, torch.topk
+               again; results copied back and saved with torch.save, as tiny-knn's are. Wall clock,
+               loading and saving included.
 
 Effective TFLOP/s = 2 * Q * D * dim / seconds. Each contender runs --repeats times after a warm-up run;
-the median is reported. tiny-knn's answer is checked against the naive loop's (identical scores, and
-identical indices except where scores tie). Writes OUT/gpu.json.
+the median is reported. Each tiny-knn answer is checked on 64 random queries against float64 scores
+(tests/oracle.py's test). Writes OUT/gpu.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from bench import naive_torch_topk
 
 from tiny_knn import compute_topk
 
@@ -54,29 +56,6 @@ def floor_seconds(queries: torch.Tensor, docs: torch.Tensor, tf32: bool) -> floa
     torch.cuda.synchronize()
     torch.backends.cuda.matmul.allow_tf32 = previous
     return start.elapsed_time(stop) / 1000
-
-
-def naive_topk(q_path: str, d_path: str, k: int, out_path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    queries = torch.load(q_path, weights_only=True).cuda()
-    docs = torch.load(d_path, weights_only=True, mmap=True)
-    best_scores = best_indices = None
-    for start in range(0, docs.shape[0], TILE_DOCS):
-        chunk = docs[start : start + TILE_DOCS].cuda(non_blocking=True)
-        scores = queries @ chunk.T
-        chunk_scores, chunk_indices = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        chunk_indices += start
-        if best_scores is None or best_indices is None:
-            best_scores, best_indices = chunk_scores, chunk_indices
-            continue
-        merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
-        merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
-        best_scores, position = torch.topk(merged_scores, k, dim=1)
-        best_indices = torch.gather(merged_indices, 1, position)
-    assert best_scores is not None and best_indices is not None
-    answer = best_scores.cpu(), best_indices.cpu()
-    torch.save({"indices": answer[1], "scores": answer[0]}, out_path)
-    return answer
 
 
 def exact_reference(q_path: str, d_path: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,6 +140,7 @@ def main(argv: Sequence[str]) -> int:
     sample = torch.randperm(args.queries, generator=torch.Generator().manual_seed(1))[:64]
     reference = exact_reference(q_path, d_path, sample)
     rows = []
+    naive_path = os.path.join(args.out, "naive.pt")
     for k in map(int, args.ks.split(",")):
         variants: dict[str, dict[str, Any]] = {"tiny-knn": {}}
         for chunk in filter(None, args.chunk_sizes.split(",")):
@@ -180,7 +160,7 @@ def main(argv: Sequence[str]) -> int:
                 )
                 if repeat:
                     times[name].append(seconds)
-            seconds, _ = timed(lambda k=k: naive_topk(q_path, d_path, k, os.path.join(args.out, "naive.pt")))
+            seconds, _ = timed(lambda k=k: naive_torch_topk(q_path, d_path, k, naive_path, "cuda", TILE_DOCS))
             if repeat:
                 times["naive"].append(seconds)
         checks = {}
