@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import sys
@@ -44,6 +46,86 @@ def test_an_existing_result_is_replaced_whole_or_not_at_all(tmp_path, monkeypatc
         results.write_result(target, {"v": torch.tensor(2)})
     monkeypatch.undo()
     assert torch.load(target)["v"].item() == 1 and os.listdir(tmp_path) == ["out.pt"]
+
+
+@pytest.fixture
+def large_result() -> dict[str, object]:
+    """A result dict just over a lowered direct-write threshold, whose size is not a multiple of the stage."""
+    generator = torch.Generator().manual_seed(3)
+    return {
+        "indices": torch.randint(0, 10**6, (37, 101), generator=generator),
+        "scores": torch.randn(37, 101, generator=generator),
+        "k": 101,
+    }
+
+
+def _buffered_bytes(result: dict[str, object], tmp_path) -> bytes:  # type: ignore[no-untyped-def]
+    with open(tmp_path / "buffered.pt", "wb") as stream:
+        torch.save(result, stream)
+    return (tmp_path / "buffered.pt").read_bytes()
+
+
+@pytest.fixture
+def direct_writes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Lowers the direct-write threshold and stage, and records the length of every O_DIRECT write."""
+    monkeypatch.setattr(results, "DIRECT_WRITE_MIN_BYTES", 1024)
+    monkeypatch.setattr(results, "DIRECT_STAGE_BYTES", 3 * 4096)
+    lengths: list[int] = []
+    real_write = os.write
+
+    def write(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            lengths.append(len(data))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return lengths
+
+
+def test_large_results_are_written_past_the_page_cache_byte_for_byte(tmp_path, large_result, direct_writes) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "out.pt"
+    results.write_result(str(target), large_result)
+    expected = _buffered_bytes(large_result, tmp_path)
+    assert target.read_bytes() == expected
+    assert len(direct_writes) == -(-len(expected) // (3 * 4096)), "every stage went out with O_DIRECT"
+    assert all(length % 4096 == 0 for length in direct_writes)
+
+
+@pytest.mark.parametrize("refused_by", ["open", "write"])
+def test_a_file_system_refusing_direct_writes_gets_an_ordinary_one(tmp_path, large_result, direct_writes, monkeypatch, refused_by) -> None:  # type: ignore[no-untyped-def]
+    real_open, real_write = os.open, os.write
+
+    def open_(path, flags, *args):  # type: ignore[no-untyped-def]
+        if refused_by == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def write(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write)
+    target = tmp_path / "out.pt"
+    results.write_result(str(target), large_result)
+    assert target.read_bytes() == _buffered_bytes(large_result, tmp_path)
+
+
+def test_a_disk_filling_up_during_a_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    written = os.write
+    calls = []
+
+    def fill_up(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return written(descriptor, data)
+
+    monkeypatch.setattr(os, "write", fill_up)
+    with pytest.raises(OutputError, match="No space left on device"):
+        results.write_result(str(tmp_path / "out.pt"), large_result)
+    assert os.listdir(tmp_path) == []
 
 
 def test_check_output_path(tmp_path) -> None:  # type: ignore[no-untyped-def]

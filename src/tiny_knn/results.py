@@ -17,7 +17,9 @@ reader never sees a half-written result and a failure leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import InputFileError, InvalidInputError, OutputError
+from .plan import round_up
 
 FORMATS = ("pt", "npy", "parquet", "trec")
 _SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec"}
@@ -104,13 +107,117 @@ def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: 
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:
-    """Saves `result` to `path` as a .pt dict, atomically (temporary file, fsync, rename)."""
+    """Saves `result` to `path` as a .pt dict, atomically (temporary file, fsync, rename).
+
+    Large results bypass the page cache where the file system allows it (O_DIRECT, through an aligned
+    buffer): on the VMs we measured, a buffered write of a fresh 98 MB file right after a search took
+    0.07-0.28 s, all of it the kernel taking and filling new cache pages; written direct, 0.05 s.
+    """
 
     def save(temporary: str) -> None:
+        tensor_bytes = sum(v.nbytes for v in result.values() if isinstance(v, torch.Tensor))
+        if tensor_bytes >= DIRECT_WRITE_MIN_BYTES and _save_direct(result, temporary):
+            return
         with open(temporary, "wb") as stream:
             torch.save(result, stream)
 
     _atomically(path, save)
+
+
+# Results at least this large are written past the page cache, staged through a buffer of this many bytes.
+DIRECT_WRITE_MIN_BYTES = 16 * 2**20
+DIRECT_STAGE_BYTES = 8 * 2**20
+_DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: a multiple of any disk's logical block
+
+
+def _save_direct(result: dict[str, Any], path: str) -> bool:
+    """torch.save(result) into the (existing, empty) file at `path` with O_DIRECT. False, with nothing
+    written, where the file system does not allow it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC | flag)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    writer = _DirectWriter(descriptor)
+    try:
+        try:
+            torch.save(result, writer)
+            writer.finish()
+        except RuntimeError:
+            if writer.error is None:
+                raise
+        if writer.error is None:
+            return True
+        if writer.error.errno != errno.EINVAL:
+            raise writer.error
+        os.ftruncate(descriptor, 0)  # refused: written again through the page cache
+        return False
+    finally:
+        writer.close()
+        os.close(descriptor)
+
+
+class _DirectWriter:
+    """The file-like object torch.save writes into: bytes are gathered in a page-aligned buffer and written
+    a whole buffer at a time; `finish()` writes the last, padded block and cuts the file to its length.
+
+    torch.save turns an exception raised in `write` into its own RuntimeError, so a failed write is kept
+    in `error` instead, for the caller to see.
+    """
+
+    def __init__(self, descriptor: int) -> None:
+        self._descriptor = descriptor
+        self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)  # anonymous maps are page-aligned
+        self._filled = 0
+        self._length = 0
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            return 0
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            take = min(len(view) - done, DIRECT_STAGE_BYTES - self._filled)
+            self._stage[self._filled : self._filled + take] = view[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == DIRECT_STAGE_BYTES and not self._flush(DIRECT_STAGE_BYTES):
+                return 0
+        self._length += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Nothing: whole buffers are written as they fill (torch.save calls this)."""
+
+    def finish(self) -> None:
+        if self.error is not None:
+            return
+        if self._filled:
+            padded = round_up(self._filled, _DIRECT_ALIGN)
+            self._stage[self._filled : padded] = bytes(padded - self._filled)
+            if not self._flush(padded):
+                return
+        os.ftruncate(self._descriptor, self._length)
+
+    def close(self) -> None:
+        self._stage.close()
+
+    def _flush(self, length: int) -> bool:
+        written = 0
+        try:
+            while written < length:
+                with memoryview(self._stage)[written:length] as piece:  # released even on failure
+                    written += os.write(self._descriptor, piece)
+        except OSError as exc:
+            self.error = exc
+            return False
+        self._filled = 0
+        return True
 
 
 def metadata(result: dict[str, Any]) -> dict[str, Any]:
