@@ -134,10 +134,16 @@ def test_make_running_topk_choices() -> None:
         make_running_topk(2, 3, cpu, 100, "heap")
 
 
-@pytest.mark.parametrize(("rows", "block_rows", "threads"), [(100, 16, 2), (37, 32, 2), (300, 64, 3), (20, 256, 1)])
-def test_scoring_inside_the_selector_equals_offering_whole_tiles(rows: int, block_rows: int, threads: int) -> None:
+@pytest.mark.parametrize(
+    ("rows", "block_rows", "threads", "doc_count", "tile_docs"),
+    [(100, 16, 2, 50, 64), (37, 32, 2, 150, 64), (300, 64, 3, 130, 128), (20, 256, 1, 200, 64)],
+)
+def test_scoring_inside_the_selector_equals_offering_whole_tiles(
+    rows: int, block_rows: int, threads: int, doc_count: int, tile_docs: int
+) -> None:
     generator = torch.Generator().manual_seed(rows)
-    k, dim, doc_count, padded_docs = 25, 12, 50, 64
+    k, dim = 25, 12
+    padded_docs = -(-doc_count // 64) * 64
     queries = torch.zeros(-(-rows // 16) * 16, dim)  # zero-padded to the row alignment, as the engine does
     queries[:rows] = torch.randint(-2, 3, (rows, dim), generator=generator).float()  # many ties
     chunks = [torch.zeros(padded_docs, dim) for _ in range(4)]
@@ -147,14 +153,16 @@ def test_scoring_inside_the_selector_equals_offering_whole_tiles(rows: int, bloc
     asked = []
     for number, chunk in enumerate(chunks):
 
-        def score(lo: int, hi: int, out: torch.Tensor, chunk: torch.Tensor = chunk) -> None:
-            asked.append((lo, hi))
-            torch.mm(queries[lo:hi], chunk.T, out=out)
+        def score(lo: int, hi: int, doc_lo: int, doc_hi: int, out: torch.Tensor, chunk: torch.Tensor = chunk) -> None:
+            asked.append((lo, hi, doc_lo, doc_hi))
+            torch.mm(queries[lo:hi], chunk[doc_lo:doc_hi].T, out=out)
 
-        fused.add_products(score, number * doc_count, doc_count, padded_docs, block_rows)
+        fused.add_products(score, number * doc_count, doc_count, padded_docs, block_rows, tile_docs)
         reference.add((queries[:rows] @ chunk.T)[:, :doc_count], 0, number * doc_count)
-    assert all(lo % 16 == 0 and (hi - lo) % 16 == 0 and hi - lo <= block_rows for lo, hi in asked)
-    assert sorted(set(asked))[-1][1] == queries.shape[0]  # every row scored, padding included
+    assert all(lo % 16 == 0 and (hi - lo) % 16 == 0 and hi - lo <= block_rows for lo, hi, _, _ in asked)
+    assert all(doc_lo % 64 == 0 and (doc_hi - doc_lo) % 64 == 0 and doc_hi - doc_lo <= tile_docs for _, _, doc_lo, doc_hi in asked)
+    assert max(hi for _, hi, _, _ in asked) == queries.shape[0]  # every row scored, padding included
+    assert max(doc_hi for _, _, _, doc_hi in asked) == padded_docs  # every doc scored, padding included
     for got, expected in zip(fused.result(), reference.result(), strict=True):
         assert torch.equal(got, expected)
 

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
-from .plan import COL_ALIGN, REFINE_WIDENING, ROW_ALIGN, Plan, fuse_products, round_up, threshold_sample_rank
+from .plan import COL_ALIGN, CPU_TILE_DOCS, REFINE_WIDENING, ROW_ALIGN, Plan, fuse_products, round_up, threshold_sample_rank
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
@@ -210,7 +210,7 @@ def _search_rows(
         if fused:
             assert isinstance(running, ThresholdTopK)
             score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, watched, non_finite)
-            running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows)
+            running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows, CPU_TILE_DOCS)
         else:
             assert tile_storage is not None
             for block_start in range(0, rows, plan.query_block_rows):
@@ -245,11 +245,14 @@ def _score_rows(
     non_finite: list[bool],
     lo: int,
     hi: int,
+    doc_lo: int,
+    doc_hi: int,
     out: torch.Tensor,
 ) -> None:
-    """Search keys of (padded) query rows lo..hi against the chunk, into `out` (see topk.ScoreRows); the
-    keys of query row `watched`, if among them, are watched for NaN or Inf."""
-    _score(query_rows[lo:hi], doc_rows_t, offsets, out)
+    """Search keys of (padded) query rows lo..hi against the chunk's docs doc_lo..doc_hi, into `out` (see
+    topk.ScoreRows); the keys of query row `watched`, if among them, are watched for NaN or Inf."""
+    doc_offsets = None if offsets is None else offsets[doc_lo:doc_hi]
+    _score(query_rows[lo:hi], doc_rows_t[:, doc_lo:doc_hi], doc_offsets, out)
     if watched is not None and lo <= watched < hi:
         _watch(out[watched - lo], non_finite)
 

@@ -26,7 +26,10 @@ CPU_THREAD_BLOCK_ROWS = 1024
 # threads covers the batch: per-thread blocks would leave cores idle. On 2 threads, per-thread blocks of
 # 16 and 32 rows still beat one product for the batch by 15-25% (benchmarks/RESULTS.md).
 FUSED_MIN_ROWS_PER_THREAD = ROW_ALIGN
-CPU_DOC_CHUNK_ROWS = 1024
+# Docs read from disk at a time. The threshold selector's threads meet once per chunk; each multiplies and
+# scans a chunk CPU_TILE_DOCS docs at a time (the tile that stays in cache; 512 docs slowed the products).
+CPU_DOC_CHUNK_ROWS = 4096
+CPU_TILE_DOCS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 65536
 # Sampled starting threshold (threshold selection only): score each query against a strided sample of
@@ -221,7 +224,10 @@ def estimate_bytes(
     if refine:
         state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
     doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
-    tile = block_rows * chunk_rows * SCORE_BYTES * (threads if selection == "threshold" else 1)  # a tile per thread
+    # A tile per thread (the threshold selector's are at most CPU_TILE_DOCS wide)
+    tile = block_rows * chunk_rows * SCORE_BYTES
+    if selection == "threshold":
+        tile = block_rows * min(chunk_rows, CPU_TILE_DOCS) * SCORE_BYTES * threads
     if selection == "sort":  # topk's temporaries (packed keys for every score when k is over half a chunk)
         per_score = 1 + (4 * INDEX_BYTES if 2 * candidates > chunk_rows else 0)
         tile += block_rows * (chunk_rows * per_score + 4 * candidates * (SCORE_BYTES + INDEX_BYTES))

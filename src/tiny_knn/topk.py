@@ -40,8 +40,9 @@ HOST_STAGE_BYTES = 64 * 2**20
 MAX_KERNEL_DOCS = 2**32
 
 
-# score(lo, hi, out): writes the scores of (padded) query rows lo..hi against the current doc chunk into out.
-ScoreRows = Callable[[int, int, torch.Tensor], None]
+# score(lo, hi, doc_lo, doc_hi, out): writes the scores of (padded) query rows lo..hi against (padded) docs
+# doc_lo..doc_hi of the current chunk into out.
+ScoreRows = Callable[[int, int, int, int, torch.Tensor], None]
 
 
 def pool_capacity(k: int) -> int:
@@ -148,25 +149,33 @@ class ThresholdTopK(RunningTopK):
 
         self.survivors += sum(self._run(scan, self._row_ranges(0, rows)))
 
-    def add_products(self, score: ScoreRows, first_doc: int, doc_count: int, padded_docs: int, block_rows: int) -> None:
+    def add_products(
+        self, score: ScoreRows, first_doc: int, doc_count: int, padded_docs: int, block_rows: int, tile_docs: int
+    ) -> None:
         """Scores all rows against a doc chunk and selects, each tile scanned while it is still in cache.
 
-        Each thread takes its own rows, `block_rows` (a multiple of ROW_ALIGN) at a time: `score(lo, hi,
-        tile)` writes padded query rows lo..hi against the chunk's `padded_docs` (padded) docs into a tile
-        of the thread's own, which is scanned at once, its first `doc_count` columns being real docs.
-        Compared with one product over all rows and then a scan, the scores never travel to memory and back.
+        Each thread takes its own rows, `block_rows` (a multiple of ROW_ALIGN) at a time, and for each block
+        the chunk's docs `tile_docs` (a multiple of COL_ALIGN) at a time: `score(lo, hi, doc_lo, doc_hi,
+        tile)` writes padded query rows lo..hi against the chunk's (padded) docs doc_lo..doc_hi into a tile of
+        the thread's own, which is scanned at once; the chunk's first `doc_count` docs are real. Compared
+        with one product over all rows and then a scan, the scores never travel to memory and back; and the
+        threads wait for each other once per chunk, not once per tile.
         """
 
         def work(part: int, lo: int, hi: int) -> int:
-            if self._tiles[part].numel() < block_rows * padded_docs:
-                self._tiles[part] = torch.empty(block_rows * padded_docs, dtype=torch.float32)
+            width = min(tile_docs, padded_docs)
+            if self._tiles[part].numel() < block_rows * width:
+                self._tiles[part] = torch.empty(block_rows * width, dtype=torch.float32)
             survivors = 0
             for start in range(lo, hi, block_rows):
                 stop = min(start + block_rows, hi)
                 padded = round_up(stop - start, ROW_ALIGN)
-                tile = self._tiles[part][: padded * padded_docs].view(padded, padded_docs)
-                score(start, start + padded, tile)
-                survivors += self._scan(tile, start, stop - start, doc_count, first_doc)
+                for doc_lo in range(0, doc_count, width):
+                    doc_hi = min(doc_lo + width, padded_docs)
+                    tile = self._tiles[part][: padded * (doc_hi - doc_lo)].view(padded, doc_hi - doc_lo)
+                    score(start, start + padded, doc_lo, doc_hi, tile)
+                    cols = min(doc_lo + width, doc_count) - doc_lo
+                    survivors += self._scan(tile, start, stop - start, cols, first_doc + doc_lo)
             return survivors
 
         ranges = self._row_ranges(0, self.rows)
