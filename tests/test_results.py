@@ -71,14 +71,14 @@ def direct_writes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(results, "DIRECT_WRITE_MIN_BYTES", 1024)
     monkeypatch.setattr(results, "DIRECT_STAGE_BYTES", 3 * 4096)
     lengths: list[int] = []
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def write(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
+    def pwrite(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
         if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
             lengths.append(len(data))
-        return real_write(descriptor, data)
+        return real_pwrite(descriptor, data, offset)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     return lengths
 
 
@@ -93,36 +93,34 @@ def test_large_results_are_written_past_the_page_cache_byte_for_byte(tmp_path, l
 
 @pytest.mark.parametrize("refused_by", ["open", "write"])
 def test_a_file_system_refusing_direct_writes_gets_an_ordinary_one(tmp_path, large_result, direct_writes, monkeypatch, refused_by) -> None:  # type: ignore[no-untyped-def]
-    real_open, real_write = os.open, os.write
+    real_open = os.open
 
     def open_(path, flags, *args):  # type: ignore[no-untyped-def]
         if refused_by == "open" and flags & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    def write(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
-        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(descriptor, data)
+    def pwrite(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
+        raise OSError(errno.EINVAL, "Invalid argument")  # only direct writes use pwrite
 
     monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     target = tmp_path / "out.pt"
     results.write_result(str(target), large_result)
     assert target.read_bytes() == _buffered_bytes(large_result, tmp_path)
 
 
 def test_a_disk_filling_up_during_a_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    written = os.write
+    written = os.pwrite
     calls = []
 
-    def fill_up(descriptor: int, data) -> int:  # type: ignore[no-untyped-def]
+    def fill_up(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
         calls.append(len(data))
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return written(descriptor, data)
+        return written(descriptor, data, offset)
 
-    monkeypatch.setattr(os, "write", fill_up)
+    monkeypatch.setattr(os, "pwrite", fill_up)
     with pytest.raises(OutputError, match="No space left on device"):
         results.write_result(str(tmp_path / "out.pt"), large_result)
     assert os.listdir(tmp_path) == []

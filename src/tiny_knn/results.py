@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -124,9 +125,9 @@ def write_result(path: str, result: dict[str, Any]) -> None:
     _atomically(path, save)
 
 
-# Results at least this large are written past the page cache, staged through a buffer of this many bytes.
+# Results at least this large are written past the page cache, staged through two buffers of this many bytes.
 DIRECT_WRITE_MIN_BYTES = 16 * 2**20
-DIRECT_STAGE_BYTES = 8 * 2**20
+DIRECT_STAGE_BYTES = 4 * 2**20
 _DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: a multiple of any disk's logical block
 
 
@@ -162,8 +163,9 @@ def _save_direct(result: dict[str, Any], path: str) -> bool:
 
 
 class _DirectWriter:
-    """The file-like object torch.save writes into: bytes are gathered in a page-aligned buffer and written
-    a whole buffer at a time; `finish()` writes the last, padded block and cuts the file to its length.
+    """The file-like object torch.save writes into: bytes are gathered in two page-aligned buffers in turn,
+    each written out whole by a background thread while the other fills; `finish()` writes the last, padded
+    block and cuts the file to its length.
 
     torch.save turns an exception raised in `write` into its own RuntimeError, so a failed write is kept
     in `error` instead, for the caller to see.
@@ -171,8 +173,12 @@ class _DirectWriter:
 
     def __init__(self, descriptor: int) -> None:
         self._descriptor = descriptor
-        self._stage = mmap.mmap(-1, DIRECT_STAGE_BYTES)  # anonymous maps are page-aligned
-        self._filled = 0
+        self._stages = [mmap.mmap(-1, DIRECT_STAGE_BYTES) for _ in range(2)]  # anonymous maps are page-aligned
+        self._pending: list[Future[None] | None] = [None, None]
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tiny-knn-write")
+        self._current = 0
+        self._filled = 0  # bytes in the current buffer
+        self._handed = 0  # bytes handed to the background thread: the file offset of the current buffer
         self._length = 0
         self.error: OSError | None = None
 
@@ -183,10 +189,10 @@ class _DirectWriter:
         done = 0
         while done < len(view):
             take = min(len(view) - done, DIRECT_STAGE_BYTES - self._filled)
-            self._stage[self._filled : self._filled + take] = view[done : done + take]
+            self._stages[self._current][self._filled : self._filled + take] = view[done : done + take]
             self._filled += take
             done += take
-            if self._filled == DIRECT_STAGE_BYTES and not self._flush(DIRECT_STAGE_BYTES):
+            if self._filled == DIRECT_STAGE_BYTES and not self._hand_over(DIRECT_STAGE_BYTES):
                 return 0
         self._length += len(view)
         return len(view)
@@ -195,29 +201,43 @@ class _DirectWriter:
         """Nothing: whole buffers are written as they fill (torch.save calls this)."""
 
     def finish(self) -> None:
-        if self.error is not None:
-            return
-        if self._filled:
+        if self.error is None and self._filled:
             padded = round_up(self._filled, _DIRECT_ALIGN)
-            self._stage[self._filled : padded] = bytes(padded - self._filled)
-            if not self._flush(padded):
-                return
-        os.ftruncate(self._descriptor, self._length)
+            self._stages[self._current][self._filled : padded] = bytes(padded - self._filled)
+            self._hand_over(padded)
+        for index in range(2):
+            self._wait(index)
+        if self.error is None:
+            os.ftruncate(self._descriptor, self._length)
 
     def close(self) -> None:
-        self._stage.close()
+        self._writer.shutdown()
+        for stage in self._stages:
+            stage.close()
 
-    def _flush(self, length: int) -> bool:
-        written = 0
-        try:
-            while written < length:
-                with memoryview(self._stage)[written:length] as piece:  # released even on failure
-                    written += os.write(self._descriptor, piece)
-        except OSError as exc:
-            self.error = exc
-            return False
+    def _hand_over(self, length: int) -> bool:
+        """Queues the current buffer's first `length` bytes for writing and switches to the other buffer
+        once its own write is done. False if a write failed (see `error`)."""
+        self._pending[self._current] = self._writer.submit(self._write_out, self._current, length, self._handed)
+        self._handed += length
+        self._current = 1 - self._current
         self._filled = 0
-        return True
+        return self._wait(self._current)
+
+    def _wait(self, index: int) -> bool:
+        pending, self._pending[index] = self._pending[index], None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as exc:
+                self.error = self.error or exc
+        return self.error is None
+
+    def _write_out(self, index: int, length: int, offset: int) -> None:
+        written = 0
+        while written < length:
+            with memoryview(self._stages[index])[written:length] as piece:  # released even on failure
+                written += os.pwrite(self._descriptor, piece, offset + written)
 
 
 def metadata(result: dict[str, Any]) -> dict[str, Any]:
