@@ -88,7 +88,7 @@ small_ints = st.integers(-2, 2).map(float)
     dim=st.integers(1, 40),
     tied=st.booleans(),
 )
-def test_identical_whatever_the_plan_and_selector(pair, data, n_queries, n_docs, dim, tied) -> None:  # type: ignore[no-untyped-def]
+def test_identical_whatever_the_plan_and_selector(pair, monkeypatch, data, n_queries, n_docs, dim, tied) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(n_queries * 7919 + n_docs * 31 + dim)
     if tied:
         queries = torch.randint(-2, 3, (n_queries, dim), generator=generator).float()
@@ -105,6 +105,8 @@ def test_identical_whatever_the_plan_and_selector(pair, data, n_queries, n_docs,
         batch = data.draw(st.integers(1, n_queries))
         chunk = data.draw(st.integers(1, n_docs))
         selection = data.draw(st.sampled_from(SELECTIONS))
+        # Tiles narrower than the chunk, as with the defaults (chunks of 4096 docs scanned 1024 at a time)
+        monkeypatch.setattr(engine, "CPU_TILE_DOCS", data.draw(st.sampled_from([64, 128, 1024])))
         with pytest.warns(UserWarning) if k > n_docs else _nothing():
             scores, indices = run(*paths, k, selection=selection, batch_size=batch, chunk_size=chunk)
         assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])

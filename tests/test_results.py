@@ -82,7 +82,7 @@ def direct_writes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     return lengths
 
 
-def test_large_results_are_written_past_the_page_cache_byte_for_byte(tmp_path, large_result, direct_writes) -> None:  # type: ignore[no-untyped-def]
+def test_large_results_written_direct_byte_for_byte(tmp_path, large_result, direct_writes) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "out.pt"
     results.write_result(str(target), large_result)
     expected = _buffered_bytes(large_result, tmp_path)
@@ -92,7 +92,7 @@ def test_large_results_are_written_past_the_page_cache_byte_for_byte(tmp_path, l
 
 
 @pytest.mark.parametrize("refused_by", ["open", "write"])
-def test_a_file_system_refusing_direct_writes_gets_an_ordinary_one(tmp_path, large_result, direct_writes, monkeypatch, refused_by) -> None:  # type: ignore[no-untyped-def]
+def test_direct_writes_refused_fall_back(tmp_path, large_result, direct_writes, monkeypatch, refused_by) -> None:  # type: ignore[no-untyped-def]
     real_open = os.open
 
     def open_(path, flags, *args):  # type: ignore[no-untyped-def]
@@ -110,7 +110,7 @@ def test_a_file_system_refusing_direct_writes_gets_an_ordinary_one(tmp_path, lar
     assert target.read_bytes() == _buffered_bytes(large_result, tmp_path)
 
 
-def test_a_disk_filling_up_during_a_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_disk_full_during_a_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     written = os.pwrite
     calls = []
 

@@ -160,7 +160,10 @@ def test_scoring_inside_the_selector_equals_offering_whole_tiles(
         fused.add_products(score, number * doc_count, doc_count, padded_docs, block_rows, tile_docs)
         reference.add((queries[:rows] @ chunk.T)[:, :doc_count], 0, number * doc_count)
     assert all(lo % 16 == 0 and (hi - lo) % 16 == 0 and hi - lo <= block_rows for lo, hi, _, _ in asked)
-    assert all(doc_lo % 64 == 0 and (doc_hi - doc_lo) % 64 == 0 and doc_hi - doc_lo <= tile_docs for _, _, doc_lo, doc_hi in asked)
+    assert all(
+        doc_lo % 64 == 0 and (doc_hi - doc_lo) % 64 == 0 and doc_hi - doc_lo <= tile_docs
+        for _, _, doc_lo, doc_hi in asked
+    )
     assert max(hi for _, hi, _, _ in asked) == queries.shape[0]  # every row scored, padding included
     assert max(doc_hi for _, _, _, doc_hi in asked) == padded_docs  # every doc scored, padding included
     for got, expected in zip(fused.result(), reference.result(), strict=True):

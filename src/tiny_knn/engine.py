@@ -22,7 +22,16 @@ import torch
 
 from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
-from .plan import COL_ALIGN, CPU_TILE_DOCS, REFINE_WIDENING, ROW_ALIGN, Plan, fuse_products, round_up, threshold_sample_rank
+from .plan import (
+    COL_ALIGN,
+    CPU_TILE_DOCS,
+    REFINE_WIDENING,
+    ROW_ALIGN,
+    Plan,
+    fuse_products,
+    round_up,
+    threshold_sample_rank,
+)
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk

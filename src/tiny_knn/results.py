@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -146,7 +146,7 @@ def _save_direct(result: dict[str, Any], path: str) -> bool:
     writer = _DirectWriter(descriptor)
     try:
         try:
-            torch.save(result, writer)
+            torch.save(result, cast(IO[bytes], writer))  # it only calls write() and flush()
             writer.finish()
         except RuntimeError:
             if writer.error is None:
