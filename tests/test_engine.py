@@ -150,6 +150,31 @@ def doc_reads(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     return reads
 
 
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_threshold_tiles_stay_as_narrow_as_the_plan_counts(pair, monkeypatch, selection) -> None:  # type: ignore[no-untyped-def]
+    """Both ways of splitting the products (fused or not, see the autouse fixture), searches of a few rows
+    again included, score the threshold selector's tiles at most CPU_TILE_DOCS wide, however large the chunk."""
+    monkeypatch.setattr(engine, "CPU_TILE_DOCS", 64)
+    monkeypatch.setattr(plan_module, "CPU_TILE_DOCS", 64)
+    shapes = []
+    real_score = engine._score
+
+    def score(query_block, doc_rows_t, offsets, out):  # type: ignore[no-untyped-def]
+        shapes.append(tuple(out.shape))
+        real_score(query_block, doc_rows_t, offsets, out)
+
+    monkeypatch.setattr(engine, "_score", score)
+    queries, docs = torch.randn(20, 8), torch.randn(1000, 8)
+    _queries, _docs, plan = prepare(*pair(queries, docs), 7, force_cpu=True, chunk_size=1000, selection=selection)
+    scores, indices = run(*pair(queries, docs), 7, chunk_size=1000, selection=selection)
+    assert_exact(queries, docs, scores, indices)
+    assert all(rows <= plan.query_block_rows for rows, _ in shapes)
+    if selection == "threshold":
+        assert max(cols for _, cols in shapes) == 64
+    else:
+        assert max(cols for _, cols in shapes) == 1024  # the sort selector takes the whole (padded) chunk
+
+
 def test_docs_are_streamed_in_chunks_never_whole(pair, doc_reads) -> None:  # type: ignore[no-untyped-def]
     run(*pair(torch.randn(4, 8), torch.randn(1000, 8)), 5, chunk_size=128)
     assert sum(doc_reads) == 1000 and max(doc_reads) <= 128 and len(doc_reads) == 8

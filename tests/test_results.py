@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import sys
+import time
 
 import ir_measures
 import numpy as np
@@ -65,23 +65,35 @@ def _buffered_bytes(result: dict[str, object], tmp_path) -> bytes:  # type: igno
     return (tmp_path / "buffered.pt").read_bytes()
 
 
+def _direct(descriptor: int) -> bool:
+    import fcntl  # POSIX only, as is O_DIRECT
+
+    return bool(fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+linux_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT exists on Linux only")
+
+
 @pytest.fixture
 def direct_writes(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
-    """Lowers the direct-write threshold and stage, and records the length of every O_DIRECT write."""
+    """Lowers the direct-write threshold and stage, and records the length of every O_DIRECT write, each
+    made slow enough that torch.save fills the other buffer meanwhile."""
     monkeypatch.setattr(results, "DIRECT_WRITE_MIN_BYTES", 1024)
     monkeypatch.setattr(results, "DIRECT_STAGE_BYTES", 3 * 4096)
     lengths: list[int] = []
     real_pwrite = os.pwrite
 
     def pwrite(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
-        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+        if _direct(descriptor):
             lengths.append(len(data))
+            time.sleep(0.005)
         return real_pwrite(descriptor, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     return lengths
 
 
+@linux_direct
 def test_large_results_written_direct_byte_for_byte(tmp_path, large_result, direct_writes) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "out.pt"
     results.write_result(str(target), large_result)
@@ -91,37 +103,57 @@ def test_large_results_written_direct_byte_for_byte(tmp_path, large_result, dire
     assert all(length % 4096 == 0 for length in direct_writes)
 
 
+@linux_direct
 @pytest.mark.parametrize("refused_by", ["open", "write"])
 def test_direct_writes_refused_fall_back(tmp_path, large_result, direct_writes, monkeypatch, refused_by) -> None:  # type: ignore[no-untyped-def]
     real_open = os.open
+    attempts = []
 
     def open_(path, flags, *args):  # type: ignore[no-untyped-def]
-        if refused_by == "open" and flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
+        if flags & os.O_DIRECT:
+            attempts.append("open")
+            if refused_by == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
     def pwrite(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
-        raise OSError(errno.EINVAL, "Invalid argument")  # only direct writes use pwrite
+        attempts.append("write")  # only direct writes use pwrite
+        raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pwrite", pwrite)
     target = tmp_path / "out.pt"
     results.write_result(str(target), large_result)
+    assert refused_by in attempts
+    assert target.read_bytes() == _buffered_bytes(large_result, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["buffered.pt", "out.pt"]
+
+
+def test_without_o_direct_results_are_written_buffered(tmp_path, large_result, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(results, "DIRECT_WRITE_MIN_BYTES", 1024)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)  # as on macOS or Windows
+    target = tmp_path / "out.pt"
+    results.write_result(str(target), large_result)
     assert target.read_bytes() == _buffered_bytes(large_result, tmp_path)
 
 
-def test_disk_full_during_a_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@linux_direct
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [(OSError(errno.ENOSPC, "No space left on device"), OutputError), (ValueError("broken"), ValueError)],
+)
+def test_failed_direct_write_leaves_nothing(tmp_path, large_result, direct_writes, monkeypatch, failure, expected):  # type: ignore[no-untyped-def]
     written = os.pwrite
     calls = []
 
-    def fill_up(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
+    def fail(descriptor: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
         calls.append(len(data))
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
         return written(descriptor, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", fill_up)
-    with pytest.raises(OutputError, match="No space left on device"):
+    monkeypatch.setattr(os, "pwrite", fail)
+    with pytest.raises(expected, match=str(failure.args[-1])):
         results.write_result(str(tmp_path / "out.pt"), large_result)
     assert os.listdir(tmp_path) == []
 

@@ -206,8 +206,17 @@ def _search_rows(
     running = make_running_topk(rows, candidates, device, docs.rows, selection or plan.selection, start_thresholds)
     # Products and selection together, on the selector's threads, when each thread has rows enough.
     fused = isinstance(running, ThresholdTopK) and fuse_products(rows, running.threads)
+    # A plan for the threshold selector counts tiles at most CPU_TILE_DOCS wide (rows searched again with the
+    # sort selector included); a plan for the sort selector, a whole chunk at once.
+    width = CPU_TILE_DOCS if plan.selection == "threshold" and device.type == "cpu" else plan.doc_chunk_rows
     tile_storage = (
-        None if fused else torch.empty(plan.query_block_rows * plan.doc_chunk_rows, dtype=torch.float32, device=device)
+        None
+        if fused
+        else torch.empty(
+            round_up(min(rows, plan.query_block_rows), ROW_ALIGN) * min(width, plan.doc_chunk_rows),
+            dtype=torch.float32,
+            device=device,
+        )
     )
     largest_sq = 0.0
     watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
@@ -225,11 +234,24 @@ def _search_rows(
             for block_start in range(0, rows, plan.query_block_rows):
                 block_rows = min(plan.query_block_rows, rows - block_start)
                 padded_rows = round_up(block_rows, ROW_ALIGN)
-                tile = tile_storage[: padded_rows * padded_docs].view(padded_rows, padded_docs)
-                _score(query_rows[block_start : block_start + padded_rows], doc_rows_t, offsets, tile)
-                if watched is not None and block_start <= watched < block_start + block_rows:
-                    _watch(tile[watched - block_start], non_finite)
-                running.add(tile[:block_rows, :doc_count], block_start, first_doc)
+                for doc_lo in range(0, doc_count, width):
+                    doc_hi = min(doc_lo + width, padded_docs)
+                    tile = tile_storage[: padded_rows * (doc_hi - doc_lo)].view(padded_rows, doc_hi - doc_lo)
+                    block_stop = block_start + padded_rows
+                    _score_rows(
+                        query_rows,
+                        doc_rows_t,
+                        offsets,
+                        watched,
+                        non_finite,
+                        block_start,
+                        block_stop,
+                        doc_lo,
+                        doc_hi,
+                        tile,
+                    )
+                    cols = min(doc_lo + width, doc_count) - doc_lo
+                    running.add(tile[:block_rows, :cols], block_start, first_doc + doc_lo)
         if non_finite:
             _refuse_non_finite(docs, first_doc, doc_count, plan)
         if on_docs_scored is not None:

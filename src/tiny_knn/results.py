@@ -110,8 +110,8 @@ def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: 
 def write_result(path: str, result: dict[str, Any]) -> None:
     """Saves `result` to `path` as a .pt dict, atomically (temporary file, fsync, rename).
 
-    Large results bypass the page cache where the file system allows it (O_DIRECT, through an aligned
-    buffer): on the VMs we measured, a buffered write of a fresh 98 MB file right after a search took
+    Large results bypass the page cache where the file system allows it (O_DIRECT, through two aligned
+    buffers): on the VMs we measured, a buffered write of a fresh 98 MB file right after a search took
     0.07-0.28 s, all of it the kernel taking and filling new cache pages; written direct, 0.05 s.
     """
 
@@ -128,13 +128,13 @@ def write_result(path: str, result: dict[str, Any]) -> None:
 # Results at least this large are written past the page cache, staged through two buffers of this many bytes.
 DIRECT_WRITE_MIN_BYTES = 16 * 2**20
 DIRECT_STAGE_BYTES = 4 * 2**20
-_DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: a multiple of any disk's logical block
+_DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: 512- and 4096-byte blocks (larger: EINVAL, buffered)
 
 
 def _save_direct(result: dict[str, Any], path: str) -> bool:
     """torch.save(result) into the (existing, empty) file at `path` with O_DIRECT. False, with nothing
-    written, where the file system does not allow it."""
-    flag = getattr(os, "O_DIRECT", 0)
+    written, where the file system does not allow it (EINVAL at open or at a write)."""
+    flag = getattr(os, "O_DIRECT", 0)  # Linux only
     if not flag:
         return False
     try:
@@ -143,23 +143,22 @@ def _save_direct(result: dict[str, Any], path: str) -> bool:
         if exc.errno == errno.EINVAL:
             return False
         raise
-    writer = _DirectWriter(descriptor)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.close, descriptor)
+        writer = _DirectWriter(descriptor)
+        cleanup.callback(writer.close)  # runs first: the writes are over before the descriptor closes
         try:
             torch.save(result, cast(IO[bytes], writer))  # it only calls write() and flush()
-            writer.finish()
         except RuntimeError:
             if writer.error is None:
                 raise
+        writer.finish()  # waits for every write in flight; after a failure, writes nothing more
         if writer.error is None:
             return True
-        if writer.error.errno != errno.EINVAL:
+        if not (isinstance(writer.error, OSError) and writer.error.errno == errno.EINVAL):
             raise writer.error
         os.ftruncate(descriptor, 0)  # refused: written again through the page cache
         return False
-    finally:
-        writer.close()
-        os.close(descriptor)
 
 
 class _DirectWriter:
@@ -167,8 +166,9 @@ class _DirectWriter:
     each written out whole by a background thread while the other fills; `finish()` writes the last, padded
     block and cuts the file to its length.
 
-    torch.save turns an exception raised in `write` into its own RuntimeError, so a failed write is kept
-    in `error` instead, for the caller to see.
+    torch.save does not reliably pass on an exception raised in `write` (it may raise its own RuntimeError,
+    or carry on), so a failed write is kept in `error` instead, for the caller to see, and nothing more is
+    written after it.
     """
 
     def __init__(self, descriptor: int) -> None:
@@ -180,7 +180,7 @@ class _DirectWriter:
         self._filled = 0  # bytes in the current buffer
         self._handed = 0  # bytes handed to the background thread: the file offset of the current buffer
         self._length = 0
-        self.error: OSError | None = None
+        self.error: Exception | None = None
 
     def write(self, data: Any) -> int:
         if self.error is not None:
@@ -229,7 +229,7 @@ class _DirectWriter:
         if pending is not None:
             try:
                 pending.result()
-            except OSError as exc:
+            except Exception as exc:  # any failure: kept for the caller (see the class docstring)
                 self.error = self.error or exc
         return self.error is None
 
@@ -237,7 +237,10 @@ class _DirectWriter:
         written = 0
         while written < length:
             with memoryview(self._stages[index])[written:length] as piece:  # released even on failure
-                written += os.pwrite(self._descriptor, piece, offset + written)
+                count = os.pwrite(self._descriptor, piece, offset + written)
+            if count <= 0:
+                raise OSError(errno.EIO, "the disk accepted no bytes")
+            written += count  # a short write continues unaligned: EINVAL, and the buffered write takes over
 
 
 def metadata(result: dict[str, Any]) -> dict[str, Any]:
