@@ -31,14 +31,22 @@ from tiny_knn import compute_topk, topk
 FLOOR_SHAPE = (4096, 1024)  # query rows x doc rows per product, one of bench.py's floor shapes
 
 
-def parse_setting(text: str) -> tuple[Any, str, list[Any]]:
+def parse_setting(text: str) -> tuple[list[Any], str, list[Any]]:
+    """The modules to set NAME in (the one named, and every tiny_knn module that imported NAME from it: a
+    constant imported by name would otherwise keep its old value there), NAME, and the values."""
     target, _, values = text.partition("=")
     module_name, _, name = target.rpartition(".")
     module = importlib.import_module(f"tiny_knn.{module_name}")
     if not hasattr(module, name):
         raise SystemExit(f"--set {text}: tiny_knn.{module_name} has no {name}")
-    kind = type(getattr(module, name))
-    return module, name, [kind(value) for value in values.split(",")]
+    original = getattr(module, name)
+    holders = [
+        other
+        for other_name, other in sorted(sys.modules.items())
+        if other_name.startswith("tiny_knn") and getattr(other, name, None) is original
+    ]
+    kind = type(original)
+    return holders, name, [kind(value) for value in values.split(",")]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -70,8 +78,9 @@ def main(argv: Sequence[str]) -> int:
     for _ in range(args.repeats):
         for k in map(int, args.ks.split(",")):
             for number, variant in enumerate(variants):
-                for module, name, value in variant:
-                    setattr(module, name, value)
+                for holders, name, value in variant:
+                    for module in holders:
+                        setattr(module, name, value)
                 floor = floor_times(q_path, d_path, [FLOOR_SHAPE])["x".join(map(str, FLOOR_SHAPE))]
                 redone[0] = 0
                 started = time.perf_counter()
