@@ -19,7 +19,7 @@ COL_ALIGN = 64
 # Tile shapes at the matrix-product floor on a 2-core AVX2 machine (benchmarks/RESULTS.md).
 CPU_QUERY_BLOCK_ROWS = 4096
 # With the threshold selector, every thread multiplies its own blocks of this many rows (single-threaded
-# products at the same rate) and scans each tile while it is still in cache (4 MiB at 1024 docs). 1024 rows
+# products at the same rate) and scans each tile while it is still in cache (4 MiB at 1024 docs: L3). 1024 rows
 # beat 512 by 2-4% at k=10 (each product packs its doc chunk once for twice the rows) and 2048 (RESULTS.md).
 CPU_THREAD_BLOCK_ROWS = 1024
 # ... but only when every thread gets at least this many rows of the batch. With fewer, one product on all
