@@ -28,6 +28,7 @@ from .plan import (
     REFINE_WIDENING,
     ROW_ALIGN,
     Plan,
+    doc_tiles,
     fuse_products,
     round_up,
     threshold_sample_rank,
@@ -225,33 +226,19 @@ def _search_rows(
         doc_rows_t = chunk[:padded_docs].T
         largest_sq = max(largest_sq, chunk_largest_sq)
         non_finite: list[bool] = []
+        score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, watched, non_finite)
         if fused:
             assert isinstance(running, ThresholdTopK)
-            score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, watched, non_finite)
             running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows, CPU_TILE_DOCS)
         else:
             assert tile_storage is not None
             for block_start in range(0, rows, plan.query_block_rows):
                 block_rows = min(plan.query_block_rows, rows - block_start)
                 padded_rows = round_up(block_rows, ROW_ALIGN)
-                for doc_lo in range(0, doc_count, width):
-                    doc_hi = min(doc_lo + width, padded_docs)
+                for doc_lo, doc_hi, real in doc_tiles(doc_count, padded_docs, width):
                     tile = tile_storage[: padded_rows * (doc_hi - doc_lo)].view(padded_rows, doc_hi - doc_lo)
-                    block_stop = block_start + padded_rows
-                    _score_rows(
-                        query_rows,
-                        doc_rows_t,
-                        offsets,
-                        watched,
-                        non_finite,
-                        block_start,
-                        block_stop,
-                        doc_lo,
-                        doc_hi,
-                        tile,
-                    )
-                    cols = min(doc_lo + width, doc_count) - doc_lo
-                    running.add(tile[:block_rows, :cols], block_start, first_doc + doc_lo)
+                    score(block_start, block_start + padded_rows, doc_lo, doc_hi, tile)
+                    running.add(tile[:block_rows, :real], block_start, first_doc + doc_lo)
         if non_finite:
             _refuse_non_finite(docs, first_doc, doc_count, plan)
         if on_docs_scored is not None:

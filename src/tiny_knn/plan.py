@@ -71,6 +71,16 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def doc_tiles(doc_count: int, padded_docs: int, width: int) -> list[tuple[int, int, int]]:
+    """How a chunk of `doc_count` docs (zero rows after them up to `padded_docs`) is scored `width` docs at a
+    time: (doc_lo, doc_hi, real) per tile, docs doc_lo..doc_hi of the padded chunk, the first `real` of them
+    real docs."""
+    return [
+        (doc_lo, min(doc_lo + width, padded_docs), min(doc_lo + width, doc_count) - doc_lo)
+        for doc_lo in range(0, doc_count, width)
+    ]
+
+
 def parse_size(text: str) -> int:
     """Parses a memory size: '512MB' (10**6), '8GiB' or '8G' (2**30), '1e9' bytes.
 

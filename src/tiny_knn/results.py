@@ -179,7 +179,6 @@ class _DirectWriter:
         self._current = 0
         self._filled = 0  # bytes in the current buffer
         self._handed = 0  # bytes handed to the background thread: the file offset of the current buffer
-        self._length = 0
         self.error: Exception | None = None
 
     def write(self, data: Any) -> int:
@@ -194,13 +193,13 @@ class _DirectWriter:
             done += take
             if self._filled == DIRECT_STAGE_BYTES and not self._hand_over(DIRECT_STAGE_BYTES):
                 return 0
-        self._length += len(view)
         return len(view)
 
     def flush(self) -> None:
         """Nothing: whole buffers are written as they fill (torch.save calls this)."""
 
     def finish(self) -> None:
+        length = self._handed + self._filled  # every byte torch.save wrote
         if self.error is None and self._filled:
             padded = round_up(self._filled, _DIRECT_ALIGN)
             self._stages[self._current][self._filled : padded] = bytes(padded - self._filled)
@@ -208,7 +207,7 @@ class _DirectWriter:
         for index in range(2):
             self._wait(index)
         if self.error is None:
-            os.ftruncate(self._descriptor, self._length)
+            os.ftruncate(self._descriptor, length)
 
     def close(self) -> None:
         self._writer.shutdown()

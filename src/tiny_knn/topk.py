@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .kernel import KERNEL, kernel_available
-from .plan import ROW_ALIGN, round_up
+from .plan import ROW_ALIGN, doc_tiles, round_up
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -170,12 +170,10 @@ class ThresholdTopK(RunningTopK):
             for start in range(lo, hi, block_rows):
                 stop = min(start + block_rows, hi)
                 padded = round_up(stop - start, ROW_ALIGN)
-                for doc_lo in range(0, doc_count, width):
-                    doc_hi = min(doc_lo + width, padded_docs)
+                for doc_lo, doc_hi, real in doc_tiles(doc_count, padded_docs, width):
                     tile = self._tiles[part][: padded * (doc_hi - doc_lo)].view(padded, doc_hi - doc_lo)
                     score(start, start + padded, doc_lo, doc_hi, tile)
-                    cols = min(doc_lo + width, doc_count) - doc_lo
-                    survivors += self._scan(tile, start, stop - start, cols, first_doc + doc_lo)
+                    survivors += self._scan(tile, start, stop - start, real, first_doc + doc_lo)
             return survivors
 
         ranges = self._row_ranges(0, self.rows)
