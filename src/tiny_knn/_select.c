@@ -196,7 +196,7 @@ __attribute__((target("avx2"))) static int64_t tk_scan_row_avx2(const float *row
  * built, the survivors' keys are compressed to the front of a register and stored at the end of the pool,
  * and the fill advances by their count. The AVX2 scan mispredicts about once per survivor (the bit loop's
  * exit, the step's test); at the survivor rates of large k (1-3% of scores) that was most of its time. */
-#define TK_AVX512 __attribute__((target("avx512f,avx512dq,popcnt")))
+#define TK_AVX512 __attribute__((target("avx512f,popcnt")))
 TK_AVX512 static inline int64_t tk_append16_avx512(__m512 scores, __mmask16 mask, uint32_t first_doc, uint64_t *end)
 {
     /* tk_key, lane by lane: bits of score + 0, flipped to sort descending; the doc index below them */
@@ -263,7 +263,7 @@ int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t c
     static int simd = -1;
     if (simd < 0) {
         int avx2 = __builtin_cpu_supports("avx2") && !getenv("TINY_KNN_NO_AVX2");
-        int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                      !getenv("TINY_KNN_NO_AVX512");
         simd = avx512 ? 2 : avx2;
     }
