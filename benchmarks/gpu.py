@@ -98,6 +98,22 @@ def profile(q_path: str, d_path: str, k: int, out_path: str) -> str:
     return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50))
 
 
+def run_tiny_knn(q_path: str, d_path: str, k: int, out_path: str, options: dict[str, Any]) -> str:
+    """compute_topk with the given keyword options, under the variables in options["environment"] if any."""
+    options = dict(options)
+    environment = options.pop("environment", {})
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        return compute_topk(q_path, d_path, k=k, out_path=out_path, **options)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -116,6 +132,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--chunk-sizes", default="", help="tiny-knn doc chunk sizes to try (default: its own)")
     parser.add_argument("--max-memory-gib", type=float, default=0, help="also time tiny-knn under this memory budget")
     parser.add_argument("--profile-k", type=int, default=0, help="print torch.profiler's top CUDA ops for this k")
+    parser.add_argument(
+        "--without-survivor-pass", action="store_true", help="also time tiny-knn with TINY_KNN_NO_TRITON=1"
+    )
     parser.add_argument("--out", default=os.environ.get("TMPDIR", "/tmp") + "/tiny-knn-gpu")
     parser.add_argument("--json", default=None, help="where to write the report (default OUT/gpu.json)")
     args = parser.parse_args(argv)
@@ -145,6 +164,8 @@ def main(argv: Sequence[str]) -> int:
         variants: dict[str, dict[str, Any]] = {"tiny-knn": {}}
         for chunk in filter(None, args.chunk_sizes.split(",")):
             variants[f"tiny-knn chunk {chunk}"] = {"chunk_size": int(chunk)}
+        if args.without_survivor_pass:
+            variants["tiny-knn, no survivor pass"] = {"environment": {"TINY_KNN_NO_TRITON": "1"}}
         if args.max_memory_gib:
             variants[f"tiny-knn --max-memory {args.max_memory_gib}GiB"] = {
                 "max_memory": int(args.max_memory_gib * 2**30)
@@ -154,8 +175,8 @@ def main(argv: Sequence[str]) -> int:
         for repeat in range(args.repeats + 1):  # the first run of each is a warm-up
             for name, options in variants.items():
                 seconds, _ = timed(
-                    lambda k=k, out_path=out_paths[name], options=options: compute_topk(
-                        q_path, d_path, k=k, out_path=out_path, **options
+                    lambda k=k, out_path=out_paths[name], options=options: run_tiny_knn(
+                        q_path, d_path, k, out_path, options
                     )
                 )
                 if repeat:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiny_knn import gpu_survivors
 from tiny_knn.topk import (
     PackedTopK,
     SortMergeTopK,
@@ -121,6 +122,50 @@ def test_packed_equals_sort_merge(seed: int, rows: int, k: int, widths: list[int
     )
     assert torch.equal(fast_scores, ref_scores) and torch.equal(fast_indices, ref_indices)
     assert not fast_scores.signbit().logical_and(fast_scores == 0).any()  # no -0.0 in the answer
+
+
+SURVIVOR_CHECK = """
+import random, torch
+from test_topk import offer, tie_heavy_tiles
+from tiny_knn import gpu_survivors
+from tiny_knn.topk import PackedTopK, SortMergeTopK, survivor_capacity
+calls = {"pass": 0, "overflow": 0}
+survivor_keys = gpu_survivors.survivor_keys
+def counted(scores, thresholds, first_doc, capacity, empty):
+    keys, counts = survivor_keys(scores, thresholds, first_doc, capacity, empty)
+    calls["pass"] += 1
+    calls["overflow"] += int((counts > capacity).sum())
+    return keys, counts
+gpu_survivors.survivor_keys = counted
+rng = random.Random(0)
+for case in range(24):
+    rows, k, levels = rng.randint(1, 9), rng.choice([1, 3, 17, 40]), rng.choice([0, 1, 3, 50])
+    widths = [rng.choice([survivor_capacity(k) * 4, 300, 2049, 4100, 7]) for _ in range(rng.randint(2, 6))]
+    tiles = tie_heavy_tiles(case, rows, widths, levels)
+    splits = (0, rng.randint(1, rows - 1)) if rows > 1 else (0,)
+    got, expected = offer([PackedTopK(rows, k, survivor_pass=True), SortMergeTopK(rows, k)], tiles, row_splits=splits)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (case, rows, k, levels, widths)
+assert calls["pass"] > 20 and calls["overflow"] > 0, calls
+from tiny_knn.topk import _EMPTY, _pack
+special = [float("inf"), 3.4e38, 1.0, 1e-45, 0.0, -0.0, -1e-45, -1.0, -3.4e38, float("-inf")]
+scores = torch.tensor([special + [float("-inf")] * 4000, special[::-1] + [-2.5] * 4000])
+keys, counts = survivor_keys(scores, torch.tensor([float("-inf"), -2.0]), 7, 16, _EMPTY)
+for row, threshold in enumerate((float("-inf"), -2.0)):
+    above = torch.nonzero(scores[row] > threshold).flatten()
+    assert int(counts[row]) == above.numel() <= 16
+    assert sorted(keys[row, : above.numel()].tolist()) == sorted(_pack(scores[row, above], above + 7).tolist())
+    assert (keys[row, above.numel() :] == _EMPTY).all()
+"""
+
+
+@pytest.mark.skipif(not gpu_survivors.available(), reason="Triton not installed (the test extra installs it)")
+def test_survivor_pass_equals_sort_merge() -> None:
+    # The GPU selector's Triton kernel, run here by Triton's interpreter on CPU tensors: the same answer as the
+    # reference, with ties, -0.0, tiles wider than one program's block, and rows whose survivors overflow.
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", SURVIVOR_CHECK], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_make_running_topk_choices() -> None:

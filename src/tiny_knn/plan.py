@@ -238,9 +238,10 @@ def estimate_bytes(
     tile = block_rows * chunk_rows * SCORE_BYTES
     if selection == "threshold":
         tile = block_rows * min(chunk_rows, CPU_TILE_DOCS) * SCORE_BYTES * threads
-    if selection == "sort":  # topk's temporaries (packed keys for every score when k is over half a chunk)
+    if selection == "sort":  # topk's temporaries (packed keys for every score when k is over half a chunk;
+        # on CUDA, the survivor pass's 2k keys per row, merged with the k held)
         per_score = 1 + (4 * INDEX_BYTES if 2 * candidates > chunk_rows else 0)
-        tile += block_rows * (chunk_rows * per_score + 4 * candidates * (SCORE_BYTES + INDEX_BYTES))
+        tile += block_rows * (chunk_rows * per_score + 5 * candidates * (SCORE_BYTES + INDEX_BYTES))
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection)

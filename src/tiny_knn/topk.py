@@ -5,7 +5,8 @@ ascending document index, so that the answer never depends on how the work was c
 below rely on score tiles arriving in ascending document order for any given query row.
 
 `ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
-`PackedTopK` is the GPU path (torch.topk on packed 64-bit keys; no sort until the end).
+`PackedTopK` is the GPU path (torch.topk on packed 64-bit keys; no sort until the end; on CUDA, a Triton pass
+that keeps each row's scores above its k-th best).
 `SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
 both are tested against, bit for bit.
 """
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import gpu_survivors
 from .kernel import KERNEL, kernel_available
 from .plan import ROW_ALIGN, doc_tiles, round_up
 
@@ -38,6 +40,8 @@ FINALIZE_ROWS = 256
 HOST_STAGE_BYTES = 64 * 2**20
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
+# The largest k for which PackedTopK takes its survivor pass (buffers of 2k per row, merged with the k held).
+SURVIVOR_MAX_K = 2048
 
 
 # score(lo, hi, doc_lo, doc_hi, out): writes the scores of (padded) query rows lo..hi against (padded) docs
@@ -263,44 +267,87 @@ class PackedTopK(RunningTopK):
 
     As in the C kernel, each (score, doc) is packed into one 64-bit key that orders by descending score,
     then ascending doc; keys are distinct, so the k best are simply the k smallest keys, a set that
-    torch.topk finds exactly whatever its order. Per tile: torch.topk on the scores, whose choice among
-    copies of the k-th score is arbitrary, so rows where the (k+1)-th best ties with another of the best
-    (rare but for heavily tied data) take the top-k of their packed keys instead; then the tile's keys are
-    merged into the running ones with one more torch.topk. Needs fewer than 2**32 docs.
+    torch.topk finds exactly whatever its order. A tile's keys are merged into the running ones with one
+    more torch.topk. Needs fewer than 2**32 docs.
+
+    Which of a tile's keys are offered:
+    - With the survivor pass (on CUDA with Triton, k <= SURVIVOR_MAX_K), once every row holds k docs: the
+      scores above the row's k-th best so far (gpu_survivors). A doc scoring exactly the k-th best loses the
+      tie to it (tiles arrive in ascending doc order), so nothing else can enter. Rows with more survivors
+      than the buffer holds take the path below.
+    - Otherwise torch.topk of the tile's scores, whose choice among copies of the k-th score is arbitrary,
+      so rows where the (k+1)-th best ties with another of the best (rare but for heavily tied data) take
+      the top-k of their packed keys instead.
     """
 
-    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, rows: int, k: int, device: torch.device | str = "cpu", survivor_pass: bool | None = None
+    ) -> None:
         super().__init__(rows, k)
         self._keys = torch.full((rows, k), _EMPTY, dtype=torch.int64, device=device)
+        if survivor_pass is None:
+            survivor_pass = self._keys.is_cuda and k <= SURVIVOR_MAX_K and gpu_survivors.available()
+        self._survivor_pass = survivor_pass
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        stop = row_start + scores.shape[0]
+        running = self._keys[row_start:stop]
+        capacity = survivor_capacity(self.k)
+        if self._survivor_pass and first_doc >= self.k and capacity * 4 <= scores.shape[1]:
+            keys = self._survivor_keys(scores, running, first_doc, capacity)
+        else:
+            keys = self._tile_keys(scores, first_doc)
+        self._keys[row_start:stop] = torch.topk(
+            torch.cat([running, keys], dim=1), self.k, dim=1, largest=False, sorted=False
+        ).values
+        self.survivors += keys.numel()
+
+    def _tile_keys(self, scores: torch.Tensor, first_doc: int) -> torch.Tensor:
+        """Keys holding the tile's k best of each row (and perhaps one more, made empty)."""
         cols = scores.shape[1]
         take = min(self.k, cols)
         if take * 2 > cols:  # topk saves little here: pack every score
             keys = _pack(scores, _doc_numbers(scores, first_doc, cols))
-            keys = torch.topk(keys, take, dim=1, largest=False, sorted=False).values
-        else:
-            # One more than needed: the k best are certain where the (k+1)-th best is the only copy of its
-            # score among them; it is then dropped (its key made empty).
-            values, positions = torch.topk(scores, take + 1, dim=1, sorted=False)
-            last = values.min(dim=1, keepdim=True)
-            tied = torch.nonzero((values == last.values).sum(dim=1) > 1).flatten()
-            keys = _pack(values, positions + first_doc).scatter_(1, last.indices, _EMPTY)
-            if tied.numel():
-                rows_tied = scores[tied]
-                every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
-                keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
-                keys[tied, take] = _EMPTY
-        stop = row_start + scores.shape[0]
-        merged = torch.cat([self._keys[row_start:stop], keys], dim=1)
-        self._keys[row_start:stop] = torch.topk(merged, self.k, dim=1, largest=False, sorted=False).values
-        self.survivors += keys.numel()
+            return torch.topk(keys, take, dim=1, largest=False, sorted=False).values
+        # One more than needed: the k best are certain where the (k+1)-th best is the only copy of its score
+        # among them; it is then dropped (its key made empty).
+        values, positions = torch.topk(scores, take + 1, dim=1, sorted=False)
+        last = values.min(dim=1, keepdim=True)
+        tied = torch.nonzero((values == last.values).sum(dim=1) > 1).flatten()
+        keys = _pack(values, positions + first_doc).scatter_(1, last.indices, _EMPTY)
+        if tied.numel():
+            rows_tied = scores[tied]
+            every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
+            keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
+            keys[tied, take] = _EMPTY
+        return keys
+
+    def _survivor_keys(
+        self, scores: torch.Tensor, running: torch.Tensor, first_doc: int, capacity: int
+    ) -> torch.Tensor:
+        """Keys of the scores above each row's k-th best so far (every running key is a real doc's), empty
+        keys in the slots left over."""
+        kth_best, _ = _unpack(running.max(dim=1).values)
+        keys, counts = gpu_survivors.survivor_keys(scores, kth_best, first_doc, capacity, _EMPTY)
+        overflowed = torch.nonzero(counts > capacity).flatten()
+        if overflowed.numel():
+            tile_keys = self._tile_keys(scores[overflowed], first_doc)
+            keys[overflowed] = _EMPTY
+            keys[overflowed, : tile_keys.shape[1]] = tile_keys
+        return keys
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = torch.sort(self._keys, dim=1).values
         scores, indices = _unpack(keys)
         empty = keys == _EMPTY  # fewer than k docs seen: -inf and -1, as SortMergeTopK
         return to_host(scores.masked_fill(empty, float("-inf"))), to_host(indices.masked_fill(empty, -1))
+
+
+def survivor_capacity(k: int) -> int:
+    """Survivors a row can take from one tile in PackedTopK's survivor pass. Once a row holds k docs, a
+    tile as wide as all those seen so far has about k scores above its k-th best; twice that leaves room
+    for chance and for corpora whose order brings nearer docs later."""
+    return round_up(max(2 * k, 64), 64)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
