@@ -133,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-memory-gib", type=float, default=0, help="also time tiny-knn under this memory budget")
     parser.add_argument("--profile-k", type=int, default=0, help="print torch.profiler's top CUDA ops for this k")
     parser.add_argument(
-        "--without-survivor-pass", action="store_true", help="also time tiny-knn with TINY_KNN_NO_TRITON=1"
+        "--without-triton", action="store_true", help="also time tiny-knn with TINY_KNN_NO_TRITON=1 (topk per tile)"
     )
     parser.add_argument("--out", default=os.environ.get("TMPDIR", "/tmp") + "/tiny-knn-gpu")
     parser.add_argument("--json", default=None, help="where to write the report (default OUT/gpu.json)")
@@ -164,8 +164,8 @@ def main(argv: Sequence[str]) -> int:
         variants: dict[str, dict[str, Any]] = {"tiny-knn": {}}
         for chunk in filter(None, args.chunk_sizes.split(",")):
             variants[f"tiny-knn chunk {chunk}"] = {"chunk_size": int(chunk)}
-        if args.without_survivor_pass:
-            variants["tiny-knn, no survivor pass"] = {"environment": {"TINY_KNN_NO_TRITON": "1"}}
+        if args.without_triton:
+            variants["tiny-knn without Triton"] = {"environment": {"TINY_KNN_NO_TRITON": "1"}}
         if args.max_memory_gib:
             variants[f"tiny-knn --max-memory {args.max_memory_gib}GiB"] = {
                 "max_memory": int(args.max_memory_gib * 2**30)

@@ -20,7 +20,7 @@ def cuda() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("batch", "chunk"), [(None, None), (33, 777), (None, 4096)])  # 4096: survivor pass
+@pytest.mark.parametrize(("batch", "chunk"), [(None, None), (33, 777), (None, 4096)])
 def test_cuda_matches_cpu(cuda, pair, tmp_path, dtype, batch, chunk) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(200, 96, generator=generator), dim=1).to(dtype)
@@ -67,23 +67,24 @@ def test_gpu_selector_equals_the_reference_on_tied_tiles(cuda) -> None:  # type:
         assert torch.equal(gpu_scores, ref_scores) and torch.equal(gpu_indices, ref_indices)
 
 
-def test_survivor_pass_runs_on_cuda_and_equals_the_reference(cuda, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_pool_selector_is_the_default_on_cuda_and_equals_the_reference(cuda, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from test_topk import offer, tie_heavy_tiles
 
     from tiny_knn import gpu_survivors
-    from tiny_knn.topk import PackedTopK, SortMergeTopK
+    from tiny_knn.topk import PoolTopK, SortMergeTopK, make_running_topk
 
     if not gpu_survivors.available():
-        pytest.fail("Triton is missing: CUDA searches would run without the survivor pass")
+        pytest.fail("Triton is missing: CUDA searches would run without the pool selector")
+    assert isinstance(make_running_topk(4, 10, torch.device("cuda"), 1000), PoolTopK)
     passes = []
-    original = gpu_survivors.survivor_keys
-    monkeypatch.setattr(gpu_survivors, "survivor_keys", lambda *args: passes.append(1) or original(*args))
-    for levels, k in ((0, 1000), (0, 10), (3, 100), (50, 2000)):
-        tiles = tie_heavy_tiles(levels + k, 96, [8192, 8192, 16384, 333, 9000], levels)
-        [(gpu_scores, gpu_indices)] = offer([PackedTopK(96, k, "cuda")], [tile.cuda() for tile in tiles])
+    original = gpu_survivors.append_survivors
+    monkeypatch.setattr(gpu_survivors, "append_survivors", lambda *args: passes.append(1) or original(*args))
+    for levels, k in ((0, 1000), (0, 10), (3, 100), (50, 2000), (0, 10000)):
+        tiles = tie_heavy_tiles(levels + k, 96, [8192, 8192, 16384, 333, 9000, 40000], levels)
+        [(gpu_scores, gpu_indices)] = offer([PoolTopK(96, k, "cuda")], [tile.cuda() for tile in tiles])
         [(ref_scores, ref_indices)] = offer([SortMergeTopK(96, k)], tiles)
         assert torch.equal(gpu_scores, ref_scores) and torch.equal(gpu_indices, ref_indices), (levels, k)
-    assert len(passes) >= 8
+    assert len(passes) >= 20
 
 
 def test_large_results_come_back_through_pinned_buffers_intact(cuda, monkeypatch) -> None:  # type: ignore[no-untyped-def]

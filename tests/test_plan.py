@@ -102,3 +102,15 @@ def test_threads_multiply_their_own_rows_only_when_each_has_enough() -> None:
     assert "per thread" in many.describe()[2] and "per thread" not in few.describe()[2]
     assert not make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="sort",
                          threads=8).fused  # fmt: skip
+
+
+def test_the_gpu_pools_are_counted() -> None:
+    from tiny_knn.topk import gpu_pool_capacity
+
+    sort = plan(device="cuda", selection="sort", budget_bytes=2**34)
+    pool = plan(device="cuda", selection="pool", budget_bytes=2**34)
+    assert sort.query_batch_rows == pool.query_batch_rows == 4096
+    held = pool.query_batch_rows * (gpu_pool_capacity(2000) * 8 - 2000 * 12)  # pools instead of k keys per row
+    assert pool.peak_bytes - sort.peak_bytes >= held
+    tight = plan(device="cuda", selection="pool", budget_bytes=2**30)
+    assert tight.doc_passes > 1 and tight.peak_bytes <= tight.budget_bytes

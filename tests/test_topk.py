@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tiny_knn import gpu_survivors
 from tiny_knn.topk import (
     PackedTopK,
+    PoolTopK,
     SortMergeTopK,
     ThresholdTopK,
     kernel_available,
@@ -124,47 +125,64 @@ def test_packed_equals_sort_merge(seed: int, rows: int, k: int, widths: list[int
     assert not fast_scores.signbit().logical_and(fast_scores == 0).any()  # no -0.0 in the answer
 
 
-SURVIVOR_CHECK = """
+POOL_CHECK = """
 import random, torch
 from test_topk import offer, tie_heavy_tiles
 from tiny_knn import gpu_survivors
-from tiny_knn.topk import PackedTopK, SortMergeTopK, survivor_capacity
-calls = {"pass": 0, "overflow": 0}
-survivor_keys = gpu_survivors.survivor_keys
-def counted(scores, thresholds, first_doc, capacity, empty):
-    keys, counts = survivor_keys(scores, thresholds, first_doc, capacity, empty)
+from tiny_knn.topk import _EMPTY, PoolTopK, SortMergeTopK, _pack, gpu_pool_capacity
+calls = {"pass": 0, "overflow": 0, "cut": 0}
+append = gpu_survivors.append_survivors
+def counted(scores, thresholds, first_doc, pool, fills):
+    append(scores, thresholds, first_doc, pool, fills)
     calls["pass"] += 1
-    calls["overflow"] += int((counts > capacity).sum())
-    return keys, counts
-gpu_survivors.survivor_keys = counted
+    calls["overflow"] += int((fills > pool.shape[1]).sum())
+gpu_survivors.append_survivors = counted
+cut = PoolTopK._cut
+def counted_cut(self, rows, keys):
+    calls["cut"] += 1
+    cut(self, rows, keys)
+PoolTopK._cut = counted_cut
 rng = random.Random(0)
-for case in range(24):
-    rows, k, levels = rng.randint(1, 9), rng.choice([1, 3, 17, 40]), rng.choice([0, 1, 3, 50])
-    widths = [rng.choice([survivor_capacity(k) * 4, 300, 2049, 4100, 7]) for _ in range(rng.randint(2, 6))]
+for case in range(30):
+    rows, k, levels = rng.randint(1, 9), rng.choice([1, 3, 17, 40, 700]), rng.choice([0, 1, 3, 50])
+    capacity = gpu_pool_capacity(k)
+    widths = [rng.choice([capacity + 5, 300, 2049, 4100, 7]) for _ in range(rng.randint(2, 7))]
     tiles = tie_heavy_tiles(case, rows, widths, levels)
+    if case % 5 == 0:  # products that overflow: docs scoring -inf are still answers
+        tiles[0][:, ::2] = float("-inf")
+        tiles[-1][0] = float("-inf")
     splits = (0, rng.randint(1, rows - 1)) if rows > 1 else (0,)
-    got, expected = offer([PackedTopK(rows, k, survivor_pass=True), SortMergeTopK(rows, k)], tiles, row_splits=splits)
+    got, expected = offer([PoolTopK(rows, k), SortMergeTopK(rows, k)], tiles, row_splits=splits)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (case, rows, k, levels, widths)
-assert calls["pass"] > 20 and calls["overflow"] > 0, calls
-from tiny_knn.topk import _EMPTY, _pack
+assert calls["pass"] > 50 and calls["overflow"] > 0 and calls["cut"] > 50, calls
+few = [torch.randn(3, 30), torch.full((3, 50), float("-inf"))]  # fewer than k finite scores: -inf ones answer
+few[0][:, ::2] = float("-inf")
+got, expected = offer([PoolTopK(3, 40), SortMergeTopK(3, 40)], few)
+assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 special = [float("inf"), 3.4e38, 1.0, 1e-45, 0.0, -0.0, -1e-45, -1.0, -3.4e38, float("-inf")]
 scores = torch.tensor([special + [float("-inf")] * 4000, special[::-1] + [-2.5] * 4000])
-keys, counts = survivor_keys(scores, torch.tensor([float("-inf"), -2.0]), 7, 16, _EMPTY)
-for row, threshold in enumerate((float("-inf"), -2.0)):
+pool = torch.full((2, 24), _EMPTY, dtype=torch.int64)
+fills = torch.tensor([0, 3], dtype=torch.int32)
+lowest = torch.finfo(torch.float32).min  # below -3.4e38, yet not -inf (which keeps every score)
+append(scores, torch.tensor([lowest, -2.0]), 7, pool, fills)
+for row, threshold in enumerate((lowest, -2.0)):
     above = torch.nonzero(scores[row] > threshold).flatten()
-    assert int(counts[row]) == above.numel() <= 16
-    assert sorted(keys[row, : above.numel()].tolist()) == sorted(_pack(scores[row, above], above + 7).tolist())
-    assert (keys[row, above.numel() :] == _EMPTY).all()
+    start = 3 * row
+    assert int(fills[row]) == start + above.numel() <= 24
+    assert (pool[row, :start] == _EMPTY).all() and (pool[row, start + above.numel() :] == _EMPTY).all()
+    expected = _pack(scores[row, above], above + 7)
+    assert sorted(pool[row, start : start + above.numel()].tolist()) == sorted(expected.tolist())
 """
 
 
 @pytest.mark.skipif(not gpu_survivors.available(), reason="Triton not installed (the test extra installs it)")
-def test_survivor_pass_equals_sort_merge() -> None:
-    # The GPU selector's Triton kernel, run here by Triton's interpreter on CPU tensors: the same answer as the
-    # reference, with ties, -0.0, tiles wider than one program's block, and rows whose survivors overflow.
+def test_pool_selector_equals_sort_merge() -> None:
+    # The CUDA selector and its Triton kernel, run here by Triton's interpreter on CPU tensors: the same answer
+    # as the reference, with ties, -0.0, -inf, tiles wider than one program's block, rows that overflow their
+    # pool, and pools cut many times; and the kernel's keys for special values.
     path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-c", SURVIVOR_CHECK], env=environment, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", POOL_CHECK], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -172,6 +190,8 @@ def test_make_running_topk_choices() -> None:
     cpu = torch.device("cpu")
     assert isinstance(make_running_topk(2, 3, cpu, 100), ThresholdTopK)
     assert isinstance(make_running_topk(2, 3, cpu, 100, "sort"), PackedTopK)
+    if gpu_survivors.available():
+        assert isinstance(make_running_topk(2, 3, cpu, 100, "pool"), PoolTopK)
     assert isinstance(make_running_topk(2, 3, cpu, 2**32), SortMergeTopK)
     with pytest.raises(RuntimeError):
         make_running_topk(2, 3, cpu, 2**32, "threshold")

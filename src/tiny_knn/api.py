@@ -21,7 +21,7 @@ from .errors import InvalidInputError, MemoryBudgetError
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import DEFAULT_K, INDEX_BYTES, PRECISIONS, SCORE_BYTES, Plan, default_budget_bytes, make_plan
 from .sources import RowRange, Source, check_compatible, from_array, open_source
-from .topk import MAX_KERNEL_DOCS, kernel_available
+from .topk import default_selection
 
 __version__ = "0.3.0"
 
@@ -491,7 +491,7 @@ def _plan(
         )
     device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
     if selection == "auto":
-        selection = "threshold" if device == "cpu" and kernel_available() and docs.rows < MAX_KERNEL_DOCS else "sort"
+        selection = default_selection(device, docs.rows)
     budget = max_memory if max_memory is not None else default_budget_bytes(device)
     try:
         return make_plan(

@@ -117,7 +117,7 @@ class Plan:
     query_batch_rows: int  # queries held, with their running top-k, during one pass over the docs
     query_block_rows: int  # queries per matrix product; a multiple of ROW_ALIGN
     doc_chunk_rows: int  # docs per chunk read from disk; a multiple of COL_ALIGN
-    selection: str  # "threshold" (CPU kernel) or "sort" (torch.topk on packed keys, any device)
+    selection: str  # "threshold" (CPU kernel), "pool" (CUDA, Triton) or "sort" (torch.topk, any device)
     threshold_sample_docs: int  # docs sampled for a starting threshold; 0 = none
     budget_bytes: int
     peak_bytes: int  # estimated peak of the memory the plan allocates
@@ -183,6 +183,10 @@ def selection_state_bytes(k: int, selection: str) -> int:
         from .topk import pool_capacity
 
         return pool_capacity(k) * INDEX_BYTES + 8
+    if selection == "pool":
+        from .topk import gpu_pool_capacity
+
+        return gpu_pool_capacity(k) * INDEX_BYTES + 8
     return k * (SCORE_BYTES + INDEX_BYTES)
 
 
@@ -238,10 +242,12 @@ def estimate_bytes(
     tile = block_rows * chunk_rows * SCORE_BYTES
     if selection == "threshold":
         tile = block_rows * min(chunk_rows, CPU_TILE_DOCS) * SCORE_BYTES * threads
-    if selection == "sort":  # topk's temporaries (packed keys for every score when k is over half a chunk;
-        # on CUDA, the survivor pass's 2k keys per row, merged with the k held)
+    if selection in ("sort", "pool"):  # topk's temporaries (packed keys for every score when k is over half
+        # a chunk); the pool's cut of a block: its k best, and a fresh pool for the block
         per_score = 1 + (4 * INDEX_BYTES if 2 * candidates > chunk_rows else 0)
-        tile += block_rows * (chunk_rows * per_score + 5 * candidates * (SCORE_BYTES + INDEX_BYTES))
+        tile += block_rows * (chunk_rows * per_score + 4 * candidates * (SCORE_BYTES + INDEX_BYTES))
+        if selection == "pool":
+            tile += block_rows * selection_state_bytes(candidates, selection)
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection)

@@ -5,8 +5,9 @@ ascending document index, so that the answer never depends on how the work was c
 below rely on score tiles arriving in ascending document order for any given query row.
 
 `ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
-`PackedTopK` is the GPU path (torch.topk on packed 64-bit keys; no sort until the end; on CUDA, a Triton pass
-that keeps each row's scores above its k-th best).
+`PoolTopK` is the GPU path (a Triton pass appends each row's scores above its threshold to a pool of packed
+64-bit keys, cut back to the k best by torch.topk now and then); `PackedTopK` the GPU's without Triton
+(torch.topk of every tile's packed keys). Neither sorts until the end.
 `SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
 both are tested against, bit for bit.
 """
@@ -27,9 +28,11 @@ from .plan import ROW_ALIGN, doc_tiles, round_up
 __all__ = [
     "MAX_KERNEL_DOCS",
     "PackedTopK",
+    "PoolTopK",
     "RunningTopK",
     "SortMergeTopK",
     "ThresholdTopK",
+    "default_selection",
     "kernel_available",
     "make_running_topk",
 ]
@@ -40,8 +43,6 @@ FINALIZE_ROWS = 256
 HOST_STAGE_BYTES = 64 * 2**20
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
-# The largest k for which PackedTopK takes its survivor pass (buffers of 2k per row, merged with the k held).
-SURVIVOR_MAX_K = 2048
 
 
 # score(lo, hi, doc_lo, doc_hi, out): writes the scores of (padded) query rows lo..hi against (padded) docs
@@ -262,92 +263,123 @@ class SortMergeTopK(RunningTopK):
 
 
 class PackedTopK(RunningTopK):
-    """The GPU selector (and the CPU's without the kernel): the same answer as SortMergeTopK, with no sort
-    until the end.
+    """The GPU selector without Triton (and the CPU's without the kernel): the same answer as SortMergeTopK,
+    with no sort until the end.
 
     As in the C kernel, each (score, doc) is packed into one 64-bit key that orders by descending score,
     then ascending doc; keys are distinct, so the k best are simply the k smallest keys, a set that
-    torch.topk finds exactly whatever its order. A tile's keys are merged into the running ones with one
-    more torch.topk. Needs fewer than 2**32 docs.
-
-    Which of a tile's keys are offered:
-    - With the survivor pass (on CUDA with Triton, k <= SURVIVOR_MAX_K), once every row holds k docs: the
-      scores above the row's k-th best so far (gpu_survivors). A doc scoring exactly the k-th best loses the
-      tie to it (tiles arrive in ascending doc order), so nothing else can enter. Rows with more survivors
-      than the buffer holds take the path below.
-    - Otherwise torch.topk of the tile's scores, whose choice among copies of the k-th score is arbitrary,
-      so rows where the (k+1)-th best ties with another of the best (rare but for heavily tied data) take
-      the top-k of their packed keys instead.
+    torch.topk finds exactly whatever its order. Per tile: the tile's best keys (tile_best_keys), merged
+    into the running ones with one more torch.topk. Needs fewer than 2**32 docs.
     """
 
-    def __init__(
-        self, rows: int, k: int, device: torch.device | str = "cpu", survivor_pass: bool | None = None
-    ) -> None:
+    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
         super().__init__(rows, k)
         self._keys = torch.full((rows, k), _EMPTY, dtype=torch.int64, device=device)
-        if survivor_pass is None:
-            survivor_pass = self._keys.is_cuda and k <= SURVIVOR_MAX_K and gpu_survivors.available()
-        self._survivor_pass = survivor_pass
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
         stop = row_start + scores.shape[0]
-        running = self._keys[row_start:stop]
-        capacity = survivor_capacity(self.k)
-        if self._survivor_pass and first_doc >= self.k and capacity * 4 <= scores.shape[1]:
-            keys = self._survivor_keys(scores, running, first_doc, capacity)
-        else:
-            keys = self._tile_keys(scores, first_doc)
-        self._keys[row_start:stop] = torch.topk(
-            torch.cat([running, keys], dim=1), self.k, dim=1, largest=False, sorted=False
-        ).values
+        keys = tile_best_keys(scores, first_doc, self.k)
+        merged = torch.cat([self._keys[row_start:stop], keys], dim=1)
+        self._keys[row_start:stop] = torch.topk(merged, self.k, dim=1, largest=False, sorted=False).values
         self.survivors += keys.numel()
 
-    def _tile_keys(self, scores: torch.Tensor, first_doc: int) -> torch.Tensor:
-        """Keys holding the tile's k best of each row (and perhaps one more, made empty)."""
-        cols = scores.shape[1]
-        take = min(self.k, cols)
-        if take * 2 > cols:  # topk saves little here: pack every score
-            keys = _pack(scores, _doc_numbers(scores, first_doc, cols))
-            return torch.topk(keys, take, dim=1, largest=False, sorted=False).values
-        # One more than needed: the k best are certain where the (k+1)-th best is the only copy of its score
-        # among them; it is then dropped (its key made empty).
-        values, positions = torch.topk(scores, take + 1, dim=1, sorted=False)
-        last = values.min(dim=1, keepdim=True)
-        tied = torch.nonzero((values == last.values).sum(dim=1) > 1).flatten()
-        keys = _pack(values, positions + first_doc).scatter_(1, last.indices, _EMPTY)
-        if tied.numel():
-            rows_tied = scores[tied]
-            every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
-            keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
-            keys[tied, take] = _EMPTY
-        return keys
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _sorted_result(self._keys)
 
-    def _survivor_keys(
-        self, scores: torch.Tensor, running: torch.Tensor, first_doc: int, capacity: int
-    ) -> torch.Tensor:
-        """Keys of the scores above each row's k-th best so far (every running key is a real doc's), empty
-        keys in the slots left over."""
-        kth_best, _ = _unpack(running.max(dim=1).values)
-        keys, counts = gpu_survivors.survivor_keys(scores, kth_best, first_doc, capacity, _EMPTY)
-        overflowed = torch.nonzero(counts > capacity).flatten()
-        if overflowed.numel():
-            tile_keys = self._tile_keys(scores[overflowed], first_doc)
-            keys[overflowed] = _EMPTY
-            keys[overflowed, : tile_keys.shape[1]] = tile_keys
-        return keys
+
+class PoolTopK(RunningTopK):
+    """The CUDA selector where Triton is installed: PackedTopK's keys, kept in a pool per row the way the C
+    kernel keeps its own, so that a tile costs one read instead of a torch.topk over it.
+
+    gpu_survivors' kernel appends to each row's pool the keys of the tile's scores above the row's threshold
+    (any score while it is -inf). The threshold is the k-th best key's score at the pool's last cut, when
+    the pool was cut back to its k best by torch.topk; a doc scoring exactly that loses the tie to the doc
+    that set it (tiles arrive in ascending doc order for each row), so nothing that can still enter the
+    answer is left out. The pool is cut when the next tile might not fit: each tile brings fewer survivors
+    than the one before as the threshold rises. Rows that overflow anyway (the first tile, at -inf) take
+    that tile's keys from tile_best_keys instead. Needs fewer than 2**32 docs.
+    """
+
+    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(rows, k)
+        self.capacity = gpu_pool_capacity(k)
+        self._pool = torch.full((rows, self.capacity), _EMPTY, dtype=torch.int64, device=device)
+        self._fills = torch.zeros(rows, dtype=torch.int32, device=device)
+        self._thresholds = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+
+    def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        rows = slice(row_start, row_start + scores.shape[0])
+        if first_doc == 0 and scores.shape[1] > self.capacity:  # every row would overflow
+            self._cut(rows, tile_best_keys(scores, first_doc, self.k))
+            return
+        fills = self._fills[rows]
+        before = fills.clone()
+        gpu_survivors.append_survivors(scores, self._thresholds[rows], first_doc, self._pool[rows], fills)
+        counts = fills - before
+        most_filled, most_added, added = torch.stack([fills.max(), counts.max(), counts.sum()]).tolist()
+        self.survivors += added
+        if most_filled > self.capacity:  # these rows lost some of the tile's keys: take its best from topk
+            lost = torch.nonzero(fills > self.capacity).flatten()
+            held = self._pool[rows][lost]
+            held.masked_fill_(torch.arange(self.capacity, device=held.device) >= before[lost].unsqueeze(1), _EMPTY)
+            self._cut(lost + row_start, torch.cat([held, tile_best_keys(scores[lost], first_doc, self.k)], dim=1))
+        if most_filled + 2 * most_added + 64 > self.capacity:  # the next tile might not fit
+            self._cut(rows, self._pool[rows])
+
+    def _cut(self, rows: slice | torch.Tensor, keys: torch.Tensor) -> None:
+        """Sets the pools of `rows` to the k best of `keys` (one row of keys each) and their thresholds to the
+        k-th best's score (-inf while fewer than k docs are held)."""
+        best = torch.topk(keys, self.k, dim=1, largest=False, sorted=False).values
+        worst = best.max(dim=1).values
+        scores, _ = _unpack(worst)
+        pool = torch.full((best.shape[0], self.capacity), _EMPTY, dtype=torch.int64, device=best.device)
+        pool[:, : self.k] = best
+        self._pool[rows] = pool
+        self._fills[rows] = self.k
+        self._thresholds[rows] = scores.masked_fill(worst == _EMPTY, float("-inf"))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.sort(self._keys, dim=1).values
-        scores, indices = _unpack(keys)
-        empty = keys == _EMPTY  # fewer than k docs seen: -inf and -1, as SortMergeTopK
-        return to_host(scores.masked_fill(empty, float("-inf"))), to_host(indices.masked_fill(empty, -1))
+        best = torch.topk(self._pool, self.k, dim=1, largest=False, sorted=False).values
+        return _sorted_result(best)
 
 
-def survivor_capacity(k: int) -> int:
-    """Survivors a row can take from one tile in PackedTopK's survivor pass. Once a row holds k docs, a
-    tile as wide as all those seen so far has about k scores above its k-th best; twice that leaves room
-    for chance and for corpora whose order brings nearer docs later."""
-    return round_up(max(2 * k, 64), 64)
+def tile_best_keys(scores: torch.Tensor, first_doc: int, k: int) -> torch.Tensor:
+    """Keys that hold each row's k best of the tile (and perhaps one more, made empty).
+
+    torch.topk's choice among copies of the k-th score is arbitrary, so rows where the (k+1)-th best ties
+    with another of the best (rare but for heavily tied data) take the top-k of their packed keys instead.
+    """
+    cols = scores.shape[1]
+    take = min(k, cols)
+    if take * 2 > cols:  # topk saves little here: pack every score
+        keys = _pack(scores, _doc_numbers(scores, first_doc, cols))
+        return torch.topk(keys, take, dim=1, largest=False, sorted=False).values
+    # One more than needed: the k best are certain where the (k+1)-th best is the only copy of its score
+    # among them; it is then dropped (its key made empty).
+    values, positions = torch.topk(scores, take + 1, dim=1, sorted=False)
+    last = values.min(dim=1, keepdim=True)
+    tied = torch.nonzero((values == last.values).sum(dim=1) > 1).flatten()
+    keys = _pack(values, positions + first_doc).scatter_(1, last.indices, _EMPTY)
+    if tied.numel():
+        rows_tied = scores[tied]
+        every = _pack(rows_tied, _doc_numbers(rows_tied, first_doc, cols))
+        keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
+        keys[tied, take] = _EMPTY
+    return keys
+
+
+def gpu_pool_capacity(k: int) -> int:
+    """Keys a row of PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
+    return round_up(max(3 * k, k + 1024), 64)
+
+
+def _sorted_result(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) on the host, best first, from each row's k best keys; empty keys (fewer than k
+    docs seen) come out as -inf and -1, as SortMergeTopK gives them."""
+    keys = torch.sort(keys, dim=1).values
+    scores, indices = _unpack(keys)
+    empty = keys == _EMPTY
+    return to_host(scores.masked_fill(empty, float("-inf"))), to_host(indices.masked_fill(empty, -1))
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -404,17 +436,35 @@ def make_running_topk(
     method: str = "auto",
     start_thresholds: torch.Tensor | None = None,
 ) -> RunningTopK:
-    """Picks the selector: the C threshold kernel on CPU when built, else top-k and sort (any device).
+    """Picks the selector: the C threshold kernel on the CPU when built, the Triton pool on CUDA where Triton
+    is installed, else top-k and sort (any device); see default_selection.
 
     `start_thresholds` (threshold selector only) are estimated starting thresholds, see ThresholdTopK.
     """
-    if method not in ("auto", "threshold", "sort"):
+    if method not in ("auto", "threshold", "pool", "sort"):
         raise ValueError(f"unknown selection method {method!r}")
-    use_kernel = device.type == "cpu" and _KERNEL is not None and docs < MAX_KERNEL_DOCS
-    if method == "threshold" and not use_kernel:
-        raise RuntimeError("the threshold selector needs the CPU, the built kernel and fewer than 2**32 docs")
-    if method != "sort" and use_kernel:
+    if method == "auto":
+        method = default_selection(device.type, docs)
+    if method == "threshold":
+        if device.type != "cpu" or _KERNEL is None or docs >= MAX_KERNEL_DOCS:
+            raise RuntimeError("the threshold selector needs the CPU, the built kernel and fewer than 2**32 docs")
         return ThresholdTopK(rows, k, start_thresholds=start_thresholds)
+    if method == "pool":
+        if not gpu_survivors.available() or docs >= MAX_KERNEL_DOCS:
+            raise RuntimeError("the pool selector needs Triton and fewer than 2**32 docs")
+        return PoolTopK(rows, k, device)
     if docs < MAX_KERNEL_DOCS:
         return PackedTopK(rows, k, device)
     return SortMergeTopK(rows, k, device)
+
+
+def default_selection(device: str, docs: int) -> str:
+    """The selector for a device: the C kernel ("threshold") on the CPU where it is built, Triton ("pool") on
+    CUDA where it is installed, else "sort"; each needs fewer than 2**32 docs."""
+    if docs >= MAX_KERNEL_DOCS:
+        return "sort"
+    if device == "cpu" and _KERNEL is not None:
+        return "threshold"
+    if device == "cuda" and gpu_survivors.available():
+        return "pool"
+    return "sort"
