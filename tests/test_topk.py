@@ -155,6 +155,10 @@ for case in range(30):
     got, expected = offer([PoolTopK(rows, k), SortMergeTopK(rows, k)], tiles, row_splits=splits)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (case, rows, k, levels, widths)
 assert calls["pass"] > 50 and calls["overflow"] > 0 and calls["cut"] > 50, calls
+assert gpu_survivors.runs_on("cpu")  # the trial launch, here through the interpreter
+strided = [torch.randn(2000, 3).T, torch.randn(3, 0), torch.randn(3000, 3).T]  # columns not contiguous; no docs
+got, expected = offer([PoolTopK(3, 20), SortMergeTopK(3, 20)], strided)
+assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 few = [torch.randn(3, 30), torch.full((3, 50), float("-inf"))]  # fewer than k finite scores: -inf ones answer
 few[0][:, ::2] = float("-inf")
 got, expected = offer([PoolTopK(3, 40), SortMergeTopK(3, 40)], few)
@@ -184,6 +188,27 @@ def test_pool_selector_equals_sort_merge() -> None:
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", POOL_CHECK], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not gpu_survivors.available(), reason="Triton not installed (the test extra installs it)")
+def test_a_triton_kernel_that_cannot_run_is_not_chosen(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn import TinyKnnWarning
+    from tiny_knn.topk import default_selection
+
+    def broken(*args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("failed to compile: no C compiler\n(details)")
+
+    monkeypatch.setattr(gpu_survivors, "append_survivors", broken)
+    gpu_survivors._trial.cache_clear()
+    try:
+        with pytest.warns(TinyKnnWarning, match="no C compiler.*torch.topk"):
+            assert not gpu_survivors.runs_on("cpu")
+    finally:
+        gpu_survivors._trial.cache_clear()
+    monkeypatch.setattr(gpu_survivors, "runs_on", lambda device: False)
+    assert default_selection("cuda", 1000) == "sort"
+    monkeypatch.setattr(gpu_survivors, "runs_on", lambda device: True)
+    assert default_selection("cuda", 1000) == "pool" and default_selection("cuda", 2**32) == "sort"
 
 
 def test_make_running_topk_choices() -> None:

@@ -217,8 +217,9 @@ TK_AVX512 static inline int64_t tk_append16_avx512(__m512 scores, __mmask16 mask
     return count + __builtin_popcount(upper);
 }
 
-/* Needs capacity >= k + 64 (pool_capacity gives k + 256 or more): a step stores up to 64 keys, so the pool is
- * compacted while 64 slots are still free, before the step's keys are appended. */
+/* Needs capacity >= k + 128 (pool_capacity gives k + 256 or more): a step stores up to 64 keys, so the pool is
+ * compacted while 64 slots are still free, before the step's keys are appended; a compaction may keep up to
+ * (n + k) / 2 keys, which leaves (capacity - k) / 2 >= 64 slots free. */
 TK_AVX512 static int64_t tk_scan_row_avx512(const float *row, int64_t cols, int64_t first_doc, float *threshold,
                                             uint64_t *pool, int64_t capacity, int32_t *fill, int64_t k)
 {
@@ -267,7 +268,7 @@ int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t c
                      !getenv("TINY_KNN_NO_AVX512");
         simd = avx512 ? 2 : avx2;
     }
-    if (simd == 2 && capacity >= k + 64) scan_row = tk_scan_row_avx512;
+    if (simd == 2 && capacity >= k + 128) scan_row = tk_scan_row_avx512;
     else if (simd >= 1) scan_row = tk_scan_row_avx2;
 #endif
     int64_t survivors = 0;

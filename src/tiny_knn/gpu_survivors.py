@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -29,6 +30,31 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def runs_on(device: str) -> bool:
+    """Whether the kernel compiles and runs on `device` (a trial on a tiny tile, once per process and device):
+    Triton can be installed where it cannot build (no C compiler, a GPU it does not support). Warns if not."""
+    return available() and _trial(device)
+
+
+@functools.cache
+def _trial(device: str) -> bool:
+    try:
+        pool = torch.zeros((1, 4), dtype=torch.int64, device=device)
+        fills = torch.zeros(1, dtype=torch.int32, device=device)
+        thresholds = torch.tensor([1.5], device=device)
+        append_survivors(torch.tensor([[1.0, 2.0]], device=device), thresholds, 0, pool, fills)
+        if int(fills[0]) == 1:
+            return True
+        trouble = f"it kept {int(fills[0])} of 1 score in a trial"
+    except Exception as exc:  # whatever Triton raises while compiling or launching
+        trouble = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    from .api import TinyKnnWarning  # here: api imports this module
+
+    message = f"tiny-knn: the Triton selection kernel does not run here ({trouble}); selecting with torch.topk"
+    warnings.warn(message, TinyKnnWarning, stacklevel=4)
+    return False
 
 
 @functools.cache

@@ -246,8 +246,10 @@ def estimate_bytes(
         # a chunk); the pool's cut of a block: its k best, and a fresh pool for the block
         per_score = 1 + (4 * INDEX_BYTES if 2 * candidates > chunk_rows else 0)
         tile += block_rows * (chunk_rows * per_score + 4 * candidates * (SCORE_BYTES + INDEX_BYTES))
-        if selection == "pool":
-            tile += block_rows * selection_state_bytes(candidates, selection)
+        if selection == "pool":  # also the rows that overflow their pools, an eighth of a block at a time:
+            # their scores copied, their pools and the tile's best keys joined
+            pool_bytes = selection_state_bytes(candidates, selection)
+            tile += block_rows * pool_bytes + -(-block_rows // 8) * (chunk_rows * SCORE_BYTES + 3 * pool_bytes)
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection)

@@ -308,6 +308,10 @@ class PoolTopK(RunningTopK):
         self._thresholds = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
+        if not scores.numel():
+            return
+        if scores.stride(1) != 1:
+            scores = scores.contiguous()
         rows = slice(row_start, row_start + scores.shape[0])
         if first_doc == 0 and scores.shape[1] > self.capacity:  # every row would overflow
             self._cut(rows, tile_best_keys(scores, first_doc, self.k))
@@ -319,10 +323,14 @@ class PoolTopK(RunningTopK):
         most_filled, most_added, added = torch.stack([fills.max(), counts.max(), counts.sum()]).tolist()
         self.survivors += added
         if most_filled > self.capacity:  # these rows lost some of the tile's keys: take its best from topk
-            lost = torch.nonzero(fills > self.capacity).flatten()
-            held = self._pool[rows][lost]
-            held.masked_fill_(torch.arange(self.capacity, device=held.device) >= before[lost].unsqueeze(1), _EMPTY)
-            self._cut(lost + row_start, torch.cat([held, tile_best_keys(scores[lost], first_doc, self.k)], dim=1))
+            slots = torch.arange(self.capacity, device=scores.device)
+            # an eighth of the block at a time: the copies of their scores stay within the plan's estimate
+            every_lost, group = torch.nonzero(fills > self.capacity).flatten(), -(-scores.shape[0] // 8)
+            for start in range(0, every_lost.numel(), group):
+                lost = every_lost[start : start + group]
+                held = self._pool[rows][lost].masked_fill_(slots >= before[lost].unsqueeze(1), _EMPTY)
+                best = tile_best_keys(scores[lost], first_doc, self.k)
+                self._cut(lost + row_start, torch.cat([held, best], dim=1))
         if most_filled + 2 * most_added + 64 > self.capacity:  # the next tile might not fit
             self._cut(rows, self._pool[rows])
 
@@ -465,6 +473,6 @@ def default_selection(device: str, docs: int) -> str:
         return "sort"
     if device == "cpu" and _KERNEL is not None:
         return "threshold"
-    if device == "cuda" and gpu_survivors.available():
+    if device == "cuda" and gpu_survivors.runs_on(device):
         return "pool"
     return "sort"
