@@ -264,8 +264,7 @@ int64_t tk_scan(const float *scores, int64_t row_stride, int64_t rows, int64_t c
     static int simd = -1;
     if (simd < 0) {
         int avx2 = __builtin_cpu_supports("avx2") && !getenv("TINY_KNN_NO_AVX2");
-        int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                     !getenv("TINY_KNN_NO_AVX512");
+        int avx512 = avx2 && __builtin_cpu_supports("avx512f") && !getenv("TINY_KNN_NO_AVX512");
         simd = avx512 ? 2 : avx2;
     }
     if (simd == 2 && capacity >= k + 128) scan_row = tk_scan_row_avx512;
