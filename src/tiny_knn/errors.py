@@ -25,3 +25,9 @@ class OutputError(TinyKnnError, OSError):
 
 class MemoryBudgetError(TinyKnnError, ValueError):
     """The memory budget is too small for even the smallest plan."""
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's message (its type's name if it has none), for one-line reports."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0]

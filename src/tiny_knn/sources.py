@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputFileError, InvalidInputError
+from .errors import InputFileError, InvalidInputError, first_sentence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -314,7 +314,7 @@ def _load_npy(path: str, label: str) -> torch.Tensor:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # a damaged header makes numpy raise anything (SyntaxError, TokenError, ...)
         raise InvalidInputError(
-            f"{label}: not a readable .npy file (truncated or corrupt?): {_first_sentence(exc)}"
+            f"{label}: not a readable .npy file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
     if array.dtype not in (np.float32, np.float16):
         hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" else ""
@@ -381,7 +381,7 @@ def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> 
         handle = h5py.File(path, "r")
     except Exception as exc:  # h5py reports a damaged file as OSError, or worse
         raise InvalidInputError(
-            f"{label}: not a readable HDF5 file (truncated or corrupt?): {_first_sentence(exc)}"
+            f"{label}: not a readable HDF5 file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
     try:
         names: list[str] = []
@@ -410,7 +410,7 @@ def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> 
     except Exception as exc:  # a damaged file can fail anywhere inside h5py
         handle.close()
         raise InvalidInputError(
-            f"{label}: not a readable HDF5 file (truncated or corrupt?): {_first_sentence(exc)}"
+            f"{label}: not a readable HDF5 file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
 
 
@@ -458,17 +458,12 @@ def _load_mmap(path: str, label: str) -> object:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InvalidInputError(
-            f"{label}: holds pickled objects other than tensors, refused without running them ({_first_sentence(exc)})"
+            f"{label}: holds pickled objects other than tensors, refused without running them ({first_sentence(exc)})"
         ) from None
     except Exception as exc:  # a damaged archive makes torch raise anything (IndexError, KeyError, ...)
         raise InvalidInputError(
-            f"{label}: not a readable torch file (truncated or corrupt?): {_first_sentence(exc)}"
+            f"{label}: not a readable torch file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
-
-
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.split(". ")[0]
 
 
 def check_compatible(queries: Source, docs: Source) -> None:
