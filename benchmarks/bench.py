@@ -7,8 +7,10 @@
 Contenders (all read the same .pt files, written once per run into --out):
 
   floor          the matrix products alone: every query times every doc with torch.mm into a preallocated
-                 tile, no selection, data already in memory. Timed for several block shapes; the best
-                 median is the floor. It does not depend on k, so it is measured once per repeat.
+                 tile, no selection, data already in memory. Timed for several block shapes, and, where it
+                 runs (AVX-512), with tiny-knn's own product ("kernel": its packing of each doc chunk
+                 included, as in the engine); the best median is the floor. It does not depend on k, so it
+                 is measured once per repeat.
   tiny-knn       compute_topk(queries.pt, docs.pt, k, force_cpu=True, out_path=...) in a Python process.
   tiny-knn-cli   `tiny-knn Q D --k K --cpu --quiet --output-path OUT` as a whole process.
   faiss          faiss_search.search(): torch.load both, IndexFlatIP, add, search, torch.save.
@@ -131,7 +133,61 @@ def floor_times(q_path: str, d_path: str, shapes: Sequence[tuple[int, int]]) -> 
                 block = queries[query_start : query_start + block_rows]
                 torch.mm(block, chunk_t, out=tile[: block.shape[0] * cols].view(block.shape[0], cols))
         times[f"{block_rows}x{chunk_rows}"] = time.perf_counter() - start
+    from tiny_knn.product import kernel_product_available
+
+    if kernel_product_available():
+        times["kernel"] = kernel_floor(queries, docs)
     return times
+
+
+def kernel_floor(
+    queries: Any, docs: Any, chunk_rows: int = 4096, block_rows: int = 1024, tile_docs: int = 1024
+) -> float:
+    """Seconds for tiny-knn's own product (product.KernelProduct) of all queries by all docs, laid out as the
+    engine does: each doc chunk packed on one thread while the chunk before is multiplied on all threads,
+    each thread its own share of the query rows, a block of rows by a tile of docs at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from tiny_knn.product import DOC_PANEL, QUERY_PANEL, KernelProduct
+
+    rows, count, threads = queries.shape[0], docs.shape[0], torch.get_num_threads()
+    padded_queries = torch.zeros((-(-rows // QUERY_PANEL) * QUERY_PANEL, queries.shape[1]))
+    padded_queries[:rows] = queries
+    product = KernelProduct(padded_queries)
+    share = -(-padded_queries.shape[0] // threads // QUERY_PANEL) * QUERY_PANEL
+    tiles = [torch.empty(block_rows * tile_docs) for _ in range(threads)]
+    chunk_buffer = torch.zeros((chunk_rows, queries.shape[1]))
+
+    def pack(start: int, slot: int) -> tuple[Any, int]:
+        stop = min(start + chunk_rows, count)
+        padded = -(-(stop - start) // DOC_PANEL) * DOC_PANEL
+        rows_of_chunk = docs[start:stop]
+        if padded != stop - start:  # zero rows up to the panel
+            chunk_buffer[: stop - start] = rows_of_chunk
+            chunk_buffer[stop - start : padded] = 0
+            rows_of_chunk = chunk_buffer[:padded]
+        return product.prepare(rows_of_chunk, slot), padded
+
+    def work(part: int, operand: Any, padded: int) -> None:
+        for lo in range(part * share, min((part + 1) * share, padded_queries.shape[0]), block_rows):
+            hi = min(lo + block_rows, (part + 1) * share, padded_queries.shape[0])
+            for doc_lo in range(0, padded, tile_docs):
+                doc_hi = min(doc_lo + tile_docs, padded)
+                out = tiles[part][: (hi - lo) * (doc_hi - doc_lo)].view(hi - lo, doc_hi - doc_lo)
+                product.score(lo, hi, operand, doc_lo, doc_hi, out)
+
+    starts = range(0, count, chunk_rows)
+    start_time = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(1) as packer:
+        pending = packer.submit(pack, 0, 0)
+        for index in range(len(starts)):
+            operand, padded = pending.result()
+            if index + 1 < len(starts):
+                pending = packer.submit(pack, starts[index + 1], (index + 1) % 2)
+            list(pool.map(work, range(threads), [operand] * threads, [padded] * threads))
+    return time.perf_counter() - start_time
 
 
 def worker_main(spec_json: str) -> int:

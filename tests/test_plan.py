@@ -114,3 +114,17 @@ def test_the_gpu_pools_are_counted() -> None:
     assert pool.peak_bytes - sort.peak_bytes >= held
     tight = plan(device="cuda", selection="pool", budget_bytes=2**30)
     assert tight.doc_passes > 1 and tight.peak_bytes <= tight.budget_bytes
+
+
+def test_the_kernels_packed_operands_are_counted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn import product
+
+    monkeypatch.setattr(product, "kernel_product_available", lambda: True)
+    packed = plan(budget_bytes=2**34)
+    monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
+    monkeypatch.setattr(product, "kernel_product_available", lambda: False)
+    plain = plan(budget_bytes=2**34)
+    assert (packed.product, plain.product) == ("kernel", "torch")
+    assert "the AVX-512 kernel" in packed.describe()[2] and "torch.mm" in plain.describe()[2]
+    copies = 4096 * 384 * 4 + 2 * packed.doc_chunk_rows * 384 * 4  # the queries and both doc buffers, packed
+    assert packed.peak_bytes - plain.peak_bytes == copies

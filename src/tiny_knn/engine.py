@@ -33,6 +33,7 @@ from .plan import (
     round_up,
     threshold_sample_rank,
 )
+from .product import TorchProduct, make_product
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
@@ -221,12 +222,14 @@ def _search_rows(
     )
     largest_sq = 0.0
     watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
-    for first_doc, doc_count, chunk, offsets, chunk_largest_sq in _doc_chunks(docs, plan, device, watched is None):
+    product = make_product(query_rows, plan.product)
+    for first_doc, doc_count, operand, offsets, chunk_largest_sq in _doc_chunks(
+        docs, plan, device, watched is None, product
+    ):
         padded_docs = round_up(doc_count, COL_ALIGN)
-        doc_rows_t = chunk[:padded_docs].T
         largest_sq = max(largest_sq, chunk_largest_sq)
         non_finite: list[bool] = []
-        score = functools.partial(_score_rows, query_rows, doc_rows_t, offsets, watched, non_finite)
+        score = functools.partial(_score_rows, product, operand, offsets, watched, non_finite)
         if fused:
             assert isinstance(running, ThresholdTopK)
             running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows, CPU_TILE_DOCS)
@@ -247,17 +250,24 @@ def _search_rows(
 
 
 def _score(
-    query_block: torch.Tensor, doc_rows_t: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor
+    product: TorchProduct,
+    lo: int,
+    hi: int,
+    operand: torch.Tensor,
+    doc_lo: int,
+    doc_hi: int,
+    offsets: torch.Tensor | None,
+    out: torch.Tensor,
 ) -> None:
-    """Search keys of a (padded) query block against (padded, transposed) doc rows, into `out`."""
-    torch.mm(query_block, doc_rows_t, out=out)
+    """Search keys of (padded) query rows lo..hi against the chunk's (padded) docs doc_lo..doc_hi, into `out`."""
+    product.score(lo, hi, operand, doc_lo, doc_hi, out)
     if offsets is not None:
         out.sub_(offsets)
 
 
 def _score_rows(
-    query_rows: torch.Tensor,
-    doc_rows_t: torch.Tensor,
+    product: TorchProduct,
+    operand: torch.Tensor,
     offsets: torch.Tensor | None,
     watched: int | None,
     non_finite: list[bool],
@@ -270,7 +280,7 @@ def _score_rows(
     """Search keys of (padded) query rows lo..hi against the chunk's docs doc_lo..doc_hi, into `out` (see
     topk.ScoreRows); the keys of query row `watched`, if among them, are watched for NaN or Inf."""
     doc_offsets = None if offsets is None else offsets[doc_lo:doc_hi]
-    _score(query_rows[lo:hi], doc_rows_t[:, doc_lo:doc_hi], doc_offsets, out)
+    _score(product, lo, hi, operand, doc_lo, doc_hi, doc_offsets, out)
     if watched is not None and lo <= watched < hi:
         _watch(out[watched - lo], non_finite)
 
@@ -343,18 +353,22 @@ def _prepared_offsets(
 Chunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float]
 
 
-def _doc_chunks(docs: Source, plan: Plan, device: torch.device, check: bool = True) -> Iterator[Chunk]:
-    """Yields (first_doc, doc_count, chunk, key offsets, largest squared norm) with the next chunk already
+def _doc_chunks(
+    docs: Source, plan: Plan, device: torch.device, check: bool = True, product: TorchProduct | None = None
+) -> Iterator[Chunk]:
+    """Yields (first_doc, doc_count, operand, key offsets, largest squared norm) with the next chunk already
     being read on another thread (and, on a GPU, already being copied to it on a side stream).
 
-    `chunk` holds doc_count rows followed by zero rows up to the alignment. On the CPU it is reused two
+    The operand is what `product` scores (on the CPU prepared on the reader thread; on a GPU, and without a
+    product, the rows): doc_count rows followed by zero rows up to the alignment. On the CPU it is reused two
     chunks later, so the caller must be done with it before asking for the next-but-one. `check=False`:
     NaN and Inf are not refused here (the caller watches the scores).
     """
     cuda = device.type == "cuda"
     # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
     pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
-    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=check)
+    prepare = None if cuda or product is None else product.prepare
+    chunks = _host_chunks(docs, plan, pinned=cuda, pieces=pieces, check=check, prepare=prepare)
     if not cuda:
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
         return
@@ -380,11 +394,20 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device, check: bool = Tr
 HostChunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float, "torch.cuda.Event | None"]
 
 
-def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1, check: bool = True) -> Iterator[HostChunk]:
+def _host_chunks(
+    docs: Source,
+    plan: Plan,
+    pinned: bool,
+    pieces: int = 1,
+    check: bool = True,
+    prepare: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> Iterator[HostChunk]:
     """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of
     the rows) while the one before is used, into two buffers in turn; `check`: refuse NaN and Inf (see
-    Source.read_into). With `pinned`, the buffers are pinned and each chunk comes with a CUDA event: once
-    recorded after the chunk's copy to the GPU, the reader waits for it before filling that buffer again."""
+    Source.read_into). With `prepare` (a product's), each chunk's padded rows are handed to it on the same
+    thread, with the buffer's number, and what it returns comes in place of the rows. With `pinned`, the
+    buffers are pinned and each chunk comes with a CUDA event: once recorded after the chunk's copy to the
+    GPU, the reader waits for it before filling that buffer again."""
     chunk_rows = plan.doc_chunk_rows
     buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pinned) for _ in range(2)]
     copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # type: ignore[no-untyped-call]
@@ -408,9 +431,11 @@ def _host_chunks(docs: Source, plan: Plan, pinned: bool, pieces: int = 1, check:
             ranges = [(lo, min(lo + step, count)) for lo in range(0, count, step)]
             for done in [piece_readers.submit(read_piece, start, lo, hi, buffer) for lo, hi in ranges]:
                 done.result()  # in order: the first bad row named is the first in the file
-        buffer[count : round_up(count, COL_ALIGN)].numpy().fill(0)
-        offsets, largest_sq = _prepared_offsets(buffer[: round_up(count, COL_ALIGN)], count, plan, torch.device("cpu"))
-        return start, count, buffer, offsets, largest_sq, event
+        padded = round_up(count, COL_ALIGN)
+        buffer[count:padded].numpy().fill(0)
+        offsets, largest_sq = _prepared_offsets(buffer[:padded], count, plan, torch.device("cpu"))
+        operand = buffer if prepare is None else prepare(buffer[:padded], index % 2)
+        return start, count, operand, offsets, largest_sq, event
 
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiny-knn-read") as reader:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .product import default_product
+
 DEFAULT_K = 2000
 ROW_ALIGN = 16
 COL_ALIGN = 64
@@ -126,6 +128,7 @@ class Plan:
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
     precision: str = "fp32"  # see PRECISIONS
     fused: bool = False  # CPU: each selector thread multiplies its own rows, query_block_rows at a time
+    product: str = "torch"  # the matrix products: "kernel" (CPU, AVX-512) or "torch" (torch.mm); see product.py
 
     @property
     def refined(self) -> bool:
@@ -166,7 +169,8 @@ class Plan:
             + (f", precision {self.precision}" if self.precision != "fp32" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
-            f"rows{' per thread' if self.fused else ''}, doc chunk {self.doc_chunk_rows} rows",
+            f"rows{' per thread' if self.fused else ''}, doc chunk {self.doc_chunk_rows} rows, "
+            f"products by {'the AVX-512 kernel' if self.product == 'kernel' else 'torch.mm'}",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
 
@@ -229,15 +233,18 @@ def estimate_bytes(
     refine: bool = False,
     results_on_disk: bool = False,
     threads: int = 1,
+    packed: bool = False,
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
-    for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings)."""
+    for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings).
+    `packed`: the kernel's product also holds packed copies of the queries and of both doc buffers."""
     candidates = candidates or k
-    resident_queries = round_up(batch_rows, ROW_ALIGN) * dim * 4
+    copies = 2 if packed else 1
+    resident_queries = copies * round_up(batch_rows, ROW_ALIGN) * dim * 4
     state = batch_rows * selection_state_bytes(candidates, selection)
     if refine:
         state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
-    doc_buffers = 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
+    doc_buffers = copies * 2 * chunk_rows * dim * 4  # double-buffered: one read ahead while one is scored
     # A tile per thread (the threshold selector's are at most CPU_TILE_DOCS wide)
     tile = block_rows * chunk_rows * SCORE_BYTES
     if selection == "threshold":
@@ -284,6 +291,7 @@ def make_plan(
     k = min(k, docs - int(exclude_self))
     candidates = search_candidates(k, docs, metric, exclude_self, precision)
     cuda = device == "cuda"
+    product = default_product(device)
     if cuda:
         block = CUDA_QUERY_BLOCK_ROWS
     else:
@@ -312,6 +320,7 @@ def make_plan(
             refine=metric == "l2" or precision == "bf16",
             results_on_disk=results_on_disk,
             threads=threads,
+            packed=product == "kernel",
         )
 
     while True:
@@ -358,6 +367,7 @@ def make_plan(
         search_k=candidates,
         precision=precision,
         fused=fused,
+        product=product,
     )
 
 

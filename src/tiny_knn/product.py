@@ -1,0 +1,93 @@
+"""Scoring: the matrix products of query rows by doc rows, the floor under every search's time.
+
+Two ways, chosen by the plan (`Plan.product`):
+- "kernel" (a CPU with AVX-512, the compiled kernel built): `_select.c`'s own product. Every score is one
+  float32 fused multiply-add chain over the dimensions in order, so its bits depend only on the two rows,
+  never on blocks, tiles or threads. Both operands are packed first: the queries once per pass, each doc
+  chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm takes its AVX2 path, it runs
+  at about 2.3 x torch.mm (benchmarks/RESULTS.md).
+- "torch" (CUDA, other CPUs, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
+
+The two agree to float32 rounding, not bit for bit; a plan uses one of them for all its products.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .kernel import KERNEL
+
+QUERY_PANEL = 8  # the kernel's panels: query rows and doc rows per micro-kernel call (TK_MR, TK_NR)
+DOC_PANEL = 32
+
+
+def kernel_product_available() -> bool:
+    """True when the kernel's product runs here (built, AVX-512) and TINY_KNN_TORCH_PRODUCT is not set."""
+    return KERNEL is not None and bool(KERNEL.tk_product_supported()) and not os.environ.get("TINY_KNN_TORCH_PRODUCT")
+
+
+def default_product(device: str) -> str:
+    """The product a plan on `device` uses: "kernel" on a CPU where it runs, else "torch"."""
+    return "kernel" if device == "cpu" and kernel_product_available() else "torch"
+
+
+class TorchProduct:
+    """torch.mm of the query rows by doc rows, which stay as they are read."""
+
+    def __init__(self, query_rows: torch.Tensor) -> None:
+        self.query_rows = query_rows
+
+    def prepare(self, doc_rows: torch.Tensor, slot: int) -> torch.Tensor:
+        """The operand that `score` takes for these (padded) doc rows."""
+        return doc_rows
+
+    def score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
+        """out = scores of query rows lo..hi by the operand's docs doc_lo..doc_hi."""
+        torch.mm(self.query_rows[lo:hi], operand[doc_lo:doc_hi].T, out=out)
+
+
+class KernelProduct(TorchProduct):
+    """The kernel's product on packed operands. Query rows come padded to a multiple of QUERY_PANEL, doc rows
+    to a multiple of DOC_PANEL (the plan's ROW_ALIGN and COL_ALIGN are multiples of both)."""
+
+    def __init__(self, query_rows: torch.Tensor) -> None:
+        super().__init__(query_rows)
+        assert KERNEL is not None and query_rows.dtype == torch.float32 and query_rows.device.type == "cpu"
+        self.dim = query_rows.shape[1]
+        self._packed_queries = self._pack(query_rows, QUERY_PANEL, torch.empty(0))
+        self._packed_docs = [torch.empty(0), torch.empty(0)]  # one per slot: the reader fills one while one is used
+
+    def _pack(self, rows: torch.Tensor, panel: int, out: torch.Tensor) -> torch.Tensor:
+        assert KERNEL is not None and rows.shape[0] % panel == 0 and rows.stride(1) == 1
+        if out.numel() < rows.numel():
+            out = torch.empty(rows.numel(), dtype=torch.float32)
+        KERNEL.tk_pack(rows.data_ptr(), rows.stride(0), rows.shape[0], self.dim, panel, out.data_ptr())
+        return out
+
+    def prepare(self, doc_rows: torch.Tensor, slot: int) -> torch.Tensor:
+        """Packs the doc rows into the slot's buffer (reused: the caller is done with the slot's last chunk)."""
+        self._packed_docs[slot] = self._pack(doc_rows, DOC_PANEL, self._packed_docs[slot])
+        return self._packed_docs[slot]
+
+    def score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
+        assert KERNEL is not None and out.stride(1) == 1 and out.shape == (hi - lo, doc_hi - doc_lo)
+        done = KERNEL.tk_product(
+            self._packed_queries.data_ptr(),
+            self.dim,
+            lo,
+            hi - lo,
+            operand.data_ptr(),
+            doc_lo,
+            doc_hi - doc_lo,
+            out.data_ptr(),
+            out.stride(0),
+        )
+        if done != 0:
+            raise ValueError(f"the kernel's product cannot take rows {lo}..{hi} by docs {doc_lo}..{doc_hi}")
+
+
+def make_product(query_rows: torch.Tensor, product: str) -> TorchProduct:
+    """The plan's product (`Plan.product`) for these query rows."""
+    return KernelProduct(query_rows) if product == "kernel" else TorchProduct(query_rows)

@@ -1,0 +1,129 @@
+"""The matrix products (product.py): the kernel's against an exactly rounded reference and float64, and
+the bits of a score independent of how the product is split."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import assert_exact
+
+from tiny_knn import search
+from tiny_knn.product import (
+    DOC_PANEL,
+    QUERY_PANEL,
+    KernelProduct,
+    TorchProduct,
+    default_product,
+    kernel_product_available,
+    make_product,
+)
+
+needs_kernel = pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
+
+
+def _fma_chain(query: np.ndarray, doc: np.ndarray) -> np.float32:
+    """The score the kernel promises: acc = fma(q[d], doc[d], acc) for d in order from acc = 0, each step
+    rounded once to float32 (nearest, ties to even), computed in exact rational arithmetic."""
+    acc = np.float32(0)
+    for q, d in zip(query.tolist(), doc.tolist(), strict=True):
+        acc = _round_to_float32(Fraction(q) * Fraction(d) + Fraction(float(acc)))
+    return acc
+
+
+def _round_to_float32(value: Fraction) -> np.float32:
+    guess = np.float32(float(value))
+    candidates = [guess, np.nextafter(guess, np.float32(np.inf)), np.nextafter(guess, np.float32(-np.inf))]
+    finite = [c for c in candidates if np.isfinite(c)]
+    best = min(abs(Fraction(float(c)) - value) for c in finite)
+    nearest = [c for c in finite if abs(Fraction(float(c)) - value) == best]
+    return min(nearest, key=lambda c: int(np.array(c).view(np.uint32)) & 1)  # a tie goes to the even one
+
+
+def _packed_product(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    product = KernelProduct(queries)
+    out = torch.empty(queries.shape[0], docs.shape[0])
+    product.score(0, queries.shape[0], product.prepare(docs, 0), 0, docs.shape[0], out)
+    return out
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(
+    query_panels=st.integers(1, 3),
+    doc_panels=st.integers(1, 3),
+    dim=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_each_score_is_one_fused_multiply_add_chain_in_order(query_panels, doc_panels, dim, seed) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(query_panels * QUERY_PANEL, dim, generator=generator)
+    docs = torch.randn(doc_panels * DOC_PANEL, dim, generator=generator) * 3
+    scores = _packed_product(queries, docs).numpy()
+    for row, col in [(0, 0), (queries.shape[0] - 1, docs.shape[0] - 1), (seed % queries.shape[0], seed % 29)]:
+        expected = _fma_chain(queries[row].numpy(), docs[col].numpy())
+        assert scores[row, col].view(np.uint32) == np.array(expected).view(np.uint32)
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), query_panels=st.integers(1, 6), doc_panels=st.integers(1, 8), dim=st.integers(1, 70))
+def test_a_score_does_not_depend_on_how_the_product_is_split(data, query_panels, doc_panels, dim) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(query_panels * 1000 + doc_panels * 10 + dim)
+    queries = torch.randn(query_panels * QUERY_PANEL, dim, generator=generator)
+    docs = torch.randn(doc_panels * DOC_PANEL, dim, generator=generator)
+    whole = _packed_product(queries, docs)
+    exact = queries.double() @ docs.double().T
+    bound = 2 * dim * np.finfo(np.float32).eps * (queries.double().abs() @ docs.double().abs().T) + 1e-30
+    assert ((whole.double() - exact).abs() <= bound).all()
+    product = KernelProduct(queries)
+    operand = product.prepare(docs, 1)
+    lo = QUERY_PANEL * data.draw(st.integers(0, query_panels - 1))
+    hi = QUERY_PANEL * data.draw(st.integers(lo // QUERY_PANEL + 1, query_panels))
+    doc_lo = DOC_PANEL * data.draw(st.integers(0, doc_panels - 1))
+    doc_hi = DOC_PANEL * data.draw(st.integers(doc_lo // DOC_PANEL + 1, doc_panels))
+    padded = torch.full((hi - lo, doc_hi - doc_lo + 5), float("nan"))
+    out = padded[:, : doc_hi - doc_lo]  # rows apart by more than their width
+    product.score(lo, hi, operand, doc_lo, doc_hi, out)
+    assert torch.equal(out, whole[lo:hi, doc_lo:doc_hi])
+    assert padded[:, doc_hi - doc_lo :].isnan().all()  # nothing written past the tile
+
+
+@needs_kernel
+def test_integer_products_equal_torch_mm() -> None:
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randint(-50, 51, (24, 384), generator=generator).float()
+    docs = torch.randint(-50, 51, (96, 384), generator=generator).float()
+    assert torch.equal(_packed_product(queries, docs), queries @ docs.T)  # exact in float32: no rounding
+
+
+@needs_kernel
+def test_ranges_off_the_panels_are_refused() -> None:
+    product = KernelProduct(torch.randn(16, 4))
+    operand = product.prepare(torch.randn(64, 4), 0)
+    with pytest.raises(ValueError, match=r"cannot take rows 4\.\.12"):
+        product.score(4, 12, operand, 0, 32, torch.empty(8, 32))
+    with pytest.raises(ValueError, match=r"by docs 0\.\.48"):
+        product.score(0, 8, operand, 0, 48, torch.empty(8, 48))
+
+
+def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert default_product("cuda") == "torch"
+    assert default_product("cpu") == ("kernel" if kernel_product_available() else "torch")
+    monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
+    assert default_product("cpu") == "torch"
+    assert type(make_product(torch.randn(16, 4), "torch")) is TorchProduct
+
+
+@pytest.mark.parametrize("torch_product", [False, True])
+def test_both_products_give_exact_answers(monkeypatch, torch_product) -> None:  # type: ignore[no-untyped-def]
+    if torch_product:
+        monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
+    generator = torch.Generator().manual_seed(11)
+    queries, docs = torch.randn(37, 19, generator=generator), torch.randn(3001, 19, generator=generator)
+    scores, indices = search(queries, docs, k=25, device="cpu")
+    assert_exact(queries, docs, scores, indices)
