@@ -156,6 +156,7 @@ def test_threshold_tiles_stay_as_narrow_as_the_plan_counts(pair, monkeypatch, se
     again included, score the threshold selector's tiles at most CPU_TILE_DOCS wide, however large the chunk."""
     monkeypatch.setattr(engine, "CPU_TILE_DOCS", 64)
     monkeypatch.setattr(plan_module, "CPU_TILE_DOCS", 64)
+    monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")  # the kernel's product scores and selects with no tile
     shapes = []
     real_score = engine._score
 

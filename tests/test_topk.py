@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_knn import gpu_survivors
+from tiny_knn.product import KernelProduct, kernel_product_available
 from tiny_knn.topk import (
     PackedTopK,
     PoolTopK,
@@ -274,6 +275,61 @@ for number in range(12):
 for got, expected in zip(fast.result(), reference.result()):
     assert torch.equal(got, expected)
 """
+
+
+@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 45),
+    dim=st.integers(1, 24),
+    k=st.integers(1, 150),
+    chunk_docs=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    threads=st.integers(1, 3),
+    tied=st.booleans(),
+)
+def test_scoring_and_selecting_in_one_pass_equals_the_sort_merge(  # type: ignore[no-untyped-def]
+    seed, rows, dim, k, chunk_docs, threads, tied
+) -> None:
+    """add_packed (tk_product_scan) against SortMergeTopK on the same product's tiles, bit for bit: ties, rows
+    and docs off the panels (padding that would win if it were pushed), pools compacted mid-chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, sum(chunk_docs))
+    queries = torch.zeros(-(-rows // 16) * 16, dim)
+    queries[:rows] = torch.randint(-2, 3, (rows, dim), generator=generator).float() if tied else torch.randn(rows, dim)
+    queries[rows:] = 1e3  # padded rows: scored, never selected
+    product = KernelProduct(queries)
+    fused, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
+    first_doc = 0
+    for count in chunk_docs:
+        padded = -(-count // 64) * 64
+        chunk = torch.full((padded, dim), 1e3)  # padded docs score far above any real one
+        chunk[:count] = (
+            torch.randint(-2, 3, (count, dim), generator=generator).float()
+            if tied
+            else torch.randn(count, dim, generator=generator)
+        )
+        operand = product.prepare(chunk, first_doc % 2)
+        assert not fused.add_packed(product.packed_queries, dim, operand, first_doc, count)
+        tile = torch.empty(queries.shape[0], padded)
+        product.score(0, queries.shape[0], operand, 0, padded, tile)
+        reference.add(tile[:rows, :count], 0, first_doc)
+        first_doc += count
+    for got, expected in zip(fused.result(), reference.result(), strict=True):
+        assert torch.equal(got, expected)
+    assert fused.uncertain_rows().numel() == 0
+
+
+@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
+def test_one_pass_flags_non_finite_scores_of_real_docs_only() -> None:
+    queries = torch.ones(16, 4)
+    product = KernelProduct(queries)
+    chunk = torch.ones(64, 4)
+    chunk[40:] = float("inf")  # padding past the 40 real docs
+    selector = ThresholdTopK(10, 5, threads=1)
+    assert not selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 0), 0, 40)
+    chunk[39, 2] = float("nan")
+    assert selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 1), 40, 40)
 
 
 @pytest.mark.parametrize("simd", ["default", "TINY_KNN_NO_AVX512", "TINY_KNN_NO_AVX2"])

@@ -371,9 +371,10 @@ int tk_product_supported(void)
 }
 
 #ifdef TK_HAVE_AVX2
-TK_AVX512 static inline void tk_micro(const float *a, const float *b, int64_t dim, float *out, int64_t out_stride)
+/* The TK_MR x TK_NR scores of a query panel by a doc panel, left in acc. */
+TK_AVX512 static inline __attribute__((always_inline)) void tk_micro_scores(const float *a, const float *b,
+                                                                            int64_t dim, __m512 acc[TK_MR][2])
 {
-    __m512 acc[TK_MR][2];
     for (int i = 0; i < TK_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d++) {
         __m512 b0 = _mm512_loadu_ps(b + d * TK_NR), b1 = _mm512_loadu_ps(b + d * TK_NR + 16);
@@ -383,10 +384,23 @@ TK_AVX512 static inline void tk_micro(const float *a, const float *b, int64_t di
             acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
+}
+
+TK_AVX512 static inline void tk_micro(const float *a, const float *b, int64_t dim, float *out, int64_t out_stride)
+{
+    __m512 acc[TK_MR][2];
+    tk_micro_scores(a, b, dim, acc);
     for (int i = 0; i < TK_MR; i++) {
         _mm512_storeu_ps(out + i * out_stride, acc[i][0]);
         _mm512_storeu_ps(out + i * out_stride + 16, acc[i][1]);
     }
+}
+
+/* The query rows per block of a product: about 512 KiB of them, for the L2 cache. */
+static int64_t tk_block_rows(int64_t dim)
+{
+    int64_t block = (int64_t)(1 << 19) / (dim * 4) / TK_MR * TK_MR;
+    return block < TK_MR ? TK_MR : block;
 }
 
 /* out[r, j] for query rows row_lo + r (r < rows) and docs doc_lo + j (j < docs), from packed operands
@@ -397,8 +411,7 @@ TK_AVX512 static void tk_product_avx512(const float *queries, int64_t dim, int64
                                         const float *docs, int64_t doc_lo, int64_t doc_count, float *out,
                                         int64_t out_stride)
 {
-    int64_t block = (int64_t)(1 << 19) / (dim * 4) / TK_MR * TK_MR;
-    if (block < TK_MR) block = TK_MR;
+    int64_t block = tk_block_rows(dim);
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
         int64_t r1 = r0 + block < rows ? r0 + block : rows;
         for (int64_t j = 0; j < doc_count; j += TK_NR) {
@@ -408,7 +421,77 @@ TK_AVX512 static void tk_product_avx512(const float *queries, int64_t dim, int64
         }
     }
 }
+/* The product and the threshold scan in one: each TK_MR x TK_NR block of scores is compared with its rows'
+ * thresholds while still in registers, and only survivors leave them (appended to the pools as in
+ * tk_scan_row_avx512), so no score tile is ever written. Query rows row_lo.. (packed) against the packed docs
+ * [0, doc_count) of a chunk whose first `real_docs` are real (the rest padding, never pushed) and whose first
+ * doc is first_doc; thresholds, pools and fills start at row row_lo's, and only the first real_rows rows are
+ * selected. *non_finite is set if any real score is NaN or infinite. Returns the survivors appended.
+ * Needs capacity >= k + 128 (a block appends up to 32 keys per row; see tk_scan_row_avx512). */
+TK_AVX512 static int64_t tk_product_scan_avx512(const float *queries, int64_t dim, int64_t row_lo, int64_t rows,
+                                                int64_t real_rows, const float *docs, int64_t doc_count,
+                                                int64_t real_docs, int64_t first_doc, float *thresholds,
+                                                uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k,
+                                                int32_t *non_finite)
+{
+    int64_t block = tk_block_rows(dim), survivors = 0;
+    __mmask16 bad = 0;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        int64_t r1 = r0 + block < rows ? r0 + block : rows;
+        for (int64_t j = 0; j < doc_count; j += TK_NR) {
+            const float *b = docs + j * dim;
+            int64_t left = real_docs - j; /* real docs in this panel, if fewer than TK_NR */
+            __mmask16 valid0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            __mmask16 valid1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            uint32_t doc = (uint32_t)(first_doc + j);
+            for (int64_t r = r0; r < r1; r += TK_MR) {
+                __m512 acc[TK_MR][2];
+                tk_micro_scores(queries + (row_lo + r) * dim, b, dim, acc);
+                for (int i = 0; i < TK_MR && r + i < real_rows; i++) {
+                    int64_t row = r + i;
+                    bad |= _mm512_mask_cmp_ps_mask(valid0, _mm512_sub_ps(acc[i][0], acc[i][0]), zero, _CMP_NEQ_UQ) |
+                           _mm512_mask_cmp_ps_mask(valid1, _mm512_sub_ps(acc[i][1], acc[i][1]), zero, _CMP_NEQ_UQ);
+                    __m512 t = _mm512_set1_ps(thresholds[row]);
+                    __mmask16 m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t, _CMP_GT_OQ);
+                    __mmask16 m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t, _CMP_GT_OQ);
+                    if (!(m0 | m1)) continue;
+                    uint64_t *pool = pools + row * capacity;
+                    int64_t n = fills[row];
+                    if (capacity - n < 32) {
+                        n = tk_compact(pool, n, k, &thresholds[row]);
+                        t = _mm512_set1_ps(thresholds[row]);
+                        m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t, _CMP_GT_OQ);
+                        m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t, _CMP_GT_OQ);
+                    }
+                    int64_t added = tk_append16_avx512(acc[i][0], m0, doc, pool + n);
+                    added += tk_append16_avx512(acc[i][1], m1, doc + 16, pool + n + added);
+                    fills[row] = (int32_t)(n + added);
+                    survivors += added;
+                }
+            }
+        }
+    }
+    if (bad) *non_finite = 1;
+    return survivors;
+}
 #endif
+
+int64_t tk_product_scan(const float *queries, int64_t dim, int64_t row_lo, int64_t rows, int64_t real_rows,
+                        const float *docs, int64_t doc_count, int64_t real_docs, int64_t first_doc, float *thresholds,
+                        uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, int32_t *non_finite)
+{
+    if (row_lo % TK_MR || rows % TK_MR || doc_count % TK_NR || capacity < k + 128 || !tk_product_supported())
+        return -1;
+#ifdef TK_HAVE_AVX2
+    return tk_product_scan_avx512(queries, dim, row_lo, rows, real_rows, docs, doc_count, real_docs, first_doc,
+                                  thresholds, pools, capacity, fills, k, non_finite);
+#else
+    (void)queries, (void)dim, (void)real_rows, (void)docs, (void)real_docs, (void)first_doc, (void)thresholds;
+    (void)pools, (void)fills, (void)non_finite;
+    return -1;
+#endif
+}
 
 int32_t tk_product(const float *queries, int64_t dim, int64_t row_lo, int64_t rows, const float *docs,
                    int64_t doc_lo, int64_t doc_count, float *out, int64_t out_stride)

@@ -33,7 +33,7 @@ from .plan import (
     round_up,
     threshold_sample_rank,
 )
-from .product import TorchProduct, make_product
+from .product import KernelProduct, TorchProduct, make_product
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
@@ -230,7 +230,14 @@ def _search_rows(
         largest_sq = max(largest_sq, chunk_largest_sq)
         non_finite: list[bool] = []
         score = functools.partial(_score_rows, product, operand, offsets, watched, non_finite)
-        if fused:
+        if fused and isinstance(product, KernelProduct) and offsets is None:
+            assert isinstance(running, ThresholdTopK)
+            # Scored and selected in one pass, no tile written; a NaN or Inf among the scores is flagged (it
+            # matters where the docs go unchecked: otherwise it is an overflow, kept as on the other paths)
+            flagged = running.add_packed(product.packed_queries, product.dim, operand, first_doc, doc_count)
+            if flagged and watched is not None:
+                non_finite.append(True)
+        elif fused:
             assert isinstance(running, ThresholdTopK)
             running.add_products(score, first_doc, doc_count, padded_docs, plan.query_block_rows, CPU_TILE_DOCS)
         else:

@@ -56,7 +56,7 @@ class KernelProduct(TorchProduct):
         super().__init__(query_rows)
         assert KERNEL is not None and query_rows.dtype == torch.float32 and query_rows.device.type == "cpu"
         self.dim = query_rows.shape[1]
-        self._packed_queries = self._pack(query_rows, QUERY_PANEL, torch.empty(0))
+        self.packed_queries = self._pack(query_rows, QUERY_PANEL, torch.empty(0))
         self._packed_docs = [torch.empty(0), torch.empty(0)]  # one per slot: the reader fills one while one is used
 
     def _pack(self, rows: torch.Tensor, panel: int, out: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class KernelProduct(TorchProduct):
     def score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
         assert KERNEL is not None and out.stride(1) == 1 and out.shape == (hi - lo, doc_hi - doc_lo)
         done = KERNEL.tk_product(
-            self._packed_queries.data_ptr(),
+            self.packed_queries.data_ptr(),
             self.dim,
             lo,
             hi - lo,

@@ -14,6 +14,7 @@ both are tested against, bit for bit.
 
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import torch
 from . import gpu_survivors
 from .kernel import KERNEL, kernel_available
 from .plan import ROW_ALIGN, doc_tiles, round_up
+from .product import DOC_PANEL, QUERY_PANEL
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -185,6 +187,45 @@ class ThresholdTopK(RunningTopK):
         while len(self._tiles) < len(ranges):  # grown here, not by racing threads
             self._tiles.append(torch.empty(0, dtype=torch.float32))
         self.survivors += sum(self._run(work, ranges))
+
+    def add_packed(
+        self, packed_queries: torch.Tensor, dim: int, packed_docs: torch.Tensor, first_doc: int, doc_count: int
+    ) -> bool:
+        """Scores all rows against a doc chunk with the kernel's product and selects in the same pass: each
+        block of scores is compared with its rows' thresholds while still in registers (tk_product_scan), so no
+        tile is written. The operands are packed (product.KernelProduct); the chunk's first `doc_count` docs
+        are real. Returns True if any real score is NaN or infinite."""
+        non_finite: list[bool] = []
+
+        def work(_part: int, lo: int, hi: int) -> int:
+            flag = ctypes.c_int32(0)
+            survivors = int(
+                self._lib.tk_product_scan(
+                    packed_queries.data_ptr(),
+                    dim,
+                    lo,
+                    round_up(hi - lo, QUERY_PANEL),
+                    hi - lo,
+                    packed_docs.data_ptr(),
+                    round_up(doc_count, DOC_PANEL),
+                    doc_count,
+                    first_doc,
+                    self._thresholds.data_ptr() + lo * 4,
+                    self._pools.data_ptr() + lo * self.capacity * 8,
+                    self.capacity,
+                    self._fills.data_ptr() + lo * 4,
+                    self.k,
+                    ctypes.addressof(flag),
+                )
+            )
+            if survivors < 0:
+                raise ValueError(f"the kernel cannot score and select rows {lo}..{hi} by {doc_count} docs")
+            if flag.value:
+                non_finite.append(True)
+            return survivors
+
+        self.survivors += sum(self._run(work, self._row_ranges(0, self.rows)))
+        return bool(non_finite)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.empty((self.rows, self.k), dtype=torch.float32)
