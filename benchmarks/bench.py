@@ -506,6 +506,10 @@ def draw_chart(report: dict[str, Any], path: str) -> str | None:
             linestyle="--",
             label=f"floor (matrix products, {floor['best_shape']})",
         )
+        torch_shapes = {shape: s for shape, s in floor["median_s"].items() if shape != "kernel"}
+        if floor["best_shape"] == "kernel" and torch_shapes:  # the torch.mm floor too, for comparison
+            best = min(torch_shapes, key=torch_shapes.get)
+            axes.axhline(torch_shapes[best], color="gray", linestyle=":", label=f"torch.mm floor ({best})")
     axes.set_xscale("log")
     axes.set_xticks(ks, [str(k) for k in ks])
     axes.set_ylim(bottom=0)
