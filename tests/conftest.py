@@ -33,6 +33,15 @@ def pair(save):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
+def _kernel_product_for_few_queries(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's product for any number of queries, as for many: the tests' small inputs would otherwise
+    always take torch.mm (product.KERNEL_MIN_QUERIES; test_product checks the real threshold)."""
+    from tiny_knn import product
+
+    monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 1)
+
+
+@pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test sees the same random data on every run: a failure is always reproducible."""
     torch.manual_seed(0)

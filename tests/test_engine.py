@@ -160,10 +160,9 @@ def test_threshold_tiles_stay_as_narrow_as_the_plan_counts(pair, monkeypatch, se
     shapes = []
     real_score = engine._score
 
-    def score(*arguments):  # type: ignore[no-untyped-def]
-        out = arguments[-1]
+    def score(product, lo, hi, operand, doc_lo, doc_hi, offsets, out, threads=1):  # type: ignore[no-untyped-def]
         shapes.append(tuple(out.shape))
-        real_score(*arguments)
+        real_score(product, lo, hi, operand, doc_lo, doc_hi, offsets, out, threads)
 
     monkeypatch.setattr(engine, "_score", score)
     queries, docs = torch.randn(20, 8), torch.randn(1000, 8)

@@ -112,10 +112,14 @@ def test_ranges_off_the_panels_are_refused() -> None:
 
 
 def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    assert default_product("cuda") == "torch"
-    assert default_product("cpu") == ("kernel" if kernel_product_available() else "torch")
+    from tiny_knn import product
+
+    monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 64)  # the real threshold (conftest lowers it)
+    assert default_product("cuda", 4096) == "torch"
+    assert default_product("cpu", 4096) == ("kernel" if kernel_product_available() else "torch")
+    assert default_product("cpu", 63) == "torch"  # too few queries to pay for packing every doc
     monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
-    assert default_product("cpu") == "torch"
+    assert default_product("cpu", 4096) == "torch"
     assert type(make_product(torch.randn(16, 4), "torch")) is TorchProduct
 
 
@@ -127,3 +131,18 @@ def test_both_products_give_exact_answers(monkeypatch, torch_product) -> None:  
     queries, docs = torch.randn(37, 19, generator=generator), torch.randn(3001, 19, generator=generator)
     scores, indices = search(queries, docs, k=25, device="cpu")
     assert_exact(queries, docs, scores, indices)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_a_product_split_over_threads_changes_no_bit(threads) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(threads)
+    queries, docs = torch.randn(16, 40, generator=generator), torch.randn(7 * DOC_PANEL, 40, generator=generator)
+    product = KernelProduct(queries)
+    operand = product.prepare(docs, 0)
+    alone, split = torch.empty(16, 6 * DOC_PANEL), torch.empty(16, 6 * DOC_PANEL)
+    product.score(0, 16, operand, DOC_PANEL, 7 * DOC_PANEL, alone)
+    product.score(0, 16, operand, DOC_PANEL, 7 * DOC_PANEL, split, threads=threads)
+    assert torch.equal(alone, split)
+    with pytest.raises(ValueError, match="no docs"):
+        product.score(0, 16, operand, 0, 8 * DOC_PANEL, torch.empty(16, 8 * DOC_PANEL))

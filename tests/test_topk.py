@@ -277,6 +277,16 @@ for got, expected in zip(fast.result(), reference.result()):
 """
 
 
+@pytest.mark.parametrize("simd", ["default", "TINY_KNN_NO_AVX512", "TINY_KNN_NO_AVX2"])
+def test_every_scan_path_of_the_kernel_selects_the_same(simd: str) -> None:
+    # The kernel picks its widest scan at run time (AVX-512, AVX2, SSE2); the variables force narrower ones.
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TINY_KNN_NO_AVX")}
+    if simd != "default":
+        environment[simd] = "1"
+    done = subprocess.run([sys.executable, "-c", SCAN_CHECK], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
 @settings(max_examples=40, deadline=None)
 @given(
@@ -330,16 +340,6 @@ def test_one_pass_flags_non_finite_scores_of_real_docs_only() -> None:
     assert not selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 0), 0, 40)
     chunk[39, 2] = float("nan")
     assert selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 1), 40, 40)
-
-
-@pytest.mark.parametrize("simd", ["default", "TINY_KNN_NO_AVX512", "TINY_KNN_NO_AVX2"])
-def test_every_scan_path_of_the_kernel_selects_the_same(simd: str) -> None:
-    # The kernel picks its widest scan at run time (AVX-512, AVX2, SSE2); the variables force narrower ones.
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("TINY_KNN_NO_AVX")}
-    if simd != "default":
-        environment[simd] = "1"
-    done = subprocess.run([sys.executable, "-c", SCAN_CHECK], env=environment, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
 
 
 def test_packed_keys_order_by_score_then_doc_and_unpack_exactly() -> None:

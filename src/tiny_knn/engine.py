@@ -223,6 +223,7 @@ def _search_rows(
     largest_sq = 0.0
     watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
     product = make_product(query_rows, plan.product)
+    split_threads = torch.get_num_threads()  # one product per tile on this thread: split it over the cores
     for first_doc, doc_count, operand, offsets, chunk_largest_sq in _doc_chunks(
         docs, plan, device, watched is None, product
     ):
@@ -247,7 +248,7 @@ def _search_rows(
                 padded_rows = round_up(block_rows, ROW_ALIGN)
                 for doc_lo, doc_hi, real in doc_tiles(doc_count, padded_docs, width):
                     tile = tile_storage[: padded_rows * (doc_hi - doc_lo)].view(padded_rows, doc_hi - doc_lo)
-                    score(block_start, block_start + padded_rows, doc_lo, doc_hi, tile)
+                    score(block_start, block_start + padded_rows, doc_lo, doc_hi, tile, threads=split_threads)
                     running.add(tile[:block_rows, :real], block_start, first_doc + doc_lo)
         if non_finite:
             _refuse_non_finite(docs, first_doc, doc_count, plan)
@@ -265,9 +266,11 @@ def _score(
     doc_hi: int,
     offsets: torch.Tensor | None,
     out: torch.Tensor,
+    threads: int = 1,
 ) -> None:
-    """Search keys of (padded) query rows lo..hi against the chunk's (padded) docs doc_lo..doc_hi, into `out`."""
-    product.score(lo, hi, operand, doc_lo, doc_hi, out)
+    """Search keys of (padded) query rows lo..hi against the chunk's (padded) docs doc_lo..doc_hi, into `out`,
+    the product on up to `threads` threads."""
+    product.score(lo, hi, operand, doc_lo, doc_hi, out, threads)
     if offsets is not None:
         out.sub_(offsets)
 
@@ -283,11 +286,13 @@ def _score_rows(
     doc_lo: int,
     doc_hi: int,
     out: torch.Tensor,
+    threads: int = 1,
 ) -> None:
     """Search keys of (padded) query rows lo..hi against the chunk's docs doc_lo..doc_hi, into `out` (see
-    topk.ScoreRows); the keys of query row `watched`, if among them, are watched for NaN or Inf."""
+    topk.ScoreRows), the product on up to `threads` threads; the keys of query row `watched`, if among them,
+    are watched for NaN or Inf."""
     doc_offsets = None if offsets is None else offsets[doc_lo:doc_hi]
-    _score(product, lo, hi, operand, doc_lo, doc_hi, doc_offsets, out)
+    _score(product, lo, hi, operand, doc_lo, doc_hi, doc_offsets, out, threads)
     if watched is not None and lo <= watched < hi:
         _watch(out[watched - lo], non_finite)
 

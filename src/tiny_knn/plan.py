@@ -1,7 +1,9 @@
-"""Planning: a frozen Plan from shapes, dtype, device and memory budget. Pure: no I/O, no GPU needed.
+"""Planning: a frozen Plan from shapes, dtype, device and memory budget. No I/O, no GPU needed; which
+product the CPU uses comes from product.py (a CPU feature and TINY_KNN_TORCH_PRODUCT).
 
 The engine multiplies queries by docs in tiles. Every tile is padded to a multiple of ROW_ALIGN query
-rows and COL_ALIGN doc rows: measured on MKL, a float32 product computed in such aligned tiles is bit
+rows and COL_ALIGN doc rows (multiples of the kernel's panels). The kernel's own product gives each score
+the same bits whatever the tile; for torch.mm, measured on MKL, a float32 product computed in such aligned tiles is bit
 for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code paths and
 differ in the last bits. That is what makes results independent of batch and chunk sizes.
 """
@@ -291,7 +293,7 @@ def make_plan(
     k = min(k, docs - int(exclude_self))
     candidates = search_candidates(k, docs, metric, exclude_self, precision)
     cuda = device == "cuda"
-    product = default_product(device)
+    product = default_product(device, queries)
     if cuda:
         block = CUDA_QUERY_BLOCK_ROWS
     else:

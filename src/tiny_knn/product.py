@@ -1,7 +1,8 @@
 """Scoring: the matrix products of query rows by doc rows, the floor under every search's time.
 
 Two ways, chosen by the plan (`Plan.product`):
-- "kernel" (a CPU with AVX-512, the compiled kernel built): `_select.c`'s own product. Every score is one
+- "kernel" (a CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more): `_select.c`'s
+  own product. Every score is one
   float32 fused multiply-add chain over the dimensions in order, so its bits depend only on the two rows,
   never on blocks, tiles or threads. Both operands are packed first: the queries once per pass, each doc
   chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm takes its AVX2 path, it runs
@@ -14,6 +15,7 @@ The two agree to float32 rounding, not bit for bit; a plan uses one of them for 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -21,6 +23,9 @@ from .kernel import KERNEL
 
 QUERY_PANEL = 8  # the kernel's panels: query rows and doc rows per micro-kernel call (TK_MR, TK_NR)
 DOC_PANEL = 32
+# Fewer queries than this take torch.mm: packing every doc costs more than the kernel saves on so few rows
+# (4,096 x 384 docs, 2 cores: torch.mm faster at 32 queries, the kernel at 64; RESULTS.md)
+KERNEL_MIN_QUERIES = 64
 
 
 def kernel_product_available() -> bool:
@@ -28,9 +33,11 @@ def kernel_product_available() -> bool:
     return KERNEL is not None and bool(KERNEL.tk_product_supported()) and not os.environ.get("TINY_KNN_TORCH_PRODUCT")
 
 
-def default_product(device: str) -> str:
-    """The product a plan on `device` uses: "kernel" on a CPU where it runs, else "torch"."""
-    return "kernel" if device == "cpu" and kernel_product_available() else "torch"
+def default_product(device: str, queries: int) -> str:
+    """The product a plan for `queries` queries on `device` uses: "kernel" on a CPU where it runs, for
+    KERNEL_MIN_QUERIES queries or more; else "torch"."""
+    kernel = device == "cpu" and queries >= KERNEL_MIN_QUERIES and kernel_product_available()
+    return "kernel" if kernel else "torch"
 
 
 class TorchProduct:
@@ -43,8 +50,11 @@ class TorchProduct:
         """The operand that `score` takes for these (padded) doc rows."""
         return doc_rows
 
-    def score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
-        """out = scores of query rows lo..hi by the operand's docs doc_lo..doc_hi."""
+    def score(
+        self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
+    ) -> None:
+        """out = scores of query rows lo..hi by the operand's docs doc_lo..doc_hi, on up to `threads` threads
+        (torch.mm: torch's own). Call with threads > 1 only from outside the product's thread pool."""
         torch.mm(self.query_rows[lo:hi], operand[doc_lo:doc_hi].T, out=out)
 
 
@@ -71,8 +81,29 @@ class KernelProduct(TorchProduct):
         self._packed_docs[slot] = self._pack(doc_rows, DOC_PANEL, self._packed_docs[slot])
         return self._packed_docs[slot]
 
-    def score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
-        assert KERNEL is not None and out.stride(1) == 1 and out.shape == (hi - lo, doc_hi - doc_lo)
+    def score(
+        self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
+    ) -> None:
+        rows, docs = hi - lo, doc_hi - doc_lo
+        if out.shape != (rows, docs) or out.stride(1) != 1 or hi * self.dim > self.packed_queries.numel():
+            raise ValueError(f"the kernel's product cannot write rows {lo}..{hi} by docs {doc_lo}..{doc_hi} there")
+        if doc_hi * self.dim > operand.numel():
+            raise ValueError(f"the kernel's product has no docs {doc_lo}..{doc_hi} in this operand")
+        parts = min(threads, docs // DOC_PANEL)
+        if parts <= 1:
+            self._score(lo, hi, operand, doc_lo, doc_hi, out)
+            return
+        # Each thread its own columns (whole panels): the scores are the same whatever the split
+        step = -(-docs // parts // DOC_PANEL) * DOC_PANEL
+        pieces = [(start, min(start + step, doc_hi)) for start in range(doc_lo, doc_hi, step)]
+        pool = _split_pool(threads)
+        for done in [
+            pool.submit(self._score, lo, hi, operand, a, b, out[:, a - doc_lo : b - doc_lo]) for a, b in pieces
+        ]:
+            done.result()
+
+    def _score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
+        assert KERNEL is not None
         done = KERNEL.tk_product(
             self.packed_queries.data_ptr(),
             self.dim,
@@ -86,6 +117,17 @@ class KernelProduct(TorchProduct):
         )
         if done != 0:
             raise ValueError(f"the kernel's product cannot take rows {lo}..{hi} by docs {doc_lo}..{doc_hi}")
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _split_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of `threads` threads for products split by columns (kept for the process: idle threads cost
+    nothing, and a product is split on every tile)."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tiny-knn-product")
+    return _POOLS[threads]
 
 
 def make_product(query_rows: torch.Tensor, product: str) -> TorchProduct:

@@ -195,6 +195,11 @@ class ThresholdTopK(RunningTopK):
         block of scores is compared with its rows' thresholds while still in registers (tk_product_scan), so no
         tile is written. The operands are packed (product.KernelProduct); the chunk's first `doc_count` docs
         are real. Returns True if any real score is NaN or infinite."""
+        if (
+            round_up(self.rows, QUERY_PANEL) * dim > packed_queries.numel()
+            or round_up(doc_count, DOC_PANEL) * dim > packed_docs.numel()
+        ):
+            raise ValueError(f"packed operands too small for {self.rows} rows by {doc_count} docs of {dim} dims")
         non_finite: list[bool] = []
 
         def work(_part: int, lo: int, hi: int) -> int:
