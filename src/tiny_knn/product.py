@@ -2,11 +2,10 @@
 
 Two ways, chosen by the plan (`Plan.product`):
 - "kernel" (a CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more): `_select.c`'s
-  own product. Every score is one
-  float32 fused multiply-add chain over the dimensions in order, so its bits depend only on the two rows,
-  never on blocks, tiles or threads. Both operands are packed first: the queries once per pass, each doc
-  chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm takes its AVX2 path, it runs
-  at about 2.3 x torch.mm (benchmarks/RESULTS.md).
+  own product. Every score is one float32 fused multiply-add chain over the dimensions in order, so its
+  bits depend only on the two rows, never on blocks, tiles or threads. Both operands are packed first: the
+  queries once per pass, each doc chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm
+  takes its AVX2 path, it runs at about 2.3 x torch.mm (benchmarks/RESULTS.md).
 - "torch" (CUDA, other CPUs, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
 
 The two agree to float32 rounding, not bit for bit; a plan uses one of them for all its products.
@@ -24,7 +23,7 @@ from .kernel import KERNEL
 QUERY_PANEL = 8  # the kernel's panels: query rows and doc rows per micro-kernel call (TK_MR, TK_NR)
 DOC_PANEL = 32
 # Fewer queries than this take torch.mm: packing every doc costs more than the kernel saves on so few rows
-# (4,096 x 384 docs, 2 cores: torch.mm faster at 32 queries, the kernel at 64; RESULTS.md)
+# (200,000 x 384 docs, 2 cores: torch.mm faster at 32 queries, the kernel at 64; RESULTS.md)
 KERNEL_MIN_QUERIES = 64
 
 
