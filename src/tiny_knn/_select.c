@@ -421,6 +421,7 @@ TK_AVX512 static void tk_product_avx512(const float *queries, int64_t dim, int64
         }
     }
 }
+
 /* The product and the threshold scan in one: each TK_MR x TK_NR block of scores is compared with its rows'
  * thresholds while still in registers, and only survivors leave them (appended to the pools as in
  * tk_scan_row_avx512), so no score tile is ever written. Query rows row_lo.. (packed) against the packed docs

@@ -111,8 +111,13 @@ def _search_batch(
     prepare_queries(host_queries[:rows], plan.metric)
     multiplied = _multiplied_queries(host_queries, plan)
     query_rows = multiplied.to(device)
-    start_thresholds = _sampled_thresholds(query_rows, rows, docs, plan) if plan.threshold_sample_docs else None
-    running, largest_sq = _search_rows(query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds)
+    product = make_product(query_rows, plan.product)  # the queries packed once, for the sample and the pass
+    start_thresholds = (
+        _sampled_thresholds(query_rows, rows, docs, plan, product) if plan.threshold_sample_docs else None
+    )
+    running, largest_sq = _search_rows(
+        query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds, product=product
+    )
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
@@ -201,9 +206,11 @@ def _search_rows(
     on_docs_scored: ProgressCallback | None,
     start_thresholds: torch.Tensor | None,
     selection: str | None = None,
+    product: TorchProduct | None = None,
 ) -> tuple[RunningTopK, float]:
     """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment), keeping
-    `candidates` per row. Also returns the largest squared doc norm seen, where refinement needs it (else 0)."""
+    `candidates` per row, with `product` (the plan's for query_rows; made here if not given). Also returns
+    the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, selection or plan.selection, start_thresholds)
     # Products and selection together, on the selector's threads, when each thread has rows enough.
@@ -222,7 +229,7 @@ def _search_rows(
     )
     largest_sq = 0.0
     watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
-    product = make_product(query_rows, plan.product)
+    product = product or make_product(query_rows, plan.product)
     split_threads = torch.get_num_threads()  # one product per tile on this thread: split it over the cores
     for first_doc, doc_count, operand, offsets, chunk_largest_sq in _doc_chunks(
         docs, plan, device, watched is None, product
@@ -329,7 +336,9 @@ def _refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan)
         docs.read_into(start, min(start + rows.shape[0], first_doc + doc_count), rows, check=True)
 
 
-def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan) -> torch.Tensor:
+def _sampled_thresholds(
+    query_rows: torch.Tensor, rows: int, docs: Source, plan: Plan, product: TorchProduct
+) -> torch.Tensor:
     """Per query, a key that probably at least `candidates` docs beat: a high rank within a strided sample,
     found by the same search as the real one, over the sampled docs.
 
@@ -345,7 +354,8 @@ def _sampled_thresholds(query_rows: torch.Tensor, rows: int, docs: Source, plan:
             if bad.numel():  # name the first bad row in the file, which may lie before the sampled one
                 _refuse_non_finite(docs, 0, int(bad[0]) + 1, plan)
     rank = threshold_sample_rank(docs.rows, plan.candidates, sample)
-    running, _ = _search_rows(query_rows, rows, from_array(sample_docs, "docs sample"), plan, rank, None, None)
+    sampled = from_array(sample_docs, "docs sample")
+    running, _ = _search_rows(query_rows, rows, sampled, plan, rank, None, None, product=product)
     return running.result()[0][:, -1]
 
 

@@ -138,12 +138,20 @@ class ThresholdTopK(RunningTopK):
                 rows,
                 cols,
                 first_doc,
-                self._thresholds.data_ptr() + row_start * 4,
-                self._pools.data_ptr() + row_start * self.capacity * 8,
-                self.capacity,
-                self._fills.data_ptr() + row_start * 4,
-                self.k,
+                *self._row_state(row_start),
             )
+        )
+
+    def _row_state(self, row_start: int) -> tuple[int, int, int, int, int]:
+        """The kernel's arguments for the selection state from row row_start on: thresholds, pools, capacity,
+        fills, k (tk_scan, tk_product_scan)."""
+        pools = self._pools.data_ptr() + row_start * self.capacity * 8
+        return (
+            self._thresholds.data_ptr() + row_start * 4,
+            pools,
+            self.capacity,
+            self._fills.data_ptr() + row_start * 4,
+            self.k,
         )
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
@@ -215,11 +223,7 @@ class ThresholdTopK(RunningTopK):
                     round_up(doc_count, DOC_PANEL),
                     doc_count,
                     first_doc,
-                    self._thresholds.data_ptr() + lo * 4,
-                    self._pools.data_ptr() + lo * self.capacity * 8,
-                    self.capacity,
-                    self._fills.data_ptr() + lo * 4,
-                    self.k,
+                    *self._row_state(lo),
                     ctypes.addressof(flag),
                 )
             )
