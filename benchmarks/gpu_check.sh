@@ -4,10 +4,11 @@
 #   2. tests/test_cuda.py with CUDA required, then the whole suite with CUDA present;
 #   3. a 1-GPU torchrun run against the plain command (same result file);
 #   4. bfloat16 products on the tensor cores: their rate, and their distance from the emulated keys;
-#   5. benchmarks/gpu.py's figures, with the arguments given to this script.
+#   5. benchmarks/gpu.py's figures, with the arguments given to this script;
+#   6. that machine's processor: benchmarks/cpu_check.sh.
 # Usage, from the repository root there: OUT=DIR bash benchmarks/gpu_check.sh [gpu.py arguments]
 set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1  # absolute: benchmark workers run elsewhere
 OUT=${OUT:-/tmp/gpu-check}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
@@ -84,5 +85,7 @@ EOF
 
 step gpu.py "$@"
 timeout 300 python3 benchmarks/gpu.py --out "$WORK/bench" --json "$OUT/gpu.json" "$@" 2>&1 | tail -25
+step "CPU: the kernel's product against torch.mm"
+bash benchmarks/cpu_check.sh
 rm -rf "$WORK"
 step done

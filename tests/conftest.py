@@ -33,12 +33,14 @@ def pair(save):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
-def _kernel_product_for_few_queries(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The kernel's product for any number of queries, as for many: the tests' small inputs would otherwise
-    always take torch.mm (product.KERNEL_MIN_QUERIES; test_product checks the real threshold)."""
+def _kernel_product_wherever_it_runs(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's product wherever it runs (AVX-512), for any number of queries: the tests' small inputs, and
+    CPUs where torch.mm is the faster (Intel), would otherwise take torch.mm (product.KERNEL_MIN_QUERIES,
+    product.kernel_product_faster; test_product checks the real choice)."""
     from tiny_knn import product
 
     monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 1)
+    monkeypatch.setattr(product, "kernel_product_faster", lambda: True)
 
 
 @pytest.fixture(autouse=True)

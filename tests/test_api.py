@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -59,6 +60,19 @@ def test_k_larger_than_docs_is_clamped_with_a_warning(pair, tmp_path) -> None:  
     result = torch.load(path)
     assert result["k"] == 7 and result["indices"].shape == (3, 7)
     assert os.path.basename(path) == "top7_queries_x_docs.pt"
+
+
+def test_a_missing_kernel_is_said_on_the_cpu_only(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn import api
+
+    paths = pair(torch.randn(3, 4), torch.randn(7, 4))
+    monkeypatch.setattr(api, "kernel_available", lambda: False)
+    with pytest.warns(TinyKnnWarning, match="compiled kernel is not built .* install a C compiler"):
+        compute_topk(*paths, k=2, force_cpu=True)
+    monkeypatch.setenv("TINY_KNN_NO_KERNEL", "1")  # asked for: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TinyKnnWarning)
+        compute_topk(*paths, k=2, force_cpu=True)
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True])

@@ -3,6 +3,7 @@ the bits of a score independent of how the product is split."""
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from oracle import assert_exact
 
 from tiny_knn import search
+from tiny_knn.errors import InvalidInputError
+from tiny_knn.kernel import KERNEL
 from tiny_knn.product import (
     DOC_PANEL,
     QUERY_PANEL,
@@ -115,11 +118,34 @@ def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-unt
     from tiny_knn import product
 
     monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 64)  # the real threshold (conftest lowers it)
+    kernel = "kernel" if kernel_product_available() else "torch"
     assert default_product("cuda", 4096) == "torch"
-    assert default_product("cpu", 4096) == ("kernel" if kernel_product_available() else "torch")
+    assert default_product("cpu", 4096) == kernel
     assert default_product("cpu", 63) == "torch"  # too few queries to pay for packing every doc
+    monkeypatch.setattr(product, "kernel_product_faster", lambda: False)  # Intel: MKL's own AVX-512 path
+    assert default_product("cpu", 4096) == "torch"
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "kernel")
+    assert (default_product("cpu", 4096), default_product("cpu", 8), default_product("cuda", 4096)) == (
+        kernel,
+        kernel,
+        "torch",
+    )
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "mkl")
+    with pytest.raises(InvalidInputError, match="TINY_KNN_PRODUCT='mkl': expected auto, kernel or torch"):
+        default_product("cpu", 4096)
+    monkeypatch.setattr(product, "kernel_product_faster", lambda: True)
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "torch")
+    assert default_product("cpu", 4096) == "torch"
+    monkeypatch.delenv("TINY_KNN_PRODUCT")
     monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
     assert default_product("cpu", 4096) == "torch"
+
+
+@pytest.mark.skipif(KERNEL is None or not os.path.exists("/proc/cpuinfo"), reason="needs the kernel and Linux")
+def test_the_kernel_is_preferred_on_amd_processors_only() -> None:
+    with open("/proc/cpuinfo") as cpuinfo:
+        amd = "AuthenticAMD" in cpuinfo.read()
+    assert KERNEL is not None and bool(KERNEL.tk_cpu_is_amd()) == amd  # conftest patches kernel_product_faster
     assert type(make_product(torch.randn(16, 4), "torch")) is TorchProduct
 
 

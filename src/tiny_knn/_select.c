@@ -370,6 +370,16 @@ int tk_product_supported(void)
 #endif
 }
 
+/* 1 on an AMD processor: MKL's sgemm takes its AVX2 path there, and the kernel's product is the faster one. */
+int tk_cpu_is_amd(void)
+{
+#ifdef TK_HAVE_AVX2
+    return __builtin_cpu_is("amd");
+#else
+    return 0;
+#endif
+}
+
 #ifdef TK_HAVE_AVX2
 /* The TK_MR x TK_NR scores of a query panel by a doc panel, left in acc. */
 TK_AVX512 static inline __attribute__((always_inline)) void tk_micro_scores(const float *a, const float *b,

@@ -21,7 +21,7 @@ from .errors import InvalidInputError, MemoryBudgetError
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import DEFAULT_K, INDEX_BYTES, PRECISIONS, SCORE_BYTES, Plan, default_budget_bytes, make_plan
 from .sources import RowRange, Source, check_compatible, from_array, open_source
-from .topk import default_selection
+from .topk import default_selection, kernel_available
 
 __version__ = "0.3.0"
 
@@ -490,6 +490,13 @@ def _plan(
             stacklevel=4,
         )
     device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not kernel_available() and not os.environ.get("TINY_KNN_NO_KERNEL"):
+        warnings.warn(
+            "tiny-knn's compiled kernel is not built (no C compiler when it was installed?): the CPU search "
+            "selects with torch.topk, about 10 times slower at k=2000; install a C compiler and reinstall tiny-knn",
+            TinyKnnWarning,
+            stacklevel=4,
+        )
     if selection == "auto":
         selection = default_selection(device, docs.rows)
     budget = max_memory if max_memory is not None else default_budget_bytes(device)

@@ -27,6 +27,7 @@ def _load() -> ctypes.CDLL | None:
         "tk_pack": (None, [ptr, i64, i64, i64, i64, ptr]),
         "tk_product": (ctypes.c_int32, [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]),
         "tk_product_supported": (ctypes.c_int32, []),
+        "tk_cpu_is_amd": (ctypes.c_int32, []),
         "tk_product_scan": (i64, [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr]),
     }
     for name, (result, arguments) in signatures.items():

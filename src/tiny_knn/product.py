@@ -1,12 +1,15 @@
 """Scoring: the matrix products of query rows by doc rows, the floor under every search's time.
 
-Two ways, chosen by the plan (`Plan.product`):
-- "kernel" (a CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more): `_select.c`'s
-  own product. Every score is one float32 fused multiply-add chain over the dimensions in order, so its
+Two ways, chosen by the plan (`Plan.product`, from `default_product`):
+- "kernel" (an AMD CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more):
+  `_select.c`'s own product. Every score is one float32 fused multiply-add chain over the dimensions in order, so its
   bits depend only on the two rows, never on blocks, tiles or threads. Both operands are packed first: the
   queries once per pass, each doc chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm
-  takes its AVX2 path, it runs at about 2.3 x torch.mm (benchmarks/RESULTS.md).
+  takes its AVX2 path, it runs at about 2.3 x torch.mm (benchmarks/RESULTS.md). On an Intel Xeon, where MKL
+  has its own AVX-512 path, it ran at 0.66 x torch.mm, so Intel CPUs take torch.mm.
 - "torch" (CUDA, other CPUs, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
+
+TINY_KNN_PRODUCT=kernel or =torch overrides the choice (the kernel still needs AVX-512).
 
 The two agree to float32 rounding, not bit for bit; a plan uses one of them for all its products.
 """
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .errors import InvalidInputError
 from .kernel import KERNEL
 
 QUERY_PANEL = 8  # the kernel's panels: query rows and doc rows per micro-kernel call (TK_MR, TK_NR)
@@ -32,11 +36,25 @@ def kernel_product_available() -> bool:
     return KERNEL is not None and bool(KERNEL.tk_product_supported()) and not os.environ.get("TINY_KNN_TORCH_PRODUCT")
 
 
+def kernel_product_faster() -> bool:
+    """True where the kernel's product was measured faster than torch.mm: AMD CPUs, where MKL takes its AVX2
+    path (2.3 x on Zen 5). On an Intel Xeon, MKL's AVX-512 path was faster (1.93 against 2.93 s, 2 threads)."""
+    return KERNEL is not None and bool(KERNEL.tk_cpu_is_amd())
+
+
 def default_product(device: str, queries: int) -> str:
-    """The product a plan for `queries` queries on `device` uses: "kernel" on a CPU where it runs, for
-    KERNEL_MIN_QUERIES queries or more; else "torch"."""
-    kernel = device == "cpu" and queries >= KERNEL_MIN_QUERIES and kernel_product_available()
-    return "kernel" if kernel else "torch"
+    """The product a plan for `queries` queries on `device` uses: "kernel" on a CPU where it runs and is the
+    faster, for KERNEL_MIN_QUERIES queries or more; else "torch". TINY_KNN_PRODUCT=kernel|torch overrides.
+
+    Raises:
+        InvalidInputError: TINY_KNN_PRODUCT is set to something else.
+    """
+    choice = os.environ.get("TINY_KNN_PRODUCT", "auto")
+    if choice not in ("auto", "kernel", "torch"):
+        raise InvalidInputError(f"TINY_KNN_PRODUCT={choice!r}: expected auto, kernel or torch")
+    if device != "cpu" or choice == "torch" or not kernel_product_available():
+        return "torch"
+    return "kernel" if choice == "kernel" or (queries >= KERNEL_MIN_QUERIES and kernel_product_faster()) else "torch"
 
 
 class TorchProduct:
