@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
         "interrupted, the same command continues where it stopped. Other command: 'tiny-knn demo --help' "
         "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
-        "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+        "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
+        "TINY_KNN_PRODUCT=kernel|torch picks the CPU's matrix product (default: tiny-knn's AVX-512 kernel on AMD, "
+        "torch.mm elsewhere); TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
+        "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
+        "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
