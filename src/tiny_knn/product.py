@@ -4,10 +4,10 @@ Two ways, chosen by the plan (`Plan.product`, from `default_product`):
 - "kernel" (an AMD CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more):
   `_select.c`'s own product. Every score is one float32 fused multiply-add chain over the dimensions in
   order, so its bits depend only on the two rows, never on blocks, tiles or threads. Both operands are packed
-  first: the queries once per pass, each doc chunk on the reader thread as it arrives. On AMD Zen 5, where MKL's sgemm
-  takes its AVX2 path, it runs at about 2.3 x torch.mm (benchmarks/RESULTS.md). On an Intel Xeon, where MKL
-  has its own AVX-512 path, it ran at 0.66 x torch.mm, so Intel CPUs take torch.mm.
-- "torch" (CUDA, other CPUs, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
+  first: the queries once per pass, each doc chunk on the reader thread as it arrives. On AMD Zen 5, where
+  MKL's sgemm takes its AVX2 path, it runs at about 2.3 x torch.mm (benchmarks/RESULTS.md). On an Intel
+  Xeon, where MKL has its own AVX-512 path, it ran at 0.66 x torch.mm, so Intel CPUs take torch.mm.
+- "torch" (CUDA, other CPUs, fewer queries, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
 
 TINY_KNN_PRODUCT=kernel or =torch overrides the choice (the kernel still needs AVX-512).
 
