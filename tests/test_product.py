@@ -172,3 +172,25 @@ def test_a_product_split_over_threads_changes_no_bit(threads) -> None:  # type: 
     assert torch.equal(alone, split)
     with pytest.raises(ValueError, match="no docs"):
         product.score(0, 16, operand, 0, 8 * DOC_PANEL, torch.empty(16, 8 * DOC_PANEL))
+
+
+def test_a_kernel_built_from_older_source_is_not_used(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ctypes
+
+    from tiny_knn import kernel
+
+    load = ctypes.CDLL
+
+    class Stale:  # the library as an older _select.c built it: one function short
+        def __init__(self, path: str) -> None:
+            self._lib = load(path)
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            if name == "tk_cpu_is_amd":
+                raise AttributeError(name)
+            return getattr(self._lib, name)
+
+    monkeypatch.setattr(ctypes, "CDLL", Stale)
+    assert kernel._load() is None
+    monkeypatch.undo()
+    assert (kernel._load() is None) == (KERNEL is None)

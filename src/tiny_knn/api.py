@@ -492,8 +492,9 @@ def _plan(
     device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
     if device == "cpu" and not kernel_available() and not os.environ.get("TINY_KNN_NO_KERNEL"):
         warnings.warn(
-            "tiny-knn's compiled kernel is not built (no C compiler when it was installed?): the CPU search "
-            "selects with torch.topk, about 10 times slower at k=2000; install a C compiler and reinstall tiny-knn",
+            "tiny-knn's compiled kernel is missing (no C compiler when it was installed, or built from older "
+            "source): the CPU search selects with torch.topk, about 10 times slower at k=2000; reinstall "
+            "tiny-knn with a C compiler present",
             TinyKnnWarning,
             stacklevel=4,
         )

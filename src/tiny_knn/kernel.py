@@ -1,7 +1,8 @@
 """The compiled kernels (`_select.c`), loaded through ctypes, which releases the GIL during each call.
 
-Optional: if the extension was not built (or TINY_KNN_NO_KERNEL is set), `KERNEL` is None and callers
-use their pure numpy/PyTorch fallbacks, which give identical results, more slowly.
+Optional: if the extension was not built, was built from an older source (a function is missing), or
+TINY_KNN_NO_KERNEL is set, `KERNEL` is None and callers use their pure numpy/PyTorch fallbacks, which give
+identical results, more slowly.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def _load() -> ctypes.CDLL | None:
         "tk_product_scan": (i64, [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr]),
     }
     for name, (result, arguments) in signatures.items():
-        function = getattr(lib, name)
+        function = getattr(lib, name, None)
+        if function is None:  # built from an older _select.c (an editable install not rebuilt): not used
+            return None
         function.restype, function.argtypes = result, arguments
     return lib
 
