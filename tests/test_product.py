@@ -139,6 +139,8 @@ def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-unt
     monkeypatch.delenv("TINY_KNN_PRODUCT")
     monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
     assert default_product("cpu", 4096) == "torch"
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "kernel")  # the older switch wins, as it did before
+    assert default_product("cpu", 4096) == "torch"
 
 
 @pytest.mark.skipif(KERNEL is None or not os.path.exists("/proc/cpuinfo"), reason="needs the kernel and Linux")

@@ -414,9 +414,9 @@ static int64_t tk_block_rows(int64_t dim)
 }
 
 /* out[r, j] for query rows row_lo + r (r < rows) and docs doc_lo + j (j < docs), from packed operands
- * (tk_pack with panels of TK_MR and TK_NR). row_lo and rows must be multiples of TK_MR, doc_lo and docs of
- * TK_NR; returns -1 (nothing written) otherwise, or without AVX-512. Query rows are taken a block at a time
- * (about 512 KiB of them, for the L2 cache) against each doc panel in turn. */
+ * (tk_pack with panels of TK_MR and TK_NR; row_lo and rows multiples of TK_MR, doc_lo and docs of TK_NR, as
+ * tk_product checks). Query rows are taken a block at a time (about 512 KiB of them, for the L2 cache)
+ * against each doc panel in turn. */
 TK_AVX512 static void tk_product_avx512(const float *queries, int64_t dim, int64_t row_lo, int64_t rows,
                                         const float *docs, int64_t doc_lo, int64_t doc_count, float *out,
                                         int64_t out_stride)
@@ -504,6 +504,8 @@ int64_t tk_product_scan(const float *queries, int64_t dim, int64_t row_lo, int64
 #endif
 }
 
+/* tk_product_avx512's product; returns -1 (nothing written) if the operands are not panel-aligned, or
+ * without AVX-512. */
 int32_t tk_product(const float *queries, int64_t dim, int64_t row_lo, int64_t rows, const float *docs,
                    int64_t doc_lo, int64_t doc_count, float *out, int64_t out_stride)
 {

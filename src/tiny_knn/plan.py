@@ -1,11 +1,11 @@
 """Planning: a frozen Plan from shapes, dtype, device and memory budget. No I/O, no GPU needed; which
-product the CPU uses comes from product.py (a CPU feature and TINY_KNN_TORCH_PRODUCT).
+product the CPU uses comes from product.default_product (the CPU's vendor and features, TINY_KNN_PRODUCT).
 
 The engine multiplies queries by docs in tiles. Every tile is padded to a multiple of ROW_ALIGN query
 rows and COL_ALIGN doc rows (multiples of the kernel's panels). The kernel's own product gives each score
-the same bits whatever the tile; for torch.mm, measured on MKL, a float32 product computed in such aligned tiles is bit
-for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code paths and
-differ in the last bits. That is what makes results independent of batch and chunk sizes.
+the same bits whatever the tile; for torch.mm, measured on MKL, a float32 product computed in such aligned
+tiles is bit for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code paths
+and differ in the last bits. That is what makes results independent of batch and chunk sizes.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Plan:
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
     precision: str = "fp32"  # see PRECISIONS
     fused: bool = False  # CPU: each selector thread multiplies its own rows, query_block_rows at a time
-    product: str = "torch"  # the matrix products: "kernel" (CPU, AVX-512) or "torch" (torch.mm); see product.py
+    product: str = "torch"  # the matrix products: "kernel" (AMD CPU, AVX-512) or "torch" (torch.mm); see product.py
 
     @property
     def refined(self) -> bool:

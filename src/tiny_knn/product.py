@@ -32,8 +32,8 @@ KERNEL_MIN_QUERIES = 64
 
 
 def kernel_product_available() -> bool:
-    """True when the kernel's product runs here (built, AVX-512) and TINY_KNN_TORCH_PRODUCT is not set."""
-    return KERNEL is not None and bool(KERNEL.tk_product_supported()) and not os.environ.get("TINY_KNN_TORCH_PRODUCT")
+    """True when the kernel's product runs here: built, on a CPU with AVX-512."""
+    return KERNEL is not None and bool(KERNEL.tk_product_supported())
 
 
 def kernel_product_faster() -> bool:
@@ -44,7 +44,8 @@ def kernel_product_faster() -> bool:
 
 def default_product(device: str, queries: int) -> str:
     """The product a plan for `queries` queries on `device` uses: "kernel" on a CPU where it runs and is the
-    faster, for KERNEL_MIN_QUERIES queries or more; else "torch". TINY_KNN_PRODUCT=kernel|torch overrides.
+    faster, for KERNEL_MIN_QUERIES queries or more; else "torch". TINY_KNN_PRODUCT=kernel|torch overrides,
+    and TINY_KNN_TORCH_PRODUCT=1 (the older switch) means torch whatever TINY_KNN_PRODUCT says.
 
     Raises:
         InvalidInputError: TINY_KNN_PRODUCT is set to something else.
@@ -52,6 +53,8 @@ def default_product(device: str, queries: int) -> str:
     choice = os.environ.get("TINY_KNN_PRODUCT", "auto")
     if choice not in ("auto", "kernel", "torch"):
         raise InvalidInputError(f"TINY_KNN_PRODUCT={choice!r}: expected auto, kernel or torch")
+    if os.environ.get("TINY_KNN_TORCH_PRODUCT"):
+        choice = "torch"
     if device != "cpu" or choice == "torch" or not kernel_product_available():
         return "torch"
     return "kernel" if choice == "kernel" or (queries >= KERNEL_MIN_QUERIES and kernel_product_faster()) else "torch"
