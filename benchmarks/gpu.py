@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from unittest import mock
 
 import torch
 from bench import naive_torch_topk
@@ -101,17 +102,8 @@ def profile(q_path: str, d_path: str, k: int, out_path: str) -> str:
 def run_tiny_knn(q_path: str, d_path: str, k: int, out_path: str, options: dict[str, Any]) -> str:
     """compute_topk with the given keyword options, under the variables in options["environment"] if any."""
     options = dict(options)
-    environment = options.pop("environment", {})
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
+    with mock.patch.dict(os.environ, options.pop("environment", {})):
         return compute_topk(q_path, d_path, k=k, out_path=out_path, **options)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
