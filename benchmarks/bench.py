@@ -10,7 +10,9 @@ Contenders (all read the same .pt files, written once per run into --out):
                  tile, no selection, data already in memory. Timed for several block shapes, and, where it
                  runs (AVX-512), with tiny-knn's own product ("kernel": its packing of each doc chunk
                  included, as in the engine); the best median is the floor. It does not depend on k, so it
-                 is measured once per repeat.
+                 is measured once per repeat. Where the screen runs (AVX-512 BF16), its bfloat16 estimates
+                 of every pair are timed too ("bf16 estimates"), for comparison: not float32 products, so
+                 never the floor.
   tiny-knn       compute_topk(queries.pt, docs.pt, k, force_cpu=True, out_path=...) in a Python process.
   tiny-knn-cli   `tiny-knn Q D --k K --cpu --quiet --output-path OUT` as a whole process.
   faiss          faiss_search.search(): torch.load both, IndexFlatIP, add, search, torch.save.
@@ -51,7 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -69,6 +71,8 @@ MODE = {
     "torch-topk": "in-process",
 }
 FAISS_OF_MODE = {"in-process": "faiss", "process": "faiss-process"}
+# The screen's bfloat16 estimates alone: timed with the floor, shown beside it, never taken as it
+SCREEN_ESTIMATES = "bf16 estimates"
 FLOOR_SHAPES = ((4096, 512), (4096, 1024), (2048, 2048), (1024, 4096), (4096, 2048))
 NAIVE_CHUNK_ROWS = 16384
 SAMPLE_INTERVAL_S = 0.02
@@ -133,11 +137,55 @@ def floor_times(q_path: str, d_path: str, shapes: Sequence[tuple[int, int]]) -> 
                 block = queries[query_start : query_start + block_rows]
                 torch.mm(block, chunk_t, out=tile[: block.shape[0] * cols].view(block.shape[0], cols))
         times[f"{block_rows}x{chunk_rows}"] = time.perf_counter() - start
-    from tiny_knn.product import kernel_product_available
+    from tiny_knn.product import kernel_product_available, screen_available
 
     if kernel_product_available():
         times["kernel"] = kernel_floor(queries, docs)
+    if screen_available():
+        times[SCREEN_ESTIMATES] = screen_estimates(queries, docs)
     return times
+
+
+def _prepared_chunks(product: Any, docs: Any, chunk_rows: int) -> Iterator[tuple[int, int, Any, int]]:
+    """(first doc, docs, operand, padded docs) per chunk: each chunk prepared by `product` (packed) on one
+    thread while the caller works on the one before, as in the engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from tiny_knn.product import DOC_PANEL
+
+    count = docs.shape[0]
+    chunk_buffer = torch.zeros((chunk_rows, docs.shape[1]))
+
+    def pack(start: int, slot: int) -> tuple[int, int, Any, int]:
+        stop = min(start + chunk_rows, count)
+        padded = -(-(stop - start) // DOC_PANEL) * DOC_PANEL
+        rows_of_chunk = docs[start:stop]
+        if padded != stop - start:  # zero rows up to the panel
+            chunk_buffer[: stop - start] = rows_of_chunk
+            chunk_buffer[stop - start : padded] = 0
+            rows_of_chunk = chunk_buffer[:padded]
+        return start, stop - start, product.prepare(rows_of_chunk, slot), padded
+
+    starts = range(0, count, chunk_rows)
+    with ThreadPoolExecutor(1) as packer:
+        pending = packer.submit(pack, 0, 0)
+        for index in range(len(starts)):
+            chunk = pending.result()
+            if index + 1 < len(starts):
+                pending = packer.submit(pack, starts[index + 1], (index + 1) % 2)
+            yield chunk
+
+
+def _padded_queries(queries: Any) -> Any:
+    import torch
+
+    from tiny_knn.product import QUERY_PANEL
+
+    padded = torch.zeros((-(-queries.shape[0] // QUERY_PANEL) * QUERY_PANEL, queries.shape[1]))
+    padded[: queries.shape[0]] = queries
+    return padded
 
 
 def kernel_floor(
@@ -150,25 +198,13 @@ def kernel_floor(
 
     import torch
 
-    from tiny_knn.product import DOC_PANEL, QUERY_PANEL, KernelProduct
+    from tiny_knn.product import QUERY_PANEL, KernelProduct
 
-    rows, count, threads = queries.shape[0], docs.shape[0], torch.get_num_threads()
-    padded_queries = torch.zeros((-(-rows // QUERY_PANEL) * QUERY_PANEL, queries.shape[1]))
-    padded_queries[:rows] = queries
+    threads = torch.get_num_threads()
+    padded_queries = _padded_queries(queries)
     product = KernelProduct(padded_queries)
     share = -(-padded_queries.shape[0] // threads // QUERY_PANEL) * QUERY_PANEL
     tiles = [torch.empty(block_rows * tile_docs) for _ in range(threads)]
-    chunk_buffer = torch.zeros((chunk_rows, queries.shape[1]))
-
-    def pack(start: int, slot: int) -> tuple[Any, int]:
-        stop = min(start + chunk_rows, count)
-        padded = -(-(stop - start) // DOC_PANEL) * DOC_PANEL
-        rows_of_chunk = docs[start:stop]
-        if padded != stop - start:  # zero rows up to the panel
-            chunk_buffer[: stop - start] = rows_of_chunk
-            chunk_buffer[stop - start : padded] = 0
-            rows_of_chunk = chunk_buffer[:padded]
-        return product.prepare(rows_of_chunk, slot), padded
 
     def work(part: int, operand: Any, padded: int) -> None:
         for lo in range(part * share, min((part + 1) * share, padded_queries.shape[0]), block_rows):
@@ -178,15 +214,27 @@ def kernel_floor(
                 out = tiles[part][: (hi - lo) * (doc_hi - doc_lo)].view(hi - lo, doc_hi - doc_lo)
                 product.score(lo, hi, operand, doc_lo, doc_hi, out)
 
-    starts = range(0, count, chunk_rows)
     start_time = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(1) as packer:
-        pending = packer.submit(pack, 0, 0)
-        for index in range(len(starts)):
-            operand, padded = pending.result()
-            if index + 1 < len(starts):
-                pending = packer.submit(pack, starts[index + 1], (index + 1) % 2)
+    with ThreadPoolExecutor(threads) as pool:
+        for _, _, operand, padded in _prepared_chunks(product, docs, chunk_rows):
             list(pool.map(work, range(threads), [operand] * threads, [padded] * threads))
+    return time.perf_counter() - start_time
+
+
+def screen_estimates(queries: Any, docs: Any, chunk_rows: int = 4096) -> float:
+    """Seconds for the screen's bfloat16 estimates of every pair (product.ScreenedProduct, packing included,
+    as in the engine), with every threshold at +inf so that no pair is scored exactly or selected. Reported
+    beside the floor, never as the floor: these are not float32 products."""
+    import torch
+
+    from tiny_knn.product import ScreenedProduct
+    from tiny_knn.topk import ThresholdTopK
+
+    product = ScreenedProduct(_padded_queries(queries))
+    selector = ThresholdTopK(queries.shape[0], 1, start_thresholds=torch.full((queries.shape[0],), float("inf")))
+    start_time = time.perf_counter()
+    for first, count, operand, _ in _prepared_chunks(product, docs, chunk_rows):
+        selector.add_screened(product, operand, first, count)
     return time.perf_counter() - start_time
 
 
@@ -506,7 +554,7 @@ def draw_chart(report: dict[str, Any], path: str) -> str | None:
             linestyle="--",
             label=f"floor (matrix products, {floor['best_shape']})",
         )
-        torch_shapes = {shape: s for shape, s in floor["median_s"].items() if shape != "kernel"}
+        torch_shapes = {s: t for s, t in floor["median_s"].items() if s not in ("kernel", SCREEN_ESTIMATES)}
         if floor["best_shape"] == "kernel" and torch_shapes:  # the torch.mm floor too, for comparison
             best = min(torch_shapes, key=torch_shapes.get)
             axes.axhline(torch_shapes[best], color="gray", linestyle=":", label=f"torch.mm floor ({best})")
@@ -631,7 +679,8 @@ def main(argv: Sequence[str]) -> int:
     if floor_runs:
         per_shape = {shape: [run["shapes"][shape] for run in floor_runs] for shape in floor_runs[0]["shapes"]}
         medians = {shape: median(times) for shape, times in per_shape.items()}
-        best_shape = min(medians, key=medians.get)
+        float32 = {shape: seconds for shape, seconds in medians.items() if shape != SCREEN_ESTIMATES}
+        best_shape = min(float32, key=float32.get)
         report["floor"] = {
             "times_s": per_shape,
             "median_s": medians,

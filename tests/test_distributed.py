@@ -43,7 +43,9 @@ def run_two_ranks(arguments: list[str]) -> subprocess.CompletedProcess[str]:
         ("queries", "d.pt", {"k": 12, "batch_size": 200, "metric": "l2", "exclude_self": True}),
     ],
 )
-def test_two_ranks_give_the_bytes_of_one_process(files, shard, queries, options) -> None:  # type: ignore[no-untyped-def]
+def test_two_ranks_give_the_bytes_of_one_process(monkeypatch, files, shard, queries, options) -> None:  # type: ignore[no-untyped-def]
+    # The product by name, for this process and the ranks alike (conftest's choice does not reach the ranks)
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "screen")
     q_path, d_path = str(files / queries), str(files / "d.pt")
     reference = torch.load(compute_topk(q_path, d_path, force_cpu=True, out_path=str(files / "one.pt"), **options))
     flags = ["--k", str(options["k"]), "--batch-size", str(options["batch_size"]), "--cpu", "--quiet"]

@@ -120,11 +120,17 @@ def test_the_kernels_packed_operands_are_counted(monkeypatch) -> None:  # type: 
     from tiny_knn import product
 
     monkeypatch.setattr(product, "kernel_product_available", lambda: True)
+    monkeypatch.setattr(product, "screen_available", lambda: True)
+    screened = plan(budget_bytes=2**34)
+    l2 = plan(budget_bytes=2**34, metric="l2")  # the screen takes inner products and cosines only
+    monkeypatch.setattr(product, "screen_available", lambda: False)
     packed = plan(budget_bytes=2**34)
     monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
     monkeypatch.setattr(product, "kernel_product_available", lambda: False)
     plain = plan(budget_bytes=2**34)
-    assert (packed.product, plain.product) == ("kernel", "torch")
+    assert (screened.product, l2.product, packed.product, plain.product) == ("screen", "kernel", "kernel", "torch")
     assert "the AVX-512 kernel" in packed.describe()[2] and "torch.mm" in plain.describe()[2]
+    assert "the AVX-512 BF16 screen" in screened.describe()[2]
     copies = 4096 * 384 * 4 + 2 * packed.doc_chunk_rows * 384 * 4  # the queries and both doc buffers, packed
     assert packed.peak_bytes - plain.peak_bytes == copies
+    assert screened.peak_bytes == packed.peak_bytes  # bfloat16 copies, counted as float32 ones: an upper bound

@@ -20,10 +20,13 @@ from tiny_knn.product import (
     DOC_PANEL,
     QUERY_PANEL,
     KernelProduct,
+    ScreenedProduct,
     TorchProduct,
     default_product,
+    exact_scores,
     kernel_product_available,
     make_product,
+    screen_available,
 )
 
 needs_kernel = pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
@@ -96,6 +99,52 @@ def test_a_score_does_not_depend_on_how_the_product_is_split(data, query_panels,
     assert padded[:, doc_hi - doc_lo :].isnan().all()  # nothing written past the tile
 
 
+needs_screen = pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
+
+
+def _screen_dot(query: np.ndarray, doc: np.ndarray) -> np.float32:
+    """The score the screen promises (tk_dot): dimension i in lane i % 16 of accumulator (i // 16) % 4, each a
+    fused multiply-add chain in order of i from 0, then (a0 + a1) + (a2 + a3) and the lanes halved as a tree
+    (lane j + 8 onto j, then + 4, + 2, + 1); every step rounded once to float32, in exact arithmetic."""
+    lanes = [[np.float32(0)] * 16 for _ in range(4)]
+    for i, (q, d) in enumerate(zip(query.tolist(), doc.tolist(), strict=True)):
+        acc = lanes[(i // 16) % 4]
+        acc[i % 16] = _round_to_float32(Fraction(q) * Fraction(d) + Fraction(float(acc[i % 16])))
+    total = [_add(_add(lanes[0][j], lanes[1][j]), _add(lanes[2][j], lanes[3][j])) for j in range(16)]
+    for half in (8, 4, 2, 1):
+        total = [_add(total[j], total[j + half]) for j in range(half)]
+    return total[0]
+
+
+def _add(a: np.float32, b: np.float32) -> np.float32:
+    return _round_to_float32(Fraction(float(a)) + Fraction(float(b)))
+
+
+@needs_screen
+@settings(max_examples=25, deadline=None)
+@given(
+    dim=st.integers(1, 150),
+    seed=st.integers(0, 2**16),
+    exponents=st.integers(0, 40),
+)
+def test_the_screens_exact_scores_are_its_promised_sums(dim, seed, exponents) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.exp2(torch.randint(-exponents, exponents + 1, (2, 3, dim), generator=generator).float())
+    queries, docs = (
+        torch.randn(2, dim, generator=generator) * scale[0, :2],
+        torch.randn(3, dim, generator=generator) * scale[1],
+    )
+    out = torch.empty(2, 3)
+    exact_scores(queries, docs, out)
+    for r in range(2):
+        for c in range(3):
+            assert out[r, c].item() == float(_screen_dot(queries[r].numpy(), docs[c].numpy())), (r, c)
+    product = ScreenedProduct(torch.cat([queries, torch.zeros(14, dim)]))
+    tile = torch.empty(16, 64)
+    product.score(0, 16, product.prepare(torch.cat([docs, torch.zeros(61, dim)]), 0), 0, 64, tile)
+    assert torch.equal(tile[:2, :3], out)
+
+
 @needs_kernel
 def test_integer_products_equal_torch_mm() -> None:
     generator = torch.Generator().manual_seed(3)
@@ -119,8 +168,10 @@ def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-unt
 
     monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 64)  # the real threshold (conftest lowers it)
     kernel = "kernel" if kernel_product_available() else "torch"
+    screen = "screen" if screen_available() else kernel
     assert default_product("cuda", 4096) == "torch"
-    assert default_product("cpu", 4096) == kernel
+    assert default_product("cpu", 4096) == screen
+    assert default_product("cpu", 4096, screenable=False) == kernel  # l2 or bf16 precision
     assert default_product("cpu", 63) == "torch"  # too few queries to pay for packing every doc
     monkeypatch.setattr(product, "kernel_product_faster", lambda: False)  # Intel: MKL's own AVX-512 path
     assert default_product("cpu", 4096) == "torch"
@@ -130,8 +181,10 @@ def test_the_plan_names_the_product(monkeypatch) -> None:  # type: ignore[no-unt
         kernel,
         "torch",
     )
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "screen")
+    assert (default_product("cpu", 8), default_product("cpu", 8, screenable=False)) == (screen, kernel)
     monkeypatch.setenv("TINY_KNN_PRODUCT", "mkl")
-    with pytest.raises(InvalidInputError, match="TINY_KNN_PRODUCT='mkl': expected auto, kernel or torch"):
+    with pytest.raises(InvalidInputError, match="TINY_KNN_PRODUCT='mkl': expected auto, screen, kernel or torch"):
         default_product("cpu", 4096)
     monkeypatch.setattr(product, "kernel_product_faster", lambda: True)
     monkeypatch.setenv("TINY_KNN_PRODUCT", "torch")
@@ -151,13 +204,13 @@ def test_the_kernel_is_preferred_on_amd_processors_only() -> None:
     assert type(make_product(torch.randn(16, 4), "torch")) is TorchProduct
 
 
-@pytest.mark.parametrize("torch_product", [False, True])
-def test_both_products_give_exact_answers(monkeypatch, torch_product) -> None:  # type: ignore[no-untyped-def]
-    if torch_product:
-        monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
+@pytest.mark.parametrize("name", ["screen", "kernel", "torch"])
+@pytest.mark.parametrize("k", [1, 25, 700])
+def test_every_product_gives_exact_answers(monkeypatch, name, k) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TINY_KNN_PRODUCT", name)
     generator = torch.Generator().manual_seed(11)
     queries, docs = torch.randn(37, 19, generator=generator), torch.randn(3001, 19, generator=generator)
-    scores, indices = search(queries, docs, k=25, device="cpu")
+    scores, indices = search(queries, docs, k=k, device="cpu")
     assert_exact(queries, docs, scores, indices)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_knn import gpu_survivors
-from tiny_knn.product import KernelProduct, kernel_product_available
+from tiny_knn.product import KernelProduct, ScreenedProduct, exact_scores, kernel_product_available, screen_available
 from tiny_knn.topk import (
     PackedTopK,
     PoolTopK,
@@ -340,6 +340,72 @@ def test_one_pass_flags_non_finite_scores_of_real_docs_only() -> None:
     assert not selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 0), 0, 40)
     chunk[39, 2] = float("nan")
     assert selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 1), 40, 40)
+
+
+def _screen_rows(kind: str, count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows that test the screen's error bound where it is thinnest or fails to apply."""
+    if kind == "tied":  # whole numbers: many equal scores, and rows bfloat16 holds exactly (no rounding slack)
+        return torch.randint(-2, 3, (count, dim), generator=generator).float()
+    rows = torch.randn(count, dim, generator=generator)
+    if kind == "near":  # near-duplicates: estimates equal, exact scores a few float32 steps apart
+        return rows[:1] + 1e-6 * rows
+    if kind == "scaled":  # norms from 2^-70 to 2^60 (subnormal products and sums in the estimates)
+        return rows * torch.exp2(torch.randint(-70, 60, (count, 1), generator=generator).float())
+    if kind == "huge":  # some norms past 2^60: scored exactly, never screened (and no product overflows)
+        return rows * torch.where(torch.rand(count, 1, generator=generator) < 0.3, 2.0**60, 1.0)
+    return rows
+
+
+@pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(1, 45),
+    dim=st.integers(1, 40),
+    k=st.integers(1, 150),
+    chunk_docs=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    threads=st.integers(1, 3),
+    kind=st.sampled_from(["normal", "tied", "near", "scaled", "huge"]),
+)
+def test_the_screened_pass_equals_the_sort_merge_on_exact_scores(  # type: ignore[no-untyped-def]
+    seed, rows, dim, k, chunk_docs, threads, kind
+) -> None:
+    """add_screened (tk_screen_scan) against SortMergeTopK on every pair's exact score (tk_dot), bit for bit:
+    whatever the estimates rule out must not have been among the k best. Ties, padding that would win,
+    starting thresholds from the first chunk, pools compacted mid-chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, sum(chunk_docs))
+    queries = torch.zeros(-(-rows // 16) * 16, dim)
+    queries[:rows] = _screen_rows(kind, rows, dim, generator)
+    queries[rows:] = 1e3  # padded rows: scored, never selected
+    product = ScreenedProduct(queries)
+    screened, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
+    first_doc = 0
+    for count in chunk_docs:
+        padded = -(-count // 64) * 64
+        chunk = torch.full((padded, dim), 1e3)  # padded docs score far above any real one
+        chunk[:count] = _screen_rows(kind, count, dim, generator)
+        assert not screened.add_screened(product, product.prepare(chunk, first_doc % 2), first_doc, count)
+        tile = torch.empty(rows, count)
+        exact_scores(queries[:rows], chunk[:count], tile)
+        reference.add(tile, 0, first_doc)
+        first_doc += count
+    for got, expected in zip(screened.result(), reference.result(), strict=True):
+        assert torch.equal(got, expected)
+    assert screened.uncertain_rows().numel() == 0
+
+
+@pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
+def test_the_screened_pass_flags_non_finite_scores_of_real_docs_only() -> None:
+    product = ScreenedProduct(torch.ones(16, 4))
+    chunk = torch.ones(64, 4)
+    chunk[40:] = float("inf")  # padding past the 40 real docs
+    selector = ThresholdTopK(10, 5, threads=1)
+    assert not selector.add_screened(product, product.prepare(chunk, 0), 0, 40)
+    chunk[39, 2] = float("nan")
+    assert selector.add_screened(product, product.prepare(chunk, 1), 40, 40)
+    big = torch.full((64, 4), 3e38)  # finite rows whose products overflow: scored exactly, so flagged
+    assert ThresholdTopK(10, 5, threads=1).add_screened(product, product.prepare(big, 0), 0, 64)
 
 
 def test_packed_keys_order_by_score_then_doc_and_unpack_exactly() -> None:

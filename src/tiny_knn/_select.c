@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(__SSE2__) || defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -432,6 +433,30 @@ TK_AVX512 static void tk_product_avx512(const float *queries, int64_t dim, int64
     }
 }
 
+/* Appends the lanes of (s0, s1) in (valid0, valid1) that beat the threshold, as docs doc.. (s1's from doc + 16),
+ * compacting first if fewer than 32 slots are free (capacity >= k + 128: see tk_scan_row_avx512). Returns
+ * the keys appended. */
+TK_AVX512 static inline int64_t tk_append32_avx512(__m512 s0, __m512 s1, __mmask16 valid0, __mmask16 valid1,
+                                                   uint32_t doc, float *threshold, uint64_t *pool, int64_t capacity,
+                                                   int32_t *fill, int64_t k)
+{
+    __m512 t = _mm512_set1_ps(*threshold);
+    __mmask16 m0 = _mm512_mask_cmp_ps_mask(valid0, s0, t, _CMP_GT_OQ);
+    __mmask16 m1 = _mm512_mask_cmp_ps_mask(valid1, s1, t, _CMP_GT_OQ);
+    if (!(m0 | m1)) return 0;
+    int64_t n = *fill;
+    if (capacity - n < 32) {
+        n = tk_compact(pool, n, k, threshold);
+        t = _mm512_set1_ps(*threshold);
+        m0 = _mm512_mask_cmp_ps_mask(valid0, s0, t, _CMP_GT_OQ);
+        m1 = _mm512_mask_cmp_ps_mask(valid1, s1, t, _CMP_GT_OQ);
+    }
+    int64_t added = tk_append16_avx512(s0, m0, doc, pool + n);
+    added += tk_append16_avx512(s1, m1, doc + 16, pool + n + added);
+    *fill = (int32_t)(n + added);
+    return added;
+}
+
 /* The product and the threshold scan in one: each TK_MR x TK_NR block of scores is compared with its rows'
  * thresholds while still in registers, and only survivors leave them (appended to the pools as in
  * tk_scan_row_avx512), so no score tile is ever written. Query rows row_lo.. (packed) against the packed docs
@@ -463,22 +488,8 @@ TK_AVX512 static int64_t tk_product_scan_avx512(const float *queries, int64_t di
                     int64_t row = r + i;
                     bad |= _mm512_mask_cmp_ps_mask(valid0, _mm512_sub_ps(acc[i][0], acc[i][0]), zero, _CMP_NEQ_UQ) |
                            _mm512_mask_cmp_ps_mask(valid1, _mm512_sub_ps(acc[i][1], acc[i][1]), zero, _CMP_NEQ_UQ);
-                    __m512 t = _mm512_set1_ps(thresholds[row]);
-                    __mmask16 m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t, _CMP_GT_OQ);
-                    __mmask16 m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t, _CMP_GT_OQ);
-                    if (!(m0 | m1)) continue;
-                    uint64_t *pool = pools + row * capacity;
-                    int64_t n = fills[row];
-                    if (capacity - n < 32) {
-                        n = tk_compact(pool, n, k, &thresholds[row]);
-                        t = _mm512_set1_ps(thresholds[row]);
-                        m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t, _CMP_GT_OQ);
-                        m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t, _CMP_GT_OQ);
-                    }
-                    int64_t added = tk_append16_avx512(acc[i][0], m0, doc, pool + n);
-                    added += tk_append16_avx512(acc[i][1], m1, doc + 16, pool + n + added);
-                    fills[row] = (int32_t)(n + added);
-                    survivors += added;
+                    survivors += tk_append32_avx512(acc[i][0], acc[i][1], valid0, valid1, doc, &thresholds[row],
+                                                    pools + row * capacity, capacity, &fills[row], k);
                 }
             }
         }
@@ -515,6 +526,313 @@ int32_t tk_product(const float *queries, int64_t dim, int64_t row_lo, int64_t ro
     return 0;
 #else
     (void)queries, (void)dim, (void)docs, (void)out, (void)out_stride;
+    return -1;
+#endif
+}
+
+/* The screened product (AVX-512 BF16): exact float32 answers from a bfloat16 product, at twice the rate.
+ *
+ * Each score is first estimated from the two rows rounded to bfloat16 (VDPBF16PS, float32 sums). The estimate
+ * is within slack(q, d) = a_q |d| + b_q r_d of the exact score (the bound is below), where r_d = |d~ - d| is
+ * what rounding moved the doc row and a_q, b_q come from the query's own. Only a pair whose estimate reaches
+ * its row's threshold minus the slack can still be among the k best; it is scored exactly (tk_dot) and pushed
+ * as in tk_product_scan. Every other pair provably scores below the threshold, so the answer is that of
+ * scoring every pair with tk_dot, whatever the estimates. At large k about 3% of pairs are scored exactly.
+ *
+ * The bound. Let q~, d~ be the rows in bfloat16 (to nearest even; subnormals flushed to zero, as VDPBF16PS
+ * would). Then q~.d~ - q.d = (q~ - q).d~ + q.(d~ - d), at most r_q |d~| + |q| r_d (Cauchy-Schwarz). The
+ * float32 sums of the estimate and of tk_dot each add at most about dim * 2^-24 |q||d| (any order; counted
+ * twice over: gamma below), and VDPBF16PS's flushing of subnormal products and sums at most 2^-126 per step
+ * (the floor on a_q, with norms floored at 2^-40). Norms here are max(|x|, |x~|), summed in double and rounded
+ * up; the threshold minus the slack is computed rounding down. Rows with a norm of 2^60 or more (or not
+ * finite) get an infinite one: all their pairs are scored exactly, and nothing in the estimates can overflow.
+ * The comparison lets NaN through, so a NaN is never screened out.
+ *
+ * tk_dot fixes the exact score: dimension i goes to lane i mod 16 of accumulator (i / 16) mod 4, each a
+ * float32 fused multiply-add chain in order of i; then the fixed tree (a0 + a1) + (a2 + a3) and halves. Its
+ * bits depend only on the two rows. */
+#define TK_SCREEN_MR 8
+#define TK_SCREEN_NR 32
+#define TK_SEED_DOCS 1024
+
+static inline float tk_round_up(double x)
+{
+    float f = (float)x;
+    return (double)f < x ? nextafterf(f, INFINITY) : f;
+}
+
+/* The bfloat16 bits of x: to nearest, ties to even; NaN stays NaN; subnormals become zeros (as VDPBF16PS
+ * reads them). */
+static inline uint32_t tk_bf16(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    bits >>= 16;
+    return (bits & 0x7f80u) ? bits : bits & 0x8000u;
+}
+
+static inline double tk_bf16_value(uint32_t bits)
+{
+    uint32_t wide = bits << 16;
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return (double)f;
+}
+
+/* Packs rows [0, rows) of x (row_stride floats apart; rows a multiple of panel) as bfloat16 into panels of
+ * `panel` rows: per pair of dimensions (2p, 2p + 1), one 32-bit word per row (dimension 2p in the low half;
+ * an odd dim is padded with a zero). Also writes each row's two slack factors (see the bound above): for docs
+ * (query = 0) norm[i] = |d| and resid[i] = r_d; for queries norm[i] = a_q and resid[i] = b_q = |q|. */
+void tk_pack_bf16(const float *x, int64_t row_stride, int64_t rows, int64_t dim, int64_t panel, int32_t query,
+                  uint32_t *out, float *norm, float *resid)
+{
+    int64_t pairs = (dim + 1) / 2;
+    double gamma = 2.0 * (double)(dim + 8) * ldexp(1.0, -24), floor = 4.0 * (double)(dim + 8) * ldexp(1.0, -86);
+    for (int64_t p = 0; p < rows; p += panel) {
+        uint32_t *dst = out + p * pairs;
+        for (int64_t i = 0; i < panel; i++) {
+            const float *src = x + (p + i) * row_stride;
+            double sq = 0.0, rounded_sq = 0.0, moved_sq = 0.0;
+            for (int64_t q = 0; q < pairs; q++) {
+                uint32_t word = 0;
+                for (int h = 0; h < 2 && 2 * q + h < dim; h++) {
+                    uint32_t bits = tk_bf16(src[2 * q + h]);
+                    double value = (double)src[2 * q + h], rounded = tk_bf16_value(bits);
+                    sq += value * value;
+                    rounded_sq += rounded * rounded;
+                    moved_sq += (rounded - value) * (rounded - value);
+                    word |= bits << (16 * h);
+                }
+                dst[q * panel + i] = word;
+            }
+            double size = sqrt(sq > rounded_sq ? sq : rounded_sq), moved = sqrt(moved_sq);
+            if (!(size < ldexp(1.0, 60))) size = moved = INFINITY; /* NaN too */
+            if (size < ldexp(1.0, -40)) size = ldexp(1.0, -40);
+            if (query) {
+                double a = moved + gamma * size;
+                norm[p + i] = tk_round_up(a > floor ? a : floor);
+                resid[p + i] = tk_round_up(size);
+            } else {
+                norm[p + i] = tk_round_up(size);
+                resid[p + i] = tk_round_up(moved);
+            }
+        }
+    }
+}
+
+int tk_screen_supported(void)
+{
+#ifdef TK_HAVE_AVX2
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+#ifdef TK_HAVE_AVX2
+#define TK_SCREEN __attribute__((target("avx512f,avx512bw,avx512bf16,popcnt")))
+
+/* The exact score of two float32 rows (see above). */
+TK_AVX512 static inline float tk_dot(const float *a, const float *b, int64_t dim)
+{
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 64 <= dim; i += 64)
+        for (int c = 0; c < 4; c++)
+            acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16 * c), _mm512_loadu_ps(b + i + 16 * c), acc[c]);
+    for (int c = 0; c < 4 && i + 16 * c < dim; c++) {
+        int64_t left = dim - i - 16 * c;
+        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        acc[c] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i + 16 * c), _mm512_maskz_loadu_ps(m, b + i + 16 * c),
+                                       acc[c], m);
+    }
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(sum),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+    __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+    quarter = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+    return _mm_cvtss_f32(quarter);
+}
+
+/* Exact scores (tk_dot) of query rows [0, rows) by doc rows [0, cols) into out (out_stride apart): the
+ * straightforward method the screen is tested against, and the scores of tiles the screen does not take. */
+TK_AVX512 static void tk_dot_tile_avx512(const float *queries, int64_t query_stride, int64_t rows, const float *docs,
+                                         int64_t doc_stride, int64_t cols, int64_t dim, float *out, int64_t out_stride)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            out[r * out_stride + c] = tk_dot(queries + r * query_stride, docs + c * doc_stride, dim);
+}
+
+/* The TK_SCREEN_MR x TK_SCREEN_NR estimates of a packed query panel by a packed doc panel, left in acc. */
+TK_SCREEN static inline __attribute__((always_inline)) void tk_micro_bf16(const uint32_t *a, const uint32_t *b,
+                                                                          int64_t pairs, __m512 acc[TK_SCREEN_MR][2])
+{
+    for (int i = 0; i < TK_SCREEN_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * TK_SCREEN_NR);
+        __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * TK_SCREEN_NR + 16);
+        for (int i = 0; i < TK_SCREEN_MR; i++) {
+            __m512bh ai = (__m512bh)_mm512_set1_epi32((int)a[p * TK_SCREEN_MR + i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+        }
+    }
+}
+
+/* x - slack(q, d) for 16 docs, rounded down: a lower bound on the exact scores if x holds their estimates. */
+TK_SCREEN static inline __m512 tk_minus_slack(__m512 x, float a, float b, const float *norms, const float *resid)
+{
+    const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+    __m512 partial = _mm512_fnmadd_round_ps(_mm512_set1_ps(a), _mm512_loadu_ps(norms), x, down);
+    return _mm512_fnmadd_round_ps(_mm512_set1_ps(b), _mm512_loadu_ps(resid), partial, down);
+}
+
+/* Starting thresholds for rows that have none (-inf) yet: each such row's k-th best lower bound (estimate
+ * minus slack) over the chunk's first docs, just below it. At least k docs score at or above that bound, so
+ * the threshold rules out only docs that cannot be among the k best; without it, every pair of the first k
+ * docs and many more would be scored exactly before the first compaction. Needs real_docs >= k. */
+TK_SCREEN static void tk_screen_seed(const uint32_t *packed_queries, const float *query_a, const float *query_b,
+                                     int64_t pairs, int64_t row_lo, int64_t rows, int64_t real_rows,
+                                     const uint32_t *packed_docs, const float *doc_norms, const float *doc_resid,
+                                     int64_t real_docs, float *thresholds, int64_t k)
+{
+    /* at least k docs, and TK_SEED_DOCS, for a threshold nearer the k-th best of all (a rank of k among 1024
+     * docs rather than among k): at k = 10 that halved the pairs scored exactly */
+    int64_t want = k > TK_SEED_DOCS ? k : real_docs < TK_SEED_DOCS ? real_docs : TK_SEED_DOCS;
+    int64_t seen = (want + TK_SCREEN_NR - 1) / TK_SCREEN_NR * TK_SCREEN_NR; /* whole panels: padding scores -inf */
+    uint64_t *keys = NULL;
+    for (int64_t r = 0; r < rows; r += TK_SCREEN_MR) {
+        int unset = 0;
+        for (int i = 0; i < TK_SCREEN_MR && r + i < real_rows; i++) unset |= thresholds[r + i] == -INFINITY;
+        if (!unset) continue;
+        if (!keys && !(keys = malloc(TK_SCREEN_MR * seen * sizeof *keys))) return; /* then no seed: still exact */
+        for (int64_t j = 0; j < seen; j += TK_SCREEN_NR) {
+            __m512 acc[TK_SCREEN_MR][2];
+            tk_micro_bf16(packed_queries + (row_lo + r) * pairs, packed_docs + j * pairs, pairs, acc);
+            for (int i = 0; i < TK_SCREEN_MR; i++) {
+                for (int h = 0; h < 2; h++) {
+                    float bound[16];
+                    _mm512_storeu_ps(bound, tk_minus_slack(acc[i][h], query_a[row_lo + r + i], query_b[row_lo + r + i],
+                                                           doc_norms + j + 16 * h, doc_resid + j + 16 * h));
+                    for (int lane = 0; lane < 16; lane++) {
+                        int64_t doc = j + 16 * h + lane;
+                        float b = doc < real_docs && bound[lane] == bound[lane] ? bound[lane] : -INFINITY;
+                        keys[i * seen + doc] = tk_key(b, (uint32_t)doc);
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < TK_SCREEN_MR && r + i < real_rows; i++) {
+            if (thresholds[r + i] != -INFINITY) continue;
+            tk_select_nth(keys + i * seen, seen, k - 1);
+            float bound = tk_key_score(keys[i * seen + k - 1]);
+            if (bound > -INFINITY) thresholds[r + i] = nextafterf(bound, -INFINITY);
+        }
+    }
+    free(keys);
+}
+
+/* tk_product_scan's work, screened: query rows row_lo.. (packed by tk_pack_bf16 with panels of TK_SCREEN_MR,
+ * norms scaled; float32 rows at `queries`, query_stride apart, row_lo first) against the chunk's docs (packed
+ * in panels of TK_SCREEN_NR, plain norms; float32 rows at `docs`, doc_stride apart). Returns the survivors. */
+TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, const float *query_a,
+                                               const float *query_b, const float *queries, int64_t query_stride,
+                                               int64_t dim, int64_t row_lo, int64_t rows, int64_t real_rows,
+                                               const uint32_t *packed_docs, const float *doc_norms,
+                                               const float *doc_resid, const float *docs, int64_t doc_stride,
+                                               int64_t doc_count, int64_t real_docs, int64_t first_doc,
+                                               float *thresholds, uint64_t *pools, int64_t capacity, int32_t *fills,
+                                               int64_t k, int32_t *non_finite)
+{
+    int64_t pairs = (dim + 1) / 2, survivors = 0;
+    /* Query rows per block: 256 KiB of them in bfloat16, with their 512 KiB in float32 (for the exact scores)
+     * well within a 1-2 MiB L2 */
+    int64_t block = (int64_t)(1 << 18) / (pairs * 4) / TK_SCREEN_MR * TK_SCREEN_MR;
+    __mmask16 bad = 0;
+    if (real_docs >= k)
+        tk_screen_seed(packed_queries, query_a, query_b, pairs, row_lo, rows, real_rows, packed_docs, doc_norms,
+                       doc_resid, real_docs, thresholds, k);
+    const __m512 zero = _mm512_setzero_ps();
+    if (block < TK_SCREEN_MR) block = TK_SCREEN_MR;
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        int64_t r1 = r0 + block < rows ? r0 + block : rows;
+        for (int64_t j = 0; j < doc_count; j += TK_SCREEN_NR) {
+            const uint32_t *b = packed_docs + j * pairs;
+            int64_t left = real_docs - j;
+            __mmask16 valid0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            __mmask16 valid1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            for (int64_t r = r0; r < r1; r += TK_SCREEN_MR) {
+                __m512 acc[TK_SCREEN_MR][2];
+                tk_micro_bf16(packed_queries + (row_lo + r) * pairs, b, pairs, acc);
+                for (int i = 0; i < TK_SCREEN_MR && r + i < real_rows; i++) {
+                    int64_t row = r + i;
+                    __m512 t = _mm512_set1_ps(thresholds[row]);
+                    float a = query_a[row_lo + row], b = query_b[row_lo + row];
+                    __m512 t0 = tk_minus_slack(t, a, b, doc_norms + j, doc_resid + j);
+                    __m512 t1 = tk_minus_slack(t, a, b, doc_norms + j + 16, doc_resid + j + 16);
+                    __mmask16 m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t0, _CMP_NLT_UQ);
+                    __mmask16 m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t1, _CMP_NLT_UQ);
+                    if (!(m0 | m1)) continue;
+                    /* The candidates' exact scores, independent of each other (so they overlap), then appended
+                     * as tk_product_scan appends */
+                    const float *query = queries + (row_lo + row) * query_stride, *doc_rows = docs + j * doc_stride;
+                    float exact[TK_SCREEN_NR] = {0};
+                    for (unsigned mask = m0 | ((unsigned)m1 << 16); mask; mask &= mask - 1) {
+                        int lane = __builtin_ctz(mask);
+                        exact[lane] = tk_dot(query, doc_rows + lane * doc_stride, dim);
+                    }
+                    __m512 e0 = _mm512_loadu_ps(exact), e1 = _mm512_loadu_ps(exact + 16);
+                    bad |= _mm512_mask_cmp_ps_mask(m0, _mm512_sub_ps(e0, e0), zero, _CMP_NEQ_UQ) |
+                           _mm512_mask_cmp_ps_mask(m1, _mm512_sub_ps(e1, e1), zero, _CMP_NEQ_UQ);
+                    survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],
+                                                    pools + row * capacity, capacity, &fills[row], k);
+                }
+            }
+        }
+    }
+    if (bad) *non_finite = 1;
+    return survivors;
+}
+#endif
+
+int64_t tk_screen_scan(const uint32_t *packed_queries, const float *query_a, const float *query_b,
+                       const float *queries, int64_t query_stride, int64_t dim, int64_t row_lo, int64_t rows,
+                       int64_t real_rows, const uint32_t *packed_docs, const float *doc_norms, const float *doc_resid,
+                       const float *docs, int64_t doc_stride,
+                       int64_t doc_count, int64_t real_docs, int64_t first_doc, float *thresholds, uint64_t *pools,
+                       int64_t capacity, int32_t *fills, int64_t k, int32_t *non_finite)
+{
+    if (row_lo % TK_SCREEN_MR || rows % TK_SCREEN_MR || doc_count % TK_SCREEN_NR || capacity < k + 128 ||
+        !tk_screen_supported())
+        return -1;
+#ifdef TK_HAVE_AVX2
+    return tk_screen_scan_avx512(packed_queries, query_a, query_b, queries, query_stride, dim, row_lo, rows,
+                                 real_rows, packed_docs, doc_norms, doc_resid, docs, doc_stride, doc_count, real_docs,
+                                 first_doc, thresholds, pools, capacity, fills, k, non_finite);
+#else
+    (void)packed_queries, (void)query_a, (void)query_b, (void)queries, (void)query_stride, (void)dim;
+    (void)real_rows, (void)packed_docs, (void)doc_norms, (void)doc_resid, (void)docs, (void)doc_stride;
+    (void)real_docs, (void)first_doc;
+    (void)thresholds, (void)pools, (void)fills, (void)non_finite;
+    return -1;
+#endif
+}
+
+/* tk_dot_tile_avx512's scores; returns -1 (nothing written) without AVX-512. */
+int32_t tk_dot_tile(const float *queries, int64_t query_stride, int64_t rows, const float *docs, int64_t doc_stride,
+                    int64_t cols, int64_t dim, float *out, int64_t out_stride)
+{
+    if (!tk_product_supported()) return -1;
+#ifdef TK_HAVE_AVX2
+    tk_dot_tile_avx512(queries, query_stride, rows, docs, doc_stride, cols, dim, out, out_stride);
+    return 0;
+#else
+    (void)queries, (void)query_stride, (void)rows, (void)docs, (void)doc_stride, (void)cols, (void)dim, (void)out;
+    (void)out_stride;
     return -1;
 #endif
 }

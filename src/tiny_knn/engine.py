@@ -33,7 +33,7 @@ from .plan import (
     round_up,
     threshold_sample_rank,
 )
-from .product import KernelProduct, TorchProduct, make_product
+from .product import KernelProduct, Operand, ScreenedDocs, ScreenedProduct, TorchProduct, make_product
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
@@ -238,11 +238,16 @@ def _search_rows(
         largest_sq = max(largest_sq, chunk_largest_sq)
         non_finite: list[bool] = []
         score = functools.partial(_score_rows, product, operand, offsets, watched, non_finite)
-        if fused and isinstance(product, KernelProduct) and offsets is None:
+        if fused and isinstance(product, (KernelProduct, ScreenedProduct)) and offsets is None:
             assert isinstance(running, ThresholdTopK)
             # Scored and selected in one pass, no tile written; a NaN or Inf among the scores is flagged (it
             # matters where the docs go unchecked: otherwise it is an overflow, kept as on the other paths)
-            flagged = running.add_packed(product.packed_queries, product.dim, operand, first_doc, doc_count)
+            if isinstance(product, ScreenedProduct):
+                assert isinstance(operand, ScreenedDocs)
+                flagged = running.add_screened(product, operand, first_doc, doc_count)
+            else:
+                assert isinstance(operand, torch.Tensor)
+                flagged = running.add_packed(product.packed_queries, product.dim, operand, first_doc, doc_count)
             if flagged and watched is not None:
                 non_finite.append(True)
         elif fused:
@@ -268,7 +273,7 @@ def _score(
     product: TorchProduct,
     lo: int,
     hi: int,
-    operand: torch.Tensor,
+    operand: Operand,
     doc_lo: int,
     doc_hi: int,
     offsets: torch.Tensor | None,
@@ -284,7 +289,7 @@ def _score(
 
 def _score_rows(
     product: TorchProduct,
-    operand: torch.Tensor,
+    operand: Operand,
     offsets: torch.Tensor | None,
     watched: int | None,
     non_finite: list[bool],
@@ -372,7 +377,7 @@ def _prepared_offsets(
     return padded.to(device), largest_sq
 
 
-Chunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float]
+Chunk = tuple[int, int, Operand, torch.Tensor | None, float]
 
 
 def _doc_chunks(
@@ -397,6 +402,7 @@ def _doc_chunks(
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     uploaded: Chunk | None = None
     for start, count, rows, offsets, largest_sq, copied in chunks:
+        assert isinstance(rows, torch.Tensor)  # no product prepares a GPU's chunks
         with torch.cuda.stream(stream):
             on_device = rows.to(device, non_blocking=True)
             device_offsets = None if offsets is None else offsets.pin_memory().to(device, non_blocking=True)
@@ -413,7 +419,7 @@ def _doc_chunks(
         yield uploaded
 
 
-HostChunk = tuple[int, int, torch.Tensor, torch.Tensor | None, float, "torch.cuda.Event | None"]
+HostChunk = tuple[int, int, Operand, torch.Tensor | None, float, "torch.cuda.Event | None"]
 
 
 def _host_chunks(
@@ -422,7 +428,7 @@ def _host_chunks(
     pinned: bool,
     pieces: int = 1,
     check: bool = True,
-    prepare: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    prepare: Callable[[torch.Tensor, int], Operand] | None = None,
 ) -> Iterator[HostChunk]:
     """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of
     the rows) while the one before is used, into two buffers in turn; `check`: refuse NaN and Inf (see

@@ -130,7 +130,8 @@ class Plan:
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
     precision: str = "fp32"  # see PRECISIONS
     fused: bool = False  # CPU: each selector thread multiplies its own rows, query_block_rows at a time
-    product: str = "torch"  # the matrix products: "kernel" (AMD CPU, AVX-512) or "torch" (torch.mm); see product.py
+    product: str = "torch"  # the matrix products: "screen" (AMD CPU, AVX-512 BF16), "kernel" (AMD CPU, AVX-512)
+    # or "torch" (torch.mm); see product.py
 
     @property
     def refined(self) -> bool:
@@ -172,9 +173,16 @@ class Plan:
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
             f"rows{' per thread' if self.fused else ''}, doc chunk {self.doc_chunk_rows} rows, "
-            f"products by {'the AVX-512 kernel' if self.product == 'kernel' else 'torch.mm'}",
+            f"products by {_PRODUCT_NAMES[self.product]}",
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
+
+
+_PRODUCT_NAMES = {
+    "screen": "the AVX-512 BF16 screen (exact float32 scores for the pairs it cannot rule out)",
+    "kernel": "the AVX-512 kernel",
+    "torch": "torch.mm",
+}
 
 
 def fuse_products(rows: int, threads: int) -> bool:
@@ -293,7 +301,7 @@ def make_plan(
     k = min(k, docs - int(exclude_self))
     candidates = search_candidates(k, docs, metric, exclude_self, precision)
     cuda = device == "cuda"
-    product = default_product(device, queries)
+    product = default_product(device, queries, screenable=metric != "l2" and precision == "fp32")
     if cuda:
         block = CUDA_QUERY_BLOCK_ROWS
     else:
@@ -322,7 +330,7 @@ def make_plan(
             refine=metric == "l2" or precision == "bf16",
             results_on_disk=results_on_disk,
             threads=threads,
-            packed=product == "kernel",
+            packed=product in ("kernel", "screen"),  # the screen's bfloat16 copies take half as much
         )
 
     while True:

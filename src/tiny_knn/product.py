@@ -1,6 +1,12 @@
 """Scoring: the matrix products of query rows by doc rows, the floor under every search's time.
 
-Two ways, chosen by the plan (`Plan.product`, from `default_product`):
+Three ways, chosen by the plan (`Plan.product`, from `default_product`):
+- "screen" (as "kernel", on a CPU with AVX-512 BF16, for inner-product and cosine searches): `_select.c`'s
+  screened product. Every pair is first estimated from rows rounded to bfloat16, at twice the float32 rate,
+  and only pairs whose estimate comes within a proven error bound of their row's k-th best score so far are
+  scored exactly; the rest provably cannot be among the k best. The exact score (`tk_dot`) is 16 float32
+  fused multiply-add chains over the dimensions, then a fixed tree: its bits depend only on the two rows, and
+  the answer is that of scoring every pair with it (tests check this bit for bit).
 - "kernel" (an AMD CPU with AVX-512, the compiled kernel built, KERNEL_MIN_QUERIES queries or more):
   `_select.c`'s own product. Every score is one float32 fused multiply-add chain over the dimensions in
   order, so its bits depend only on the two rows, never on blocks, tiles or threads. Both operands are packed
@@ -9,15 +15,17 @@ Two ways, chosen by the plan (`Plan.product`, from `default_product`):
   Xeon, where MKL has its own AVX-512 path, it ran at 0.66 x torch.mm, so Intel CPUs take torch.mm.
 - "torch" (CUDA, other CPUs, fewer queries, or TINY_KNN_TORCH_PRODUCT=1): torch.mm on the rows as they are.
 
-TINY_KNN_PRODUCT=kernel or =torch overrides the choice (the kernel still needs AVX-512).
+TINY_KNN_PRODUCT=screen, =kernel or =torch overrides the choice (the kernel still needs AVX-512, the screen
+AVX-512 BF16, and l2 searches take the kernel for a screen).
 
-The two agree to float32 rounding, not bit for bit; a plan uses one of them for all its products.
+The three agree to float32 rounding, not bit for bit; a plan uses one of them for all its products.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -42,22 +50,45 @@ def kernel_product_faster() -> bool:
     return KERNEL is not None and bool(KERNEL.tk_cpu_is_amd())
 
 
-def default_product(device: str, queries: int) -> str:
-    """The product a plan for `queries` queries on `device` uses: "kernel" on a CPU where it runs and is the
-    faster, for KERNEL_MIN_QUERIES queries or more; else "torch". TINY_KNN_PRODUCT=kernel|torch overrides,
-    and TINY_KNN_TORCH_PRODUCT=1 (the older switch) means torch whatever TINY_KNN_PRODUCT says.
+def screen_available() -> bool:
+    """True when the screened product runs here: built, on a CPU with AVX-512 BF16."""
+    return KERNEL is not None and bool(KERNEL.tk_screen_supported())
+
+
+def default_product(device: str, queries: int, screenable: bool = True) -> str:
+    """The product a plan for `queries` queries on `device` uses: on a CPU where the kernel runs and is the
+    faster, for KERNEL_MIN_QUERIES queries or more, "screen" where it runs and the search is `screenable`
+    (inner product or cosine, float32), else "kernel"; "torch" otherwise. TINY_KNN_PRODUCT=screen|kernel|torch
+    overrides, and TINY_KNN_TORCH_PRODUCT=1 (the older switch) means torch whatever TINY_KNN_PRODUCT says.
 
     Raises:
         InvalidInputError: TINY_KNN_PRODUCT is set to something else.
     """
     choice = os.environ.get("TINY_KNN_PRODUCT", "auto")
-    if choice not in ("auto", "kernel", "torch"):
-        raise InvalidInputError(f"TINY_KNN_PRODUCT={choice!r}: expected auto, kernel or torch")
+    if choice not in ("auto", "screen", "kernel", "torch"):
+        raise InvalidInputError(f"TINY_KNN_PRODUCT={choice!r}: expected auto, screen, kernel or torch")
     if os.environ.get("TINY_KNN_TORCH_PRODUCT"):
         choice = "torch"
     if device != "cpu" or choice == "torch" or not kernel_product_available():
         return "torch"
-    return "kernel" if choice == "kernel" or (queries >= KERNEL_MIN_QUERIES and kernel_product_faster()) else "torch"
+    if choice == "auto" and not (queries >= KERNEL_MIN_QUERIES and kernel_product_faster()):
+        return "torch"
+    return "screen" if choice != "kernel" and screenable and screen_available() else "kernel"
+
+
+@dataclass
+class ScreenedDocs:
+    """A doc chunk as the screened product takes it: the float32 rows (padded), their bfloat16 panels, and
+    each row's norm and rounding residual (tk_pack_bf16)."""
+
+    rows: torch.Tensor
+    packed: torch.Tensor
+    norms: torch.Tensor
+    resid: torch.Tensor
+
+
+# What a product scores a doc chunk from: the rows themselves, or what its `prepare` made of them
+Operand = torch.Tensor | ScreenedDocs
 
 
 class TorchProduct:
@@ -66,15 +97,16 @@ class TorchProduct:
     def __init__(self, query_rows: torch.Tensor) -> None:
         self.query_rows = query_rows
 
-    def prepare(self, doc_rows: torch.Tensor, slot: int) -> torch.Tensor:
+    def prepare(self, doc_rows: torch.Tensor, slot: int) -> Operand:
         """The operand that `score` takes for these (padded) doc rows."""
         return doc_rows
 
     def score(
-        self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
+        self, lo: int, hi: int, operand: Operand, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
     ) -> None:
         """out = scores of query rows lo..hi by the operand's docs doc_lo..doc_hi, on up to `threads` threads
         (torch.mm: torch's own). Call with threads > 1 only from outside the product's thread pool."""
+        assert isinstance(operand, torch.Tensor)
         torch.mm(self.query_rows[lo:hi], operand[doc_lo:doc_hi].T, out=out)
 
 
@@ -96,14 +128,15 @@ class KernelProduct(TorchProduct):
         KERNEL.tk_pack(rows.data_ptr(), rows.stride(0), rows.shape[0], self.dim, panel, out.data_ptr())
         return out
 
-    def prepare(self, doc_rows: torch.Tensor, slot: int) -> torch.Tensor:
+    def prepare(self, doc_rows: torch.Tensor, slot: int) -> Operand:
         """Packs the doc rows into the slot's buffer (reused: the caller is done with the slot's last chunk)."""
         self._packed_docs[slot] = self._pack(doc_rows, DOC_PANEL, self._packed_docs[slot])
         return self._packed_docs[slot]
 
     def score(
-        self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
+        self, lo: int, hi: int, operand: Operand, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
     ) -> None:
+        assert isinstance(operand, torch.Tensor)
         rows, docs = hi - lo, doc_hi - doc_lo
         if out.shape != (rows, docs) or out.stride(1) != 1 or hi * self.dim > self.packed_queries.numel():
             raise ValueError(f"the kernel's product cannot write rows {lo}..{hi} by docs {doc_lo}..{doc_hi} there")
@@ -139,6 +172,76 @@ class KernelProduct(TorchProduct):
             raise ValueError(f"the kernel's product cannot take rows {lo}..{hi} by docs {doc_lo}..{doc_hi}")
 
 
+class ScreenedProduct(TorchProduct):
+    """The screened product (see the module's docstring). Query rows come padded to a multiple of QUERY_PANEL,
+    doc rows to a multiple of DOC_PANEL, as for KernelProduct. Only the fused pass
+    (topk.ThresholdTopK.add_screened) screens; `score` writes every exact score (tk_dot), for the few tiles
+    that take another path."""
+
+    def __init__(self, query_rows: torch.Tensor) -> None:
+        assert KERNEL is not None and query_rows.dtype == torch.float32 and query_rows.device.type == "cpu"
+        super().__init__(query_rows.contiguous())
+        self.dim = query_rows.shape[1]
+        # Each query's slack factors (a_q, b_q in _select.c)
+        self.packed_queries, self.query_a, self.query_b = self._pack(self.query_rows, QUERY_PANEL, True, None)
+        self._docs: list[ScreenedDocs | None] = [None, None]  # one per slot, reused
+
+    def _pack(
+        self, rows: torch.Tensor, panel: int, queries: bool, reuse: ScreenedDocs | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows in bfloat16 panels, and two factors per row: for queries a_q and b_q, for docs the norm and
+        residual; in reuse's buffers where they are large enough."""
+        assert KERNEL is not None and rows.shape[0] % panel == 0 and rows.stride(1) == 1
+        count, words = rows.shape[0], rows.shape[0] * ((self.dim + 1) // 2)
+        if reuse is not None and reuse.packed.numel() >= words and reuse.norms.numel() >= count:
+            packed, first, second = reuse.packed, reuse.norms, reuse.resid
+        else:
+            packed, first, second = torch.empty(words, dtype=torch.int32), torch.empty(count), torch.empty(count)
+        KERNEL.tk_pack_bf16(
+            rows.data_ptr(),
+            rows.stride(0),
+            count,
+            self.dim,
+            panel,
+            int(queries),
+            packed.data_ptr(),
+            first.data_ptr(),
+            second.data_ptr(),
+        )
+        return packed, first, second
+
+    def prepare(self, doc_rows: torch.Tensor, slot: int) -> Operand:
+        """Packs the doc rows into the slot's buffers (reused: the caller is done with the slot's last chunk)."""
+        empty = torch.empty(0)
+        previous = self._docs[slot] or ScreenedDocs(doc_rows, empty.int(), empty, empty)
+        docs = self._docs[slot] = ScreenedDocs(doc_rows, *self._pack(doc_rows, DOC_PANEL, False, previous))
+        return docs
+
+    def score(
+        self, lo: int, hi: int, operand: Operand, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
+    ) -> None:
+        assert isinstance(operand, ScreenedDocs)
+        exact_scores(self.query_rows[lo:hi], operand.rows[doc_lo:doc_hi], out)
+
+
+def exact_scores(query_rows: torch.Tensor, doc_rows: torch.Tensor, out: torch.Tensor) -> None:
+    """out = the screened product's exact scores (tk_dot) of float32 query rows by doc rows (contiguous)."""
+    assert KERNEL is not None and query_rows.stride(1) == 1 and doc_rows.stride(1) == 1 and out.stride(1) == 1
+    done = KERNEL.tk_dot_tile(
+        query_rows.data_ptr(),
+        query_rows.stride(0),
+        query_rows.shape[0],
+        doc_rows.data_ptr(),
+        doc_rows.stride(0),
+        doc_rows.shape[0],
+        query_rows.shape[1],
+        out.data_ptr(),
+        out.stride(0),
+    )
+    if done != 0:
+        raise ValueError("the screened product's exact scores need AVX-512")
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -152,4 +255,6 @@ def _split_pool(threads: int) -> ThreadPoolExecutor:
 
 def make_product(query_rows: torch.Tensor, product: str) -> TorchProduct:
     """The plan's product (`Plan.product`) for these query rows."""
+    if product == "screen":
+        return ScreenedProduct(query_rows)
     return KernelProduct(query_rows) if product == "kernel" else TorchProduct(query_rows)

@@ -25,7 +25,7 @@ import torch
 from . import gpu_survivors
 from .kernel import KERNEL, kernel_available
 from .plan import ROW_ALIGN, doc_tiles, round_up
-from .product import DOC_PANEL, QUERY_PANEL
+from .product import DOC_PANEL, QUERY_PANEL, ScreenedDocs, ScreenedProduct
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -208,11 +208,9 @@ class ThresholdTopK(RunningTopK):
             or round_up(doc_count, DOC_PANEL) * dim > packed_docs.numel()
         ):
             raise ValueError(f"packed operands too small for {self.rows} rows by {doc_count} docs of {dim} dims")
-        non_finite: list[bool] = []
 
-        def work(_part: int, lo: int, hi: int) -> int:
-            flag = ctypes.c_int32(0)
-            survivors = int(
+        def call(lo: int, hi: int, flag: int) -> int:
+            return int(
                 self._lib.tk_product_scan(
                     packed_queries.data_ptr(),
                     dim,
@@ -224,9 +222,58 @@ class ThresholdTopK(RunningTopK):
                     doc_count,
                     first_doc,
                     *self._row_state(lo),
-                    ctypes.addressof(flag),
+                    flag,
                 )
             )
+
+        return self._add_fused(call, doc_count)
+
+    def add_screened(self, product: ScreenedProduct, docs: ScreenedDocs, first_doc: int, doc_count: int) -> bool:
+        """As add_packed, with the screened product (tk_screen_scan): every pair estimated in bfloat16, and
+        only those that may beat their row's threshold scored exactly. Returns True if any real score that
+        was computed exactly is NaN or infinite (the others are provably finite)."""
+        padded_docs = round_up(doc_count, DOC_PANEL)
+        if (
+            round_up(self.rows, QUERY_PANEL) > product.query_rows.shape[0]
+            or padded_docs > docs.rows.shape[0]
+            or padded_docs > docs.norms.numel()
+        ):
+            raise ValueError(f"screened operands too small for {self.rows} rows by {doc_count} docs")
+
+        def call(lo: int, hi: int, flag: int) -> int:
+            return int(
+                self._lib.tk_screen_scan(
+                    product.packed_queries.data_ptr(),
+                    product.query_a.data_ptr(),
+                    product.query_b.data_ptr(),
+                    product.query_rows.data_ptr(),
+                    product.query_rows.stride(0),
+                    product.dim,
+                    lo,
+                    round_up(hi - lo, QUERY_PANEL),
+                    hi - lo,
+                    docs.packed.data_ptr(),
+                    docs.norms.data_ptr(),
+                    docs.resid.data_ptr(),
+                    docs.rows.data_ptr(),
+                    docs.rows.stride(0),
+                    padded_docs,
+                    doc_count,
+                    first_doc,
+                    *self._row_state(lo),
+                    flag,
+                )
+            )
+
+        return self._add_fused(call, doc_count)
+
+    def _add_fused(self, call: Callable[[int, int, int], int], doc_count: int) -> bool:
+        """Runs call(lo, hi, address of a flag) for each thread's rows; returns True if any flag was set."""
+        non_finite: list[bool] = []
+
+        def work(_part: int, lo: int, hi: int) -> int:
+            flag = ctypes.c_int32(0)
+            survivors = call(lo, hi, ctypes.addressof(flag))
             if survivors < 0:
                 raise ValueError(f"the kernel cannot score and select rows {lo}..{hi} by {doc_count} docs")
             if flag.value:
