@@ -20,6 +20,7 @@ from tiny_knn.product import (
     DOC_PANEL,
     QUERY_PANEL,
     KernelProduct,
+    ScreenedDocs,
     ScreenedProduct,
     TorchProduct,
     default_product,
@@ -143,6 +144,33 @@ def test_the_screens_exact_scores_are_its_promised_sums(dim, seed, exponents) ->
     tile = torch.empty(16, 64)
     product.score(0, 16, product.prepare(torch.cat([docs, torch.zeros(61, dim)]), 0), 0, 64, tile)
     assert torch.equal(tile[:2, :3], out)
+
+
+@needs_screen
+@pytest.mark.parametrize("dim", [1, 7, 16, 33, 40])
+def test_the_screens_packing_rounds_to_even_and_measures_what_it_moved(dim) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(dim)
+    docs = torch.randn(64, dim, generator=generator) * torch.exp2(torch.randint(-140, 100, (64, dim)).float())
+    docs[0, 0], docs[1, 0], docs[2, 0], docs[3, :] = float("nan"), 3.4e38, 1e-39, 0.0  # NaN, to inf, subnormal
+    packed = ScreenedProduct(torch.zeros(16, dim)).prepare(docs, 0)
+    assert isinstance(packed, ScreenedDocs)
+    words = packed.packed.numpy().view(np.uint32).reshape(2, (dim + 1) // 2, 32)  # panel, pair, row
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).transpose(0, 2, 1, 3).reshape(64, -1)[:, :dim]
+    values = (halves.astype(np.uint32) << 16).view(np.float32)
+    bits = docs.numpy().view(np.uint32).astype(np.uint64)
+    expected = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32)  # to nearest, ties to even
+    expected[np.isnan(docs.numpy())] = 0x7FC0
+    expected[(expected & 0x7F80) == 0] &= 0x8000  # subnormals flushed, as VDPBF16PS reads them
+    assert np.array_equal(halves, expected)
+    if dim % 2:  # the last word of an odd row: its high half is padding
+        assert (words[:, -1, :] >> 16 == 0).all()
+    finite = np.isfinite(docs.numpy()).all(axis=1) & (docs.double().norm(dim=1) < 2.0**60).numpy()
+    x, r = docs.double().numpy()[finite], values.astype(np.float64)[finite]
+    size = np.maximum(np.maximum(np.linalg.norm(x, axis=1), np.linalg.norm(r, axis=1)), 2.0**-40)
+    assert np.allclose(packed.norms.numpy()[finite], size, rtol=1e-6)
+    assert (packed.norms.numpy()[finite] >= size * (1 - 1e-12)).all()  # rounded up
+    assert np.allclose(packed.resid.numpy()[finite], np.linalg.norm(r - x, axis=1), rtol=1e-6)
+    assert np.isinf(packed.norms.numpy()[~finite]).all()  # NaN or too large: every pair scored exactly
 
 
 @needs_kernel

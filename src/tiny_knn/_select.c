@@ -554,6 +554,7 @@ int32_t tk_product(const float *queries, int64_t dim, int64_t row_lo, int64_t ro
 #define TK_SCREEN_MR 8
 #define TK_SCREEN_NR 32
 #define TK_SEED_DOCS 1024
+#define TK_SCREEN_BLOCK 1024 /* query rows per block at most */
 
 static inline float tk_round_up(double x)
 {
@@ -585,29 +586,87 @@ static inline double tk_bf16_value(uint32_t bits)
  * `panel` rows: per pair of dimensions (2p, 2p + 1), one 32-bit word per row (dimension 2p in the low half;
  * an odd dim is padded with a zero). Also writes each row's two slack factors (see the bound above): for docs
  * (query = 0) norm[i] = |d| and resid[i] = r_d; for queries norm[i] = a_q and resid[i] = b_q = |q|. */
+/* Packs one row's dimensions [from, dim) (from even) into words dst[q * panel] from pair q = from / 2 on, and
+ * adds their squares, their bfloat16 values' squares and what rounding moved them squared to sums[0..2]. */
+static void tk_pack_row_bf16(const float *src, int64_t from, int64_t dim, int64_t panel, uint32_t *dst, double sums[3])
+{
+    for (int64_t q = from / 2; 2 * q < dim; q++) {
+        uint32_t word = 0;
+        for (int h = 0; h < 2 && 2 * q + h < dim; h++) {
+            uint32_t bits = tk_bf16(src[2 * q + h]);
+            double value = (double)src[2 * q + h], rounded = tk_bf16_value(bits);
+            sums[0] += value * value;
+            sums[1] += rounded * rounded;
+            sums[2] += (rounded - value) * (rounded - value);
+            word |= bits << (16 * h);
+        }
+        dst[q * panel] = word;
+    }
+}
+
+#ifdef TK_HAVE_AVX2
+/* The same, 16 dimensions at a time (tk_bf16 lane by lane), the rest as above; returns nothing different. */
+__attribute__((target("avx512f,avx512bw"))) static void tk_pack_row_bf16_avx512(const float *src, int64_t dim,
+                                                                                int64_t panel, uint32_t *dst,
+                                                                                double sums[3])
+{
+    __m512d sq = _mm512_setzero_pd(), rounded_sq = sq, moved_sq = sq;
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m512 x = _mm512_loadu_ps(src + d);
+        __m512i bits = _mm512_castps_si512(x);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), _mm512_set1_epi32(0x7f800000));
+        __m512i half = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                               _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+        half = _mm512_mask_mov_epi32(_mm512_srli_epi32(half, 16), nan, _mm512_set1_epi32(0x7fc0));
+        __mmask16 tiny = _mm512_testn_epi32_mask(half, _mm512_set1_epi32(0x7f80)); /* subnormal or zero */
+        half = _mm512_mask_and_epi32(half, tiny, half, _mm512_set1_epi32(0x8000));
+        __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
+        for (int part = 0; part < 2; part++) {
+            __m256 x8 = part ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)) : _mm512_castps512_ps256(x);
+            __m256 r8 = part ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(rounded), 1))
+                             : _mm512_castps512_ps256(rounded);
+            __m512d value = _mm512_cvtps_pd(x8), round = _mm512_cvtps_pd(r8), moved = _mm512_sub_pd(round, value);
+            sq = _mm512_fmadd_pd(value, value, sq);
+            rounded_sq = _mm512_fmadd_pd(round, round, rounded_sq);
+            moved_sq = _mm512_fmadd_pd(moved, moved, moved_sq);
+        }
+        uint32_t words[8];
+        _mm256_storeu_si256((__m256i *)words, _mm512_cvtepi32_epi16(half)); /* pairs, low half first */
+        for (int w = 0; w < 8; w++) dst[(d / 2 + w) * panel] = words[w];
+    }
+    sums[0] += _mm512_reduce_add_pd(sq);
+    sums[1] += _mm512_reduce_add_pd(rounded_sq);
+    sums[2] += _mm512_reduce_add_pd(moved_sq);
+    tk_pack_row_bf16(src, d, dim, panel, dst, sums);
+}
+#endif
+
+/* Packs rows [0, rows) of x (row_stride floats apart; rows a multiple of panel) as bfloat16 into panels of
+ * `panel` rows: per pair of dimensions (2p, 2p + 1), one 32-bit word per row (dimension 2p in the low half;
+ * an odd dim is padded with a zero). Also writes each row's two slack factors (see the bound above): for docs
+ * (query = 0) norm[i] = |d| and resid[i] = r_d; for queries norm[i] = a_q and resid[i] = b_q = |q|. The sums
+ * in double are exact to far less than gamma's factor 2 covers. */
 void tk_pack_bf16(const float *x, int64_t row_stride, int64_t rows, int64_t dim, int64_t panel, int32_t query,
                   uint32_t *out, float *norm, float *resid)
 {
     int64_t pairs = (dim + 1) / 2;
     double gamma = 2.0 * (double)(dim + 8) * ldexp(1.0, -24), floor = 4.0 * (double)(dim + 8) * ldexp(1.0, -86);
+#ifdef TK_HAVE_AVX2
+    int wide = __builtin_cpu_supports("avx512bw");
+#endif
     for (int64_t p = 0; p < rows; p += panel) {
         uint32_t *dst = out + p * pairs;
         for (int64_t i = 0; i < panel; i++) {
             const float *src = x + (p + i) * row_stride;
-            double sq = 0.0, rounded_sq = 0.0, moved_sq = 0.0;
-            for (int64_t q = 0; q < pairs; q++) {
-                uint32_t word = 0;
-                for (int h = 0; h < 2 && 2 * q + h < dim; h++) {
-                    uint32_t bits = tk_bf16(src[2 * q + h]);
-                    double value = (double)src[2 * q + h], rounded = tk_bf16_value(bits);
-                    sq += value * value;
-                    rounded_sq += rounded * rounded;
-                    moved_sq += (rounded - value) * (rounded - value);
-                    word |= bits << (16 * h);
-                }
-                dst[q * panel + i] = word;
-            }
-            double size = sqrt(sq > rounded_sq ? sq : rounded_sq), moved = sqrt(moved_sq);
+            double sums[3] = {0.0, 0.0, 0.0};
+#ifdef TK_HAVE_AVX2
+            if (wide) tk_pack_row_bf16_avx512(src, dim, panel, dst + i, sums);
+            else
+#endif
+                tk_pack_row_bf16(src, 0, dim, panel, dst + i, sums);
+            double size = sqrt(sums[0] > sums[1] ? sums[0] : sums[1]), moved = sqrt(sums[2]);
             if (!(size < ldexp(1.0, 60))) size = moved = INFINITY; /* NaN too */
             if (size < ldexp(1.0, -40)) size = ldexp(1.0, -40);
             if (query) {
@@ -752,48 +811,67 @@ TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, c
     /* Query rows per block: 256 KiB of them in bfloat16, with their 512 KiB in float32 (for the exact scores)
      * well within a 1-2 MiB L2 */
     int64_t block = (int64_t)(1 << 18) / (pairs * 4) / TK_SCREEN_MR * TK_SCREEN_MR;
+    block = block < TK_SCREEN_MR ? TK_SCREEN_MR : block > TK_SCREEN_BLOCK ? TK_SCREEN_BLOCK : block;
+    /* A block's candidates against one doc panel: their masks per row, (row << 5 | lane) codes, exact scores */
+    uint32_t *masks = malloc((size_t)block * (1 + 2 * TK_SCREEN_NR) * sizeof *masks);
+    if (!masks) return -1;
+    uint32_t *codes = masks + block;
+    float *exact = (float *)(codes + block * TK_SCREEN_NR);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 zero = _mm512_setzero_ps();
     __mmask16 bad = 0;
     if (real_docs >= k)
         tk_screen_seed(packed_queries, query_a, query_b, pairs, row_lo, rows, real_rows, packed_docs, doc_norms,
                        doc_resid, real_docs, thresholds, k);
-    const __m512 zero = _mm512_setzero_ps();
-    if (block < TK_SCREEN_MR) block = TK_SCREEN_MR;
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
-        int64_t r1 = r0 + block < rows ? r0 + block : rows;
+        int64_t r1 = r0 + block < rows ? r0 + block : rows, last = r1 < real_rows ? r1 : real_rows;
         for (int64_t j = 0; j < doc_count; j += TK_SCREEN_NR) {
             const uint32_t *b = packed_docs + j * pairs;
-            int64_t left = real_docs - j;
+            const float *doc_rows = docs + j * doc_stride;
+            int64_t left = real_docs - j, count = 0;
             __mmask16 valid0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
             __mmask16 valid1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            /* 1. Estimates, screened: each row's candidates, as codes in row order, lanes ascending */
             for (int64_t r = r0; r < r1; r += TK_SCREEN_MR) {
                 __m512 acc[TK_SCREEN_MR][2];
                 tk_micro_bf16(packed_queries + (row_lo + r) * pairs, b, pairs, acc);
-                for (int i = 0; i < TK_SCREEN_MR && r + i < real_rows; i++) {
+                for (int i = 0; i < TK_SCREEN_MR && r + i < last; i++) {
                     int64_t row = r + i;
                     __m512 t = _mm512_set1_ps(thresholds[row]);
-                    float a = query_a[row_lo + row], b = query_b[row_lo + row];
-                    __m512 t0 = tk_minus_slack(t, a, b, doc_norms + j, doc_resid + j);
-                    __m512 t1 = tk_minus_slack(t, a, b, doc_norms + j + 16, doc_resid + j + 16);
+                    float qa = query_a[row_lo + row], qb = query_b[row_lo + row];
+                    __m512 t0 = tk_minus_slack(t, qa, qb, doc_norms + j, doc_resid + j);
+                    __m512 t1 = tk_minus_slack(t, qa, qb, doc_norms + j + 16, doc_resid + j + 16);
                     __mmask16 m0 = _mm512_mask_cmp_ps_mask(valid0, acc[i][0], t0, _CMP_NLT_UQ);
                     __mmask16 m1 = _mm512_mask_cmp_ps_mask(valid1, acc[i][1], t1, _CMP_NLT_UQ);
-                    if (!(m0 | m1)) continue;
-                    /* The candidates' exact scores, independent of each other (so they overlap), then appended
-                     * as tk_product_scan appends */
-                    const float *query = queries + (row_lo + row) * query_stride, *doc_rows = docs + j * doc_stride;
-                    float exact[TK_SCREEN_NR] = {0};
-                    for (unsigned mask = m0 | ((unsigned)m1 << 16); mask; mask &= mask - 1) {
-                        int lane = __builtin_ctz(mask);
-                        exact[lane] = tk_dot(query, doc_rows + lane * doc_stride, dim);
-                    }
-                    __m512 e0 = _mm512_loadu_ps(exact), e1 = _mm512_loadu_ps(exact + 16);
-                    bad |= _mm512_mask_cmp_ps_mask(m0, _mm512_sub_ps(e0, e0), zero, _CMP_NEQ_UQ) |
-                           _mm512_mask_cmp_ps_mask(m1, _mm512_sub_ps(e1, e1), zero, _CMP_NEQ_UQ);
-                    survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],
-                                                    pools + row * capacity, capacity, &fills[row], k);
+                    __m512i code = _mm512_add_epi32(lanes, _mm512_set1_epi32((int)((row - r0) << 5)));
+                    masks[row - r0] = m0 | ((uint32_t)m1 << 16);
+                    _mm512_mask_compressstoreu_epi32(codes + count, m0, code);
+                    count += __builtin_popcount(m0);
+                    _mm512_mask_compressstoreu_epi32(codes + count, m1, _mm512_add_epi32(code, _mm512_set1_epi32(16)));
+                    count += __builtin_popcount(m1);
                 }
+            }
+            if (!count) continue;
+            /* 2. Their exact scores, in one loop of independent dot products (they overlap) */
+            for (int64_t c = 0; c < count; c++) {
+                const float *query = queries + (row_lo + r0 + (codes[c] >> 5)) * query_stride;
+                exact[c] = tk_dot(query, doc_rows + (codes[c] & 31) * doc_stride, dim);
+            }
+            /* 3. Appended row by row, as tk_product_scan appends */
+            for (int64_t c = 0; c < count;) {
+                int64_t row = r0 + (codes[c] >> 5);
+                float scores[TK_SCREEN_NR] = {0};
+                for (; c < count && r0 + (codes[c] >> 5) == row; c++) scores[codes[c] & 31] = exact[c];
+                __mmask16 m0 = (__mmask16)masks[row - r0], m1 = (__mmask16)(masks[row - r0] >> 16);
+                __m512 e0 = _mm512_loadu_ps(scores), e1 = _mm512_loadu_ps(scores + 16);
+                bad |= _mm512_mask_cmp_ps_mask(m0, _mm512_sub_ps(e0, e0), zero, _CMP_NEQ_UQ) |
+                       _mm512_mask_cmp_ps_mask(m1, _mm512_sub_ps(e1, e1), zero, _CMP_NEQ_UQ);
+                survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],
+                                                pools + row * capacity, capacity, &fills[row], k);
             }
         }
     }
+    free(masks);
     if (bad) *non_finite = 1;
     return survivors;
 }
