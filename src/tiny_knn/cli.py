@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted, the same command continues where it stopped. Other command: 'tiny-knn demo --help' "
         "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
         "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
-        "TINY_KNN_PRODUCT=kernel|torch picks the CPU's matrix product (default: tiny-knn's AVX-512 kernel on AMD, "
-        "torch.mm elsewhere); TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
+        "TINY_KNN_PRODUCT=screen|kernel|torch picks the CPU's matrix product (default on AMD: tiny-knn's bfloat16 "
+        "screen with exact float32 re-scoring where AVX-512 BF16 runs, else its float32 AVX-512 kernel; torch.mm "
+        "elsewhere); TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
         "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
         "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
