@@ -173,6 +173,22 @@ def test_the_screens_packing_rounds_to_even_and_measures_what_it_moved(dim) -> N
     assert np.isinf(packed.norms.numpy()[~finite]).all()  # NaN or too large: every pair scored exactly
 
 
+@needs_screen
+@pytest.mark.parametrize(("k", "chunk_size", "batch_size"), [(10, 1000, None), (700, 3000, None), (2000, 4096, 40)])
+def test_a_screened_search_equals_sorting_every_exact_score(monkeypatch, k, chunk_size, batch_size) -> None:  # type: ignore[no-untyped-def]
+    """The whole engine with the screen (several chunks and batches, the sampled starting threshold at k=700
+    and 2000, the first chunk's seed at k=10) against a stable sort of every pair's exact score (tk_dot)."""
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "screen")
+    generator = torch.Generator().manual_seed(k)
+    queries, docs = torch.randn(93, 48, generator=generator), torch.randn(20_000, 48, generator=generator)
+    docs[5000:5100] = docs[7]  # exact ties across chunks
+    scores, indices = search(queries, docs, k=k, device="cpu", chunk_size=chunk_size, batch_size=batch_size)
+    every = torch.empty(93, 20_000)
+    exact_scores(queries, docs, every)
+    expected_scores, order = torch.sort(every + 0.0, dim=1, descending=True, stable=True)
+    assert torch.equal(indices, order[:, :k]) and torch.equal(scores, expected_scores[:, :k])
+
+
 @needs_kernel
 def test_integer_products_equal_torch_mm() -> None:
     generator = torch.Generator().manual_seed(3)

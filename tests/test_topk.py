@@ -357,7 +357,7 @@ def _screen_rows(kind: str, count: int, dim: int, generator: torch.Generator) ->
 
 
 @pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     rows=st.integers(1, 45),
