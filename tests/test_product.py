@@ -189,6 +189,40 @@ def test_a_screened_search_equals_sorting_every_exact_score(monkeypatch, k, chun
     assert torch.equal(indices, order[:, :k]) and torch.equal(scores, expected_scores[:, :k])
 
 
+@needs_screen
+def test_the_screen_screens_however_few_rows_each_thread_has(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only the fused pass screens; with fewer rows than threads x 16 it still runs (on fewer threads), and
+    the exact scores of every pair (ScreenedProduct.score) are left to the paths that need whole tiles."""
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "screen")
+    monkeypatch.setattr(ScreenedProduct, "score", lambda *args, **kwargs: pytest.fail("scored every pair"))
+    generator = torch.Generator().manual_seed(5)
+    queries, docs = torch.randn(70, 24, generator=generator), torch.randn(5000, 24, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # 70 rows < 8 x 16: other products take one product per block on all threads
+    try:
+        scores, indices = search(queries, docs, k=20, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    every = torch.empty(70, 5000)
+    exact_scores(queries, docs, every)
+    expected_scores, order = torch.sort(every, dim=1, descending=True, stable=True)
+    assert torch.equal(indices, order[:, :20]) and torch.equal(scores, expected_scores[:, :20])
+
+
+@needs_screen
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_screens_whole_tiles_split_over_threads_change_no_bit(threads) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(threads)
+    product = ScreenedProduct(torch.randn(16, 40, generator=generator))
+    operand = product.prepare(torch.randn(7 * DOC_PANEL, 40, generator=generator), 0)
+    assert isinstance(operand, ScreenedDocs)
+    split = torch.empty(16, 6 * DOC_PANEL)
+    product.score(0, 16, operand, DOC_PANEL, 7 * DOC_PANEL, split, threads=threads)
+    alone = torch.empty(16, 6 * DOC_PANEL)
+    exact_scores(product.query_rows, operand.rows[DOC_PANEL:], alone)
+    assert torch.equal(alone, split)
+
+
 @needs_kernel
 def test_integer_products_equal_torch_mm() -> None:
     generator = torch.Generator().manual_seed(3)

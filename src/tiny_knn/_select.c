@@ -684,7 +684,8 @@ void tk_pack_bf16(const float *x, int64_t row_stride, int64_t rows, int64_t dim,
 int tk_screen_supported(void)
 {
 #ifdef TK_HAVE_AVX2
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
 #else
     return 0;
 #endif

@@ -213,8 +213,12 @@ def _search_rows(
     the largest squared doc norm seen, where refinement needs it (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, selection or plan.selection, start_thresholds)
-    # Products and selection together, on the selector's threads, when each thread has rows enough.
-    fused = isinstance(running, ThresholdTopK) and fuse_products(rows, running.threads)
+    product = product or make_product(query_rows, plan.product)
+    # Products and selection together, on the selector's threads, when each thread has rows enough; the
+    # screen always (only its fused pass screens: otherwise every pair would be scored exactly).
+    fused = isinstance(running, ThresholdTopK) and (
+        fuse_products(rows, running.threads) or isinstance(product, ScreenedProduct)
+    )
     # A plan for the threshold selector counts tiles at most CPU_TILE_DOCS wide (rows searched again with the
     # sort selector included); a plan for the sort selector, a whole chunk at once.
     width = CPU_TILE_DOCS if plan.selection == "threshold" and device.type == "cpu" else plan.doc_chunk_rows
@@ -229,7 +233,6 @@ def _search_rows(
     )
     largest_sq = 0.0
     watched = _watched_row(query_rows, rows) if _checked_through_scores(plan, device) else None
-    product = product or make_product(query_rows, plan.product)
     split_threads = torch.get_num_threads()  # one product per tile on this thread: split it over the cores
     for first_doc, doc_count, operand, offsets, chunk_largest_sq in _doc_chunks(
         docs, plan, device, watched is None, product

@@ -23,7 +23,9 @@ The three agree to float32 rounding, not bit for bit; a plan uses one of them fo
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -142,18 +144,7 @@ class KernelProduct(TorchProduct):
             raise ValueError(f"the kernel's product cannot write rows {lo}..{hi} by docs {doc_lo}..{doc_hi} there")
         if doc_hi * self.dim > operand.numel():
             raise ValueError(f"the kernel's product has no docs {doc_lo}..{doc_hi} in this operand")
-        parts = min(threads, docs // DOC_PANEL)
-        if parts <= 1:
-            self._score(lo, hi, operand, doc_lo, doc_hi, out)
-            return
-        # Each thread its own columns (whole panels): the scores are the same whatever the split
-        step = -(-docs // parts // DOC_PANEL) * DOC_PANEL
-        pieces = [(start, min(start + step, doc_hi)) for start in range(doc_lo, doc_hi, step)]
-        pool = _split_pool(threads)
-        for done in [
-            pool.submit(self._score, lo, hi, operand, a, b, out[:, a - doc_lo : b - doc_lo]) for a, b in pieces
-        ]:
-            done.result()
+        _split_columns(functools.partial(self._score, lo, hi, operand), doc_lo, doc_hi, out, threads)
 
     def _score(self, lo: int, hi: int, operand: torch.Tensor, doc_lo: int, doc_hi: int, out: torch.Tensor) -> None:
         assert KERNEL is not None
@@ -221,7 +212,12 @@ class ScreenedProduct(TorchProduct):
         self, lo: int, hi: int, operand: Operand, doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int = 1
     ) -> None:
         assert isinstance(operand, ScreenedDocs)
-        exact_scores(self.query_rows[lo:hi], operand.rows[doc_lo:doc_hi], out)
+        queries, rows = self.query_rows[lo:hi], operand.rows
+
+        def part(first: int, last: int, into: torch.Tensor) -> None:
+            exact_scores(queries, rows[first:last], into)
+
+        _split_columns(part, doc_lo, doc_hi, out, threads)
 
 
 def exact_scores(query_rows: torch.Tensor, doc_rows: torch.Tensor, out: torch.Tensor) -> None:
@@ -240,6 +236,22 @@ def exact_scores(query_rows: torch.Tensor, doc_rows: torch.Tensor, out: torch.Te
     )
     if done != 0:
         raise ValueError("the screened product's exact scores need AVX-512")
+
+
+def _split_columns(
+    score: Callable[[int, int, torch.Tensor], None], doc_lo: int, doc_hi: int, out: torch.Tensor, threads: int
+) -> None:
+    """score(a, b, out's columns a - doc_lo..b - doc_lo) for docs doc_lo..doc_hi, each of up to `threads` threads
+    its own columns (whole panels): a product whose scores are the same whatever the split."""
+    parts = min(threads, (doc_hi - doc_lo) // DOC_PANEL)
+    if parts <= 1:
+        score(doc_lo, doc_hi, out)
+        return
+    step = -(-(doc_hi - doc_lo) // parts // DOC_PANEL) * DOC_PANEL
+    pieces = [(start, min(start + step, doc_hi)) for start in range(doc_lo, doc_hi, step)]
+    pool = _split_pool(threads)
+    for done in [pool.submit(score, a, b, out[:, a - doc_lo : b - doc_lo]) for a, b in pieces]:
+        done.result()
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
