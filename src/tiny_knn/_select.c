@@ -797,8 +797,10 @@ TK_SCREEN static void tk_screen_seed(const uint32_t *packed_queries, const float
 }
 
 /* tk_product_scan's work, screened: query rows row_lo.. (packed by tk_pack_bf16 with panels of TK_SCREEN_MR,
- * norms scaled; float32 rows at `queries`, query_stride apart, row_lo first) against the chunk's docs (packed
- * in panels of TK_SCREEN_NR, plain norms; float32 rows at `docs`, doc_stride apart). Returns the survivors. */
+ * with their factors query_a and query_b; float32 rows at `queries`, query_stride apart, row 0 first) against
+ * the chunk's docs (packed in panels of TK_SCREEN_NR, with their norms and residuals; float32 rows at `docs`,
+ * doc_stride apart), the first real_docs of doc_count real. Returns the survivors appended, or -1 if out of
+ * memory. */
 TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, const float *query_a,
                                                const float *query_b, const float *queries, int64_t query_stride,
                                                int64_t dim, int64_t row_lo, int64_t rows, int64_t real_rows,

@@ -237,6 +237,7 @@ class ThresholdTopK(RunningTopK):
             round_up(self.rows, QUERY_PANEL) > product.query_rows.shape[0]
             or padded_docs > docs.rows.shape[0]
             or padded_docs > docs.norms.numel()
+            or padded_docs * ((product.dim + 1) // 2) > docs.packed.numel()
         ):
             raise ValueError(f"screened operands too small for {self.rows} rows by {doc_count} docs")
 
