@@ -582,10 +582,6 @@ static inline double tk_bf16_value(uint32_t bits)
     return (double)f;
 }
 
-/* Packs rows [0, rows) of x (row_stride floats apart; rows a multiple of panel) as bfloat16 into panels of
- * `panel` rows: per pair of dimensions (2p, 2p + 1), one 32-bit word per row (dimension 2p in the low half;
- * an odd dim is padded with a zero). Also writes each row's two slack factors (see the bound above): for docs
- * (query = 0) norm[i] = |d| and resid[i] = r_d; for queries norm[i] = a_q and resid[i] = b_q = |q|. */
 /* Packs one row's dimensions [from, dim) (from even) into words dst[q * panel] from pair q = from / 2 on, and
  * adds their squares, their bfloat16 values' squares and what rounding moved them squared to sums[0..2]. */
 static void tk_pack_row_bf16(const float *src, int64_t from, int64_t dim, int64_t panel, uint32_t *dst, double sums[3])
@@ -605,7 +601,8 @@ static void tk_pack_row_bf16(const float *src, int64_t from, int64_t dim, int64_
 }
 
 #ifdef TK_HAVE_AVX2
-/* The same, 16 dimensions at a time (tk_bf16 lane by lane), the rest as above; returns nothing different. */
+/* The same for dimensions [0, dim), 16 at a time (tk_bf16 lane by lane), the rest as above: the same words, the
+ * sums added in another order. */
 __attribute__((target("avx512f,avx512bw"))) static void tk_pack_row_bf16_avx512(const float *src, int64_t dim,
                                                                                 int64_t panel, uint32_t *dst,
                                                                                 double sums[3])
