@@ -198,6 +198,18 @@ __attribute__((target("avx2"))) static int64_t tk_scan_row_avx2(const float *row
  * and the fill advances by their count. The AVX2 scan mispredicts about once per survivor (the bit loop's
  * exit, the step's test); at the survivor rates of large k (1-3% of scores) that was most of its time. */
 #define TK_AVX512 __attribute__((target("avx512f,popcnt")))
+
+/* Lanes [0, n) of 16 (none for n <= 0, all for n >= 16). */
+static inline __mmask16 tk_first_lanes(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* The lanes of mask where x is NaN or infinite (x - x is NaN there, 0 elsewhere). */
+TK_AVX512 static inline __mmask16 tk_non_finite(__mmask16 mask, __m512 x)
+{
+    return _mm512_mask_cmp_ps_mask(mask, _mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+}
 TK_AVX512 static inline int64_t tk_append16_avx512(__m512 scores, __mmask16 mask, uint32_t first_doc, uint64_t *end)
 {
     /* tk_key, lane by lane: bits of score + 0, flipped to sort descending; the doc index below them */
@@ -472,22 +484,19 @@ TK_AVX512 static int64_t tk_product_scan_avx512(const float *queries, int64_t di
 {
     int64_t block = tk_block_rows(dim), survivors = 0;
     __mmask16 bad = 0;
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
         int64_t r1 = r0 + block < rows ? r0 + block : rows;
         for (int64_t j = 0; j < doc_count; j += TK_NR) {
             const float *b = docs + j * dim;
             int64_t left = real_docs - j; /* real docs in this panel, if fewer than TK_NR */
-            __mmask16 valid0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            __mmask16 valid1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            __mmask16 valid0 = tk_first_lanes(left), valid1 = tk_first_lanes(left - 16);
             uint32_t doc = (uint32_t)(first_doc + j);
             for (int64_t r = r0; r < r1; r += TK_MR) {
                 __m512 acc[TK_MR][2];
                 tk_micro_scores(queries + (row_lo + r) * dim, b, dim, acc);
                 for (int i = 0; i < TK_MR && r + i < real_rows; i++) {
                     int64_t row = r + i;
-                    bad |= _mm512_mask_cmp_ps_mask(valid0, _mm512_sub_ps(acc[i][0], acc[i][0]), zero, _CMP_NEQ_UQ) |
-                           _mm512_mask_cmp_ps_mask(valid1, _mm512_sub_ps(acc[i][1], acc[i][1]), zero, _CMP_NEQ_UQ);
+                    bad |= tk_non_finite(valid0, acc[i][0]) | tk_non_finite(valid1, acc[i][1]);
                     survivors += tk_append32_avx512(acc[i][0], acc[i][1], valid0, valid1, doc, &thresholds[row],
                                                     pools + row * capacity, capacity, &fills[row], k);
                 }
@@ -700,8 +709,7 @@ TK_AVX512 static inline float tk_dot(const float *a, const float *b, int64_t dim
         for (int c = 0; c < 4; c++)
             acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16 * c), _mm512_loadu_ps(b + i + 16 * c), acc[c]);
     for (int c = 0; c < 4 && i + 16 * c < dim; c++) {
-        int64_t left = dim - i - 16 * c;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = tk_first_lanes(dim - i - 16 * c);
         acc[c] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i + 16 * c), _mm512_maskz_loadu_ps(m, b + i + 16 * c),
                                        acc[c], m);
     }
@@ -818,7 +826,6 @@ TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, c
     uint32_t *codes = masks + block;
     float *exact = (float *)(codes + block * TK_SCREEN_NR);
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 zero = _mm512_setzero_ps();
     __mmask16 bad = 0;
     if (real_docs >= k)
         tk_screen_seed(packed_queries, query_a, query_b, pairs, row_lo, rows, real_rows, packed_docs, doc_norms,
@@ -829,8 +836,7 @@ TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, c
             const uint32_t *b = packed_docs + j * pairs;
             const float *doc_rows = docs + j * doc_stride;
             int64_t left = real_docs - j, count = 0;
-            __mmask16 valid0 = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            __mmask16 valid1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            __mmask16 valid0 = tk_first_lanes(left), valid1 = tk_first_lanes(left - 16);
             /* 1. Estimates, screened: each row's candidates, as codes in row order, lanes ascending */
             for (int64_t r = r0; r < r1; r += TK_SCREEN_MR) {
                 __m512 acc[TK_SCREEN_MR][2];
@@ -864,8 +870,7 @@ TK_SCREEN static int64_t tk_screen_scan_avx512(const uint32_t *packed_queries, c
                 for (; c < count && r0 + (codes[c] >> 5) == row; c++) scores[codes[c] & 31] = exact[c];
                 __mmask16 m0 = (__mmask16)masks[row - r0], m1 = (__mmask16)(masks[row - r0] >> 16);
                 __m512 e0 = _mm512_loadu_ps(scores), e1 = _mm512_loadu_ps(scores + 16);
-                bad |= _mm512_mask_cmp_ps_mask(m0, _mm512_sub_ps(e0, e0), zero, _CMP_NEQ_UQ) |
-                       _mm512_mask_cmp_ps_mask(m1, _mm512_sub_ps(e1, e1), zero, _CMP_NEQ_UQ);
+                bad |= tk_non_finite(m0, e0) | tk_non_finite(m1, e1);
                 survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],
                                                 pools + row * capacity, capacity, &fills[row], k);
             }
