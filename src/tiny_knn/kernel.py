@@ -32,34 +32,10 @@ def _load() -> ctypes.CDLL | None:
         "tk_product_scan": (i64, [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr]),
         "tk_pack_bf16": (None, [ptr, i64, i64, i64, i64, ctypes.c_int32, ptr, ptr, ptr]),
         "tk_screen_supported": (ctypes.c_int32, []),
-        "tk_screen_scan": (
-            i64,
-            [
-                ptr,
-                ptr,
-                ptr,
-                ptr,
-                i64,
-                i64,
-                i64,
-                i64,
-                i64,
-                ptr,
-                ptr,
-                ptr,
-                ptr,
-                i64,
-                i64,
-                i64,
-                i64,
-                ptr,
-                ptr,
-                i64,
-                ptr,
-                i64,
-                ptr,
-            ],
-        ),
+        # tk_screen_scan: packed queries, their two factors, float32 rows; their stride, dim, row_lo, rows,
+        # real_rows; packed docs, norms, residuals, float32 rows; their stride, doc_count, real_docs, first_doc;
+        # thresholds, pools, capacity, fills, k, non_finite
+        "tk_screen_scan": (i64, [ptr] * 4 + [i64] * 5 + [ptr] * 4 + [i64] * 4 + [ptr, ptr, i64, ptr, i64, ptr]),
         "tk_dot_tile": (ctypes.c_int32, [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64]),
     }
     for name, (result, arguments) in signatures.items():
