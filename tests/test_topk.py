@@ -287,47 +287,69 @@ def test_every_scan_path_of_the_kernel_selects_the_same(simd: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
-@settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    rows=st.integers(1, 45),
-    dim=st.integers(1, 24),
-    k=st.integers(1, 150),
-    chunk_docs=st.lists(st.integers(1, 300), min_size=1, max_size=4),
-    threads=st.integers(1, 3),
-    tied=st.booleans(),
-)
-def test_scoring_and_selecting_in_one_pass_equals_the_sort_merge(  # type: ignore[no-untyped-def]
-    seed, rows, dim, k, chunk_docs, threads, tied
-) -> None:
-    """add_packed (tk_product_scan) against SortMergeTopK on the same product's tiles, bit for bit: ties, rows
-    and docs off the panels (padding that would win if it were pushed), pools compacted mid-chunk."""
+def _hard_rows(kind: str, count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows that test a one-pass selector: ties, and the screen's error bound where it is thinnest or fails to
+    apply."""
+    if kind == "tied":  # whole numbers: many equal scores, and rows bfloat16 holds exactly (no rounding slack)
+        return torch.randint(-2, 3, (count, dim), generator=generator).float()
+    rows = torch.randn(count, dim, generator=generator)
+    if kind == "near":  # near-duplicates: estimates equal, exact scores a few float32 steps apart
+        return rows[:1] + 1e-6 * rows
+    if kind == "scaled":  # norms from 2^-70 to 2^60 (subnormal products and sums in the estimates)
+        return rows * torch.exp2(torch.randint(-70, 60, (count, 1), generator=generator).float())
+    if kind == "huge":  # some norms past 2^60: scored exactly, never screened (and no product overflows)
+        return rows * torch.where(torch.rand(count, 1, generator=generator) < 0.3, 2.0**60, 1.0)
+    return rows
+
+
+_ONE_PASS_CASES = {
+    "seed": st.integers(0, 2**16),
+    "rows": st.integers(1, 45),
+    "dim": st.integers(1, 40),
+    "k": st.integers(1, 150),
+    "chunk_docs": st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    "threads": st.integers(1, 3),
+    "kind": st.sampled_from(["normal", "tied", "near", "scaled", "huge"]),
+}
+
+
+def _one_pass_equals_the_sort_merge(product_type: type, seed, rows, dim, k, chunk_docs, threads, kind) -> None:  # type: ignore[no-untyped-def]
+    """The product's one-pass selection (add_packed for KernelProduct, add_screened for ScreenedProduct)
+    against SortMergeTopK on the product's own scores (the kernel's tiles; tk_dot for the screen), bit for bit,
+    with padded query rows and docs that would win if they were ever pushed."""
     generator = torch.Generator().manual_seed(seed)
     k = min(k, sum(chunk_docs))
     queries = torch.zeros(-(-rows // 16) * 16, dim)
-    queries[:rows] = torch.randint(-2, 3, (rows, dim), generator=generator).float() if tied else torch.randn(rows, dim)
+    queries[:rows] = _hard_rows(kind, rows, dim, generator)
     queries[rows:] = 1e3  # padded rows: scored, never selected
-    product = KernelProduct(queries)
+    product = product_type(queries)
     fused, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
     first_doc = 0
     for count in chunk_docs:
         padded = -(-count // 64) * 64
         chunk = torch.full((padded, dim), 1e3)  # padded docs score far above any real one
-        chunk[:count] = (
-            torch.randint(-2, 3, (count, dim), generator=generator).float()
-            if tied
-            else torch.randn(count, dim, generator=generator)
-        )
+        chunk[:count] = _hard_rows(kind, count, dim, generator)
         operand = product.prepare(chunk, first_doc % 2)
-        assert not fused.add_packed(product.packed_queries, dim, operand, first_doc, count)
         tile = torch.empty(queries.shape[0], padded)
-        product.score(0, queries.shape[0], operand, 0, padded, tile)
+        if isinstance(product, ScreenedProduct):
+            assert not fused.add_screened(product, operand, first_doc, count)
+            exact_scores(queries, chunk, tile)
+        else:
+            assert not fused.add_packed(product.packed_queries, dim, operand, first_doc, count)
+            product.score(0, queries.shape[0], operand, 0, padded, tile)
         reference.add(tile[:rows, :count], 0, first_doc)
         first_doc += count
     for got, expected in zip(fused.result(), reference.result(), strict=True):
         assert torch.equal(got, expected)
     assert fused.uncertain_rows().numel() == 0
+
+
+@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
+@settings(max_examples=40, deadline=None)
+@given(**_ONE_PASS_CASES)
+def test_scoring_and_selecting_in_one_pass_equals_the_sort_merge(**case) -> None:  # type: ignore[no-untyped-def]
+    """add_packed (tk_product_scan): ties, rows and docs off the panels, pools compacted mid-chunk."""
+    _one_pass_equals_the_sort_merge(KernelProduct, **case)
 
 
 @pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
@@ -342,57 +364,13 @@ def test_one_pass_flags_non_finite_scores_of_real_docs_only() -> None:
     assert selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 1), 40, 40)
 
 
-def _screen_rows(kind: str, count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows that test the screen's error bound where it is thinnest or fails to apply."""
-    if kind == "tied":  # whole numbers: many equal scores, and rows bfloat16 holds exactly (no rounding slack)
-        return torch.randint(-2, 3, (count, dim), generator=generator).float()
-    rows = torch.randn(count, dim, generator=generator)
-    if kind == "near":  # near-duplicates: estimates equal, exact scores a few float32 steps apart
-        return rows[:1] + 1e-6 * rows
-    if kind == "scaled":  # norms from 2^-70 to 2^60 (subnormal products and sums in the estimates)
-        return rows * torch.exp2(torch.randint(-70, 60, (count, 1), generator=generator).float())
-    if kind == "huge":  # some norms past 2^60: scored exactly, never screened (and no product overflows)
-        return rows * torch.where(torch.rand(count, 1, generator=generator) < 0.3, 2.0**60, 1.0)
-    return rows
-
-
 @pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
 @settings(max_examples=150, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    rows=st.integers(1, 45),
-    dim=st.integers(1, 40),
-    k=st.integers(1, 150),
-    chunk_docs=st.lists(st.integers(1, 300), min_size=1, max_size=4),
-    threads=st.integers(1, 3),
-    kind=st.sampled_from(["normal", "tied", "near", "scaled", "huge"]),
-)
-def test_the_screened_pass_equals_the_sort_merge_on_exact_scores(  # type: ignore[no-untyped-def]
-    seed, rows, dim, k, chunk_docs, threads, kind
-) -> None:
-    """add_screened (tk_screen_scan) against SortMergeTopK on every pair's exact score (tk_dot), bit for bit:
-    whatever the estimates rule out must not have been among the k best. Ties, padding that would win,
-    starting thresholds from the first chunk, pools compacted mid-chunk."""
-    generator = torch.Generator().manual_seed(seed)
-    k = min(k, sum(chunk_docs))
-    queries = torch.zeros(-(-rows // 16) * 16, dim)
-    queries[:rows] = _screen_rows(kind, rows, dim, generator)
-    queries[rows:] = 1e3  # padded rows: scored, never selected
-    product = ScreenedProduct(queries)
-    screened, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
-    first_doc = 0
-    for count in chunk_docs:
-        padded = -(-count // 64) * 64
-        chunk = torch.full((padded, dim), 1e3)  # padded docs score far above any real one
-        chunk[:count] = _screen_rows(kind, count, dim, generator)
-        assert not screened.add_screened(product, product.prepare(chunk, first_doc % 2), first_doc, count)
-        tile = torch.empty(rows, count)
-        exact_scores(queries[:rows], chunk[:count], tile)
-        reference.add(tile, 0, first_doc)
-        first_doc += count
-    for got, expected in zip(screened.result(), reference.result(), strict=True):
-        assert torch.equal(got, expected)
-    assert screened.uncertain_rows().numel() == 0
+@given(**_ONE_PASS_CASES)
+def test_the_screened_pass_equals_the_sort_merge_on_exact_scores(**case) -> None:  # type: ignore[no-untyped-def]
+    """add_screened (tk_screen_scan) against every pair's exact score: whatever the estimates rule out must
+    not have been among the k best. Starting thresholds from the first chunk, pools compacted mid-chunk."""
+    _one_pass_equals_the_sort_merge(ScreenedProduct, **case)
 
 
 @pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
