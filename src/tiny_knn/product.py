@@ -205,9 +205,7 @@ class ScreenedProduct(TorchProduct):
 
     def prepare(self, doc_rows: torch.Tensor, slot: int) -> Operand:
         """Packs the doc rows into the slot's buffers (reused: the caller is done with the slot's last chunk)."""
-        empty = torch.empty(0)
-        previous = self._docs[slot] or ScreenedDocs(doc_rows, empty.int(), empty, empty)
-        docs = self._docs[slot] = ScreenedDocs(doc_rows, *self._pack(doc_rows, DOC_PANEL, False, previous))
+        docs = self._docs[slot] = ScreenedDocs(doc_rows, *self._pack(doc_rows, DOC_PANEL, False, self._docs[slot]))
         return docs
 
     def score(
