@@ -11,7 +11,7 @@ from oracle import assert_exact
 from tiny_knn import engine
 from tiny_knn import plan as plan_module
 from tiny_knn.api import prepare
-from tiny_knn.sources import ArraySource
+from tiny_knn.sources import FileSource
 from tiny_knn.topk import kernel_available
 
 SELECTIONS = ["threshold", "sort"] if kernel_available() else ["sort"]
@@ -138,14 +138,14 @@ def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatc
 def doc_reads(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     """The row counts of every read of the docs, in order."""
     reads: list[int] = []
-    original = ArraySource.read_into
+    original = FileSource.read_into
 
     def spy(self, start, stop, out, check=True):  # type: ignore[no-untyped-def]
         if self.role == "docs":
             reads.append(stop - start)
         original(self, start, stop, out, check)
 
-    monkeypatch.setattr(ArraySource, "read_into", spy)
+    monkeypatch.setattr(FileSource, "read_into", spy)
     assert reads == []
     return reads
 

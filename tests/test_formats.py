@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from tiny_knn import InputFileError, InvalidInputError, compute_topk
-from tiny_knn.sources import ArraySource, HDF5Source, ShardedSource, open_source
+from tiny_knn.sources import FileSource, HDF5Source, ShardedSource, open_source
 
 
 def write_vecs(path: str, data: np.ndarray, value_dtype: str) -> str:
@@ -86,7 +86,7 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1]), name
 
 
-def test_hdf5_is_memory_mapped_when_contiguous_else_sliced(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_hdf5_is_read_directly_when_contiguous_else_sliced(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = np.random.default_rng(1).standard_normal((300, 8), dtype=np.float32)
     with h5py.File(tmp_path / "x.h5", "w") as file:
         file.create_dataset("plain", data=data)
@@ -95,7 +95,7 @@ def test_hdf5_is_memory_mapped_when_contiguous_else_sliced(tmp_path) -> None:  #
         open_source(str(tmp_path / "x.h5:plain"), "docs"),
         open_source(str(tmp_path / "x.h5:packed"), "docs"),
     )
-    assert isinstance(plain, ArraySource) and isinstance(packed, HDF5Source)
+    assert isinstance(plain, FileSource) and isinstance(packed, HDF5Source)
     for source in (plain, packed):
         out = torch.empty(300, 8)
         source.read_into(0, 300, out)

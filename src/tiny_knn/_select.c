@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 
 #if defined(__SSE2__) || defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -342,13 +345,62 @@ static inline void tk_exact_rows(const float *docs, int64_t row_stride, const fl
     }
 }
 
-void tk_exact(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride, int64_t dim,
-              const int64_t *indices, int64_t rows, int64_t cands, double *out, int32_t squared)
+/* Reads of a memory-mapped input guarded against SIGBUS. A file that shrinks under its mapping makes the next
+ * read of a page past its new end raise SIGBUS, which would kill the process. A guarded call (TK_GUARDED) sets
+ * a jump target for its own thread; the handler jumps there and the call returns TK_INPUT_CHANGED instead.
+ * A SIGBUS on a thread with no target is not ours: the handler puts back the one it replaced and returns, so
+ * the faulting instruction runs again under it. The handler is (re)installed by each guarded call if someone
+ * replaced it since (faulthandler, for one), under a lock so that it never records itself as the previous. */
+#define TK_INPUT_CHANGED (-2)
+static __thread sigjmp_buf *tk_guard_target;
+static struct sigaction tk_guard_previous;
+static pthread_mutex_t tk_guard_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void tk_guard_handler(int signum, siginfo_t *info, void *context)
 {
-    if (squared)
-        tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 1);
-    else
-        tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 0);
+    sigjmp_buf *target = tk_guard_target;
+    (void)signum, (void)info, (void)context;
+    if (target != NULL) {
+        tk_guard_target = NULL;
+        siglongjmp(*target, 1);
+    }
+    sigaction(SIGBUS, &tk_guard_previous, NULL);
+}
+
+static void tk_guard_install(void)
+{
+    struct sigaction current;
+    pthread_mutex_lock(&tk_guard_lock);
+    if (sigaction(SIGBUS, NULL, &current) == 0 && !((current.sa_flags & SA_SIGINFO) &&
+                                                    current.sa_sigaction == tk_guard_handler)) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = tk_guard_handler;
+        action.sa_flags = SA_SIGINFO;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGBUS, &action, &tk_guard_previous);
+    }
+    pthread_mutex_unlock(&tk_guard_lock);
+}
+
+/* Runs `body` with this thread's SIGBUS jump target set; a fault returns TK_INPUT_CHANGED from the function. */
+#define TK_GUARDED(body)                                                                                            \
+    do {                                                                                                            \
+        sigjmp_buf tk_jump;                                                                                         \
+        tk_guard_install();                                                                                         \
+        if (sigsetjmp(tk_jump, 1)) return TK_INPUT_CHANGED;                                                         \
+        tk_guard_target = &tk_jump;                                                                                 \
+        body;                                                                                                       \
+        tk_guard_target = NULL;                                                                                     \
+    } while (0)
+
+/* Returns 0, or TK_INPUT_CHANGED if the docs (a memory-mapped file) shrank under the read. */
+int32_t tk_exact(const float *docs, int64_t row_stride, const float *queries, int64_t query_stride, int64_t dim,
+                 const int64_t *indices, int64_t rows, int64_t cands, double *out, int32_t squared)
+{
+    TK_GUARDED(if (squared) tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 1);
+               else tk_exact_rows(docs, row_stride, queries, query_stride, dim, indices, rows, cands, out, 0));
+    return 0;
 }
 
 /* The CPU's matrix product (AVX-512): scores of query rows by doc rows, each score one float32 fused

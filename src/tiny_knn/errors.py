@@ -19,6 +19,10 @@ class InputFileError(TinyKnnError, OSError):
     """An input file is missing or unreadable."""
 
 
+class InputChangedError(InputFileError):
+    """An input file changed (shrank, was cut or rewritten) while tiny-knn was reading it."""
+
+
 class OutputError(TinyKnnError, OSError):
     """The result cannot be written where it was asked to go."""
 

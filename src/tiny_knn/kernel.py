@@ -24,7 +24,7 @@ def _load() -> ctypes.CDLL | None:
         "tk_scan": (i64, [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64]),
         "tk_select_best": (None, [ptr, i64, ptr, i64, i64]),
         "tk_decode": (None, [ptr, i64, ptr, ptr]),
-        "tk_exact": (None, [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int32]),
+        "tk_exact": (ctypes.c_int32, [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int32]),
         "tk_pack": (None, [ptr, i64, i64, i64, i64, ptr]),
         "tk_product": (ctypes.c_int32, [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]),
         "tk_product_supported": (ctypes.c_int32, []),

@@ -24,7 +24,7 @@ import torch
 
 from .kernel import KERNEL
 from .plan import REFINE_GATHER_BYTES
-from .sources import ArraySource, Source
+from .sources import ArraySource, FileSource, Source
 from .topk import SortMergeTopK
 
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
@@ -78,7 +78,7 @@ def refine(
     rows, candidates = indices.shape
     exact = torch.empty((rows, candidates), dtype=torch.float64)
     # The C kernel reads a float32 array's rows in place; otherwise candidates are gathered, a few rows at a time.
-    in_place = KERNEL is not None and _is_table(docs)
+    in_place = _table(docs) is not None
     step = rows if in_place else max(1, REFINE_GATHER_BYTES // max(1, candidates * docs.dim * 4))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -146,7 +146,8 @@ def _exact_scores(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor,
     dim = queries.shape[1]
 
     def run(lo: int, hi: int) -> None:
-        KERNEL.tk_exact(
+        assert KERNEL is not None
+        changed = KERNEL.tk_exact(
             table.data_ptr(),
             table.stride(0),
             queries.data_ptr() + lo * dim * 4,
@@ -158,6 +159,9 @@ def _exact_scores(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor,
             out.data_ptr() + lo * candidates * 8,
             int(squared),
         )
+        if changed:  # the docs file shrank under its memory map (only a FileSource's table is mapped)
+            assert isinstance(docs, FileSource)
+            raise docs.changed()
 
     threads = max(1, min(torch.get_num_threads(), rows))
     step = -(-rows // threads)
@@ -171,18 +175,24 @@ def _exact_scores(query_rows: torch.Tensor, docs: Source, indices: torch.Tensor,
 
 def _row_table(docs: Source, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 table with unit column stride, and each candidate's row in it: the docs themselves when
-    they are one float32 array (no copy), else the candidates' rows gathered once each."""
-    if _is_table(docs):
-        return docs.tensor, indices.contiguous()  # type: ignore[attr-defined]
+    the kernel can read them in place (no copy), else the candidates' rows gathered once each."""
+    table = _table(docs)
+    if table is not None:
+        return table, indices.contiguous()
     unique, inverse = torch.unique(indices, return_inverse=True)
     gathered = torch.empty((unique.numel(), docs.dim), dtype=torch.float32)
     docs.read_rows(unique, gathered)
     return gathered, inverse.contiguous()
 
 
-def _is_table(docs: Source) -> bool:
-    """True when the docs are one float32 array with contiguous rows, which the kernel can read in place."""
-    return isinstance(docs, ArraySource) and docs.tensor.dtype == torch.float32 and docs.tensor.stride(1) == 1
+def _table(docs: Source) -> torch.Tensor | None:
+    """The docs as one float32 table with contiguous rows that the C kernel reads in place: an array in memory,
+    or a file's mapping (whose reads the kernel guards); None without the kernel or for other sources."""
+    if KERNEL is None:
+        return None
+    if isinstance(docs, ArraySource) and docs.tensor.dtype == torch.float32 and docs.tensor.stride(1) == 1:
+        return docs.tensor
+    return docs.mapped() if isinstance(docs, FileSource) else None
 
 
 def _lane_sums(terms: np.ndarray) -> np.ndarray:

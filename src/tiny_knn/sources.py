@@ -1,36 +1,51 @@
 """Reading: open embeddings on disk as a source of rows, without ever loading a file whole.
 
 A source knows its shape and dtype and copies row ranges on demand into a caller's buffer, checking that
-they are finite. Every format is memory-mapped, so resident memory does not grow with the file:
-`.pt` (`torch.load(mmap=True, weights_only=True)`: no pickled code ever runs; a tensor, or a dict holding
-one 2-D tensor, or `file.pt:key`), `.npy`, `.safetensors` (`file.safetensors:key` when it holds several
-tensors), `.fvecs` and `.bvecs`, and a directory or glob of such shards, concatenated in natural sort
-order with global row numbers. HDF5 (`file.h5:dataset`, needs h5py) is memory-mapped when its dataset is
-contiguous and uncompressed, else read by slices. Readers know nothing of devices.
+they are finite. Opening a file reads only its header, to find where its values lie (`Layout`); rows are
+then read with `pread` into the caller's buffer, so resident memory does not grow with the file, and a file
+that shrinks while it is read is a clean error (`InputChangedError`) where a memory map would kill the
+process with SIGBUS. Formats: `.pt` (`torch.load(map_location="meta", weights_only=True)`: no pickled code
+ever runs, no data is loaded; a tensor, or a dict holding one 2-D tensor, or `file.pt:key`), `.npy`,
+`.safetensors` (`file.safetensors:key` when it holds several tensors), `.fvecs` and `.bvecs`, and a directory
+or glob of such shards, concatenated in natural sort order with global row numbers. HDF5 (`file.h5:dataset`,
+needs h5py) is read the same way when its dataset is contiguous and uncompressed, else by slices through
+h5py. Readers know nothing of devices.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import io
+import itertools
 import json
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import InputFileError, InvalidInputError, first_sentence
+from .errors import InputChangedError, InputFileError, InvalidInputError, first_sentence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs", *HDF5_SUFFIXES)
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64,
+}  # fmt: skip
+# How each dtype lies in a file (numpy has no bfloat16: its bits)
+_STORED = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.uint8: np.uint8,
+    torch.float64: np.float64, torch.int64: np.int64,
+}  # fmt: skip
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -52,6 +67,10 @@ class Source(ABC):
 
     def label(self) -> str:
         return f"{self.role} file '{self.path}'"
+
+    def files(self) -> list[str]:
+        """The files this source reads (none for rows in memory)."""
+        return []
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +97,7 @@ class Source(ABC):
 
 
 class ArraySource(Source):
-    """One file, seen as a memory-mapped 2-D tensor (possibly strided, as in .fvecs)."""
+    """Rows in memory: a 2-D tensor (possibly strided), for `search()` on arrays."""
 
     def __init__(self, path: str, role: str, tensor: torch.Tensor) -> None:
         super().__init__(path, role)
@@ -87,19 +106,152 @@ class ArraySource(Source):
         self.dtype = tensor.dtype
 
     def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
-        # Runs on the engine's read-ahead thread, so it uses numpy where it can: numpy is single-threaded and
-        # does not compete with the matrix product for torch's thread pool.
         block = out[: stop - start]
-        rows = self.tensor[start:stop]
-        if rows.dtype == torch.bfloat16 or block.dtype == torch.bfloat16:  # numpy has no bfloat16
-            block.copy_(rows)
-        else:
-            np.copyto(block.numpy(), rows.numpy(), casting="same_kind")
+        _convert(self.tensor[start:stop], block)
         if check:
             _check_finite(block, start, self.label())
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
         out[: positions.numel()].copy_(self.tensor[positions])
+
+
+def _convert(rows: torch.Tensor, block: torch.Tensor) -> None:
+    """block[...] = rows, converting dtype. Runs on the engine's read-ahead thread, so it uses numpy where it
+    can: numpy is single-threaded and does not compete with the matrix product for torch's thread pool."""
+    if rows.dtype == torch.bfloat16 or block.dtype == torch.bfloat16:  # numpy has no bfloat16
+        block.copy_(rows)
+    else:
+        np.copyto(block.numpy(), rows.numpy(), casting="same_kind")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a file's values lie: element [r, c] of the (rows, dim) matrix is at byte
+    offset + r * row_stride + c * col_stride, stored as `stored` (bfloat16 as its uint16 bits)."""
+
+    offset: int
+    rows: int
+    dim: int
+    row_stride: int
+    col_stride: int
+    stored: np.dtype
+    dtype: torch.dtype
+
+    @property
+    def end(self) -> int:
+        """One past the last byte of the values."""
+        return self.offset + (self.rows - 1) * self.row_stride + (self.dim - 1) * self.col_stride + self.stored.itemsize
+
+    @classmethod
+    def row_major(cls, offset: int, rows: int, dim: int, dtype: torch.dtype) -> Layout:
+        stored = np.dtype(_STORED[dtype])
+        return cls(offset, rows, dim, dim * stored.itemsize, stored.itemsize, stored, dtype)
+
+
+class FileSource(Source):
+    """One file whose values lie at a known `Layout`, read with pread: a file that shrinks under the run is
+    an InputChangedError, never a signal, and no page of it stays mapped."""
+
+    def __init__(self, spec: str, role: str, path: str, layout: Layout) -> None:
+        super().__init__(spec, role)
+        self.file, self.layout = path, layout
+        self.rows, self.dim, self.dtype = layout.rows, layout.dim, layout.dtype
+        self._descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self._descriptor).st_size
+        self._mapped: torch.Tensor | None = None
+        if layout.end > self.size:
+            raise InvalidInputError(
+                f"{self.label()}: its values run past the end of the file ({self.size} bytes, expected at least "
+                f"{layout.end}); truncated?"
+            )
+
+    def __del__(self) -> None:
+        descriptor = getattr(self, "_descriptor", None)
+        if descriptor is not None:
+            os.close(descriptor)
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
+        block = out[: stop - start]
+        layout = self.layout
+        if (
+            layout.row_stride == layout.dim * layout.col_stride == layout.dim * layout.stored.itemsize
+            and block.is_contiguous()
+            and block.dtype == layout.dtype != torch.bfloat16
+        ):  # the common case: straight into the caller's buffer
+            self._pread(block.numpy().data.cast("B"), layout.offset + start * layout.row_stride)
+        else:
+            _convert(torch.from_numpy(self._values(start, stop)).view(layout.dtype), block)
+        if check:
+            _check_finite(block, start, self.label())
+
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        # One read per run of consecutive rows.
+        where = positions.numpy()
+        breaks = [0, *(np.flatnonzero(np.diff(where) != 1) + 1).tolist(), where.size]
+        for first, last in itertools.pairwise(breaks):
+            if last > first:
+                row = int(where[first])
+                self.read_into(row, row + last - first, out[first:], check=False)
+
+    def mapped(self) -> torch.Tensor | None:
+        """The float32 rows memory-mapped, for the C kernels' reads in place, which are guarded against the file
+        shrinking (a call returns TK_INPUT_CHANGED, see `changed`); None unless float32 with contiguous rows."""
+        layout = self.layout
+        if layout.dtype != torch.float32 or layout.col_stride != 4 or layout.row_stride % 4:
+            return None
+        if self._mapped is None:
+            span = layout.end - layout.offset
+            whole = np.memmap(self.file, dtype=np.uint8, mode="r", offset=layout.offset, shape=span)
+            rows = np.ndarray((layout.rows, layout.dim), np.float32, whole, strides=(layout.row_stride, 4))
+            self._mapped = _quietly_from_numpy(rows)
+        return self._mapped
+
+    def changed(self) -> InputChangedError:
+        """The error to raise when the file was found shorter than when it was opened."""
+        return changed_error(self.label(), os.fstat(self._descriptor).st_size, self.size)
+
+    def _values(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop as stored (bfloat16 as uint16), read by one pread over their span (by one per
+        column where the file is stored column by column)."""
+        layout, count = self.layout, stop - start
+        first = layout.offset + start * layout.row_stride
+        if layout.col_stride <= layout.row_stride:
+            return self._span(first, (count, layout.dim), (layout.row_stride, layout.col_stride))
+        columns = [self._span(first + c * layout.col_stride, (count,), (layout.row_stride,)) for c in range(layout.dim)]
+        return np.stack(columns, axis=1)
+
+    def _span(self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+        """The values of a strided array at `offset` (non-negative strides), read by one pread over its bytes."""
+        itemsize = self.layout.stored.itemsize
+        span = sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True)) + itemsize
+        raw = np.empty(span, np.uint8)
+        self._pread(raw.data, offset)
+        values: np.ndarray = np.ndarray(shape, self.layout.stored, buffer=raw, strides=strides)
+        return values.view(np.int16) if self.layout.dtype == torch.bfloat16 else values
+
+    def _pread(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                if hasattr(os, "preadv"):
+                    count = os.preadv(self._descriptor, [view[done:]], offset + done)
+                else:  # no preadv (older macOS): a copy
+                    data = os.pread(self._descriptor, len(view) - done, offset + done)
+                    view[done : done + len(data)] = data
+                    count = len(data)
+            except OSError as exc:
+                raise InputFileError(f"{self.label()}: cannot be read: {exc.strerror or exc}") from None
+            if count == 0:
+                raise self.changed()
+            done += count
+
+
+def changed_error(label: str, size: int, was: int) -> InputChangedError:
+    """The error for an input that changed while it was being read."""
+    return InputChangedError(f"{label} changed while it was being read ({size} bytes, was {was}); nothing was written")
 
 
 def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
@@ -114,25 +266,38 @@ def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
 
 
 class HDF5Source(Source):
-    """A chunked or compressed HDF5 dataset, read by slices through h5py (which decompresses chunks)."""
+    """A chunked or compressed HDF5 dataset, read by slices through h5py (which decompresses chunks, and reads
+    with pread: a file that shrinks is an error from h5py, reported as InputChangedError)."""
 
-    def __init__(self, path: str, role: str, dataset: Any) -> None:
+    def __init__(self, path: str, role: str, file: str, dataset: Any) -> None:
         super().__init__(path, role)
+        self.file = file
+        self.size = os.path.getsize(file)
         self.dataset = dataset  # keeps its file open
         self.rows, self.dim = (int(size) for size in dataset.shape)
         self.dtype = torch.float16 if dataset.dtype == np.float16 else torch.float32
 
+    def files(self) -> list[str]:
+        return [self.file]
+
     def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         block = out[: stop - start]
-        if block.dtype == torch.bfloat16:
-            block.copy_(torch.from_numpy(self.dataset[start:stop]))
-        else:
-            np.copyto(block.numpy(), self.dataset[start:stop], casting="same_kind")
+        _convert(torch.from_numpy(self._read(slice(start, stop))), block)
         if check:
             _check_finite(block, start, self.label())
 
     def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
-        out[: positions.numel()].copy_(torch.from_numpy(self.dataset[positions.numpy()]))
+        out[: positions.numel()].copy_(torch.from_numpy(self._read(positions.numpy())))
+
+    def _read(self, where: Any) -> np.ndarray:
+        try:
+            values: np.ndarray = self.dataset[where]
+        except Exception as exc:  # h5py reports a failed read as OSError, or worse
+            size = os.path.getsize(self.file) if os.path.exists(self.file) else 0
+            if size != self.size:
+                raise changed_error(self.label(), size, self.size) from None
+            raise InputFileError(f"{self.label()}: cannot be read: {first_sentence(exc)}") from None
+        return values
 
 
 class RowRange(Source):
@@ -147,6 +312,9 @@ class RowRange(Source):
 
     def label(self) -> str:
         return self.source.label()
+
+    def files(self) -> list[str]:
+        return self.source.files()
 
     def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
         self.source.read_into(self._start + start, self._start + stop, out, check)
@@ -174,6 +342,9 @@ class ShardedSource(Source):
     def label(self) -> str:
         return f"{self.role} shards '{self.path}'"
 
+    def files(self) -> list[str]:
+        return [name for shard in self.shards for name in shard.files()]
+
     def _overlaps(self, start: int, stop: int) -> list[tuple[Source, int, int, int]]:
         """(shard, local start, local stop, offset in the caller's block) for each shard meeting [start, stop)."""
         pieces = []
@@ -198,7 +369,7 @@ class ShardedSource(Source):
 
 
 def open_source(spec: str | os.PathLike[str], role: str) -> Source:
-    """Opens a file, `file:key`, directory or glob of embeddings, memory-mapped, after every cheap check.
+    """Opens a file, `file:key`, directory or glob of embeddings, after every cheap check (headers only).
 
     Raises:
         InputFileError: a file is missing or unreadable, or a directory or glob holds no embeddings.
@@ -225,9 +396,27 @@ def open_source(spec: str | os.PathLike[str], role: str) -> Source:
 
 def _open_file(spec: str, path: str, key: str | None, role: str) -> Source:
     label = f"{role} file '{spec}'"
-    if path.lower().endswith(HDF5_SUFFIXES) and os.path.isfile(path):
+    _check_regular_file(path, label)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in HDF5_SUFFIXES:
         return _open_hdf5(spec, path, key, role, label)
-    return ArraySource(spec, role, _open_tensor(path, key, label))
+    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    if suffix == ".npy":
+        found = _npy_values(path, label)
+    elif suffix == ".safetensors":
+        found = _safetensors_values(path, key, label)
+    elif suffix in (".fvecs", ".bvecs"):
+        found = _vecs_values(path, label, byte_values=suffix == ".bvecs")
+        allowed = (*SUPPORTED_DTYPES, torch.uint8)
+    else:
+        found = _pt_values(path, key, label)
+    _check_matrix(found.shape, found.dtype, label, allowed)
+    if found.mapped is not None:  # torch too old to say where a .pt file's values lie
+        return ArraySource(spec, role, found.mapped)
+    rows, dim = found.shape
+    row_stride, col_stride = found.strides
+    layout = Layout(found.offset, rows, dim, row_stride, col_stride, np.dtype(_STORED[found.dtype]), found.dtype)
+    return FileSource(spec, role, path, layout)
 
 
 def _sharded(spec: str, role: str, files: list[str]) -> Source:
@@ -240,41 +429,53 @@ def _natural_key(path: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _open_tensor(path: str, key: str | None, label: str) -> torch.Tensor:
-    if not os.path.exists(path):
-        raise InputFileError(f"{label}: no such file")
-    if not os.path.isfile(path):
+@dataclass(frozen=True)
+class _Values:
+    """What a file's header says of the tensor in it: shape, dtype, and where its values lie (byte offset and
+    byte strides); or, for .pt files under torch < 2.5, the tensor memory-mapped (`mapped`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int = 0
+    strides: tuple[int, ...] = ()
+    mapped: torch.Tensor | None = None
+
+    @classmethod
+    def row_major(cls, shape: tuple[int, ...], dtype: torch.dtype, offset: int) -> _Values:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        strides = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) * itemsize for i in range(len(shape)))
+        return cls(shape, dtype, offset, strides)
+
+
+def _check_regular_file(path: str, label: str) -> None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{label}: no such file") from None
+    except OSError as exc:
+        raise InputFileError(f"{label}: cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(status.st_mode):
         raise InputFileError(f"{label}: is a directory, expected a .pt file holding a 2-D tensor")
+    if not stat.S_ISREG(status.st_mode):
+        raise InputFileError(f"{label}: is not a regular file (a FIFO, device or socket); expected embeddings on disk")
     if not os.access(path, os.R_OK):
         raise InputFileError(f"{label}: permission denied")
-    if os.path.getsize(path) == 0:
+    if status.st_size == 0:
         raise InvalidInputError(f"{label}: the file is empty; expected embeddings")
-    suffix = os.path.splitext(path)[1].lower()
-    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
-    if suffix == ".npy":
-        tensor = _load_npy(path, label)
-    elif suffix == ".safetensors":
-        tensor = _load_safetensors(path, key, label)
-    elif suffix in (".fvecs", ".bvecs"):
-        tensor = _load_vecs(path, label, byte_values=suffix == ".bvecs")
-        allowed = (*SUPPORTED_DTYPES, torch.uint8)
-    else:
-        tensor = _pick_tensor(_load_mmap(path, label), key, label)
-    if tensor.dim() != 2:
+
+
+def _check_matrix(shape: tuple[int, ...], dtype: torch.dtype, label: str, allowed: tuple[torch.dtype, ...]) -> None:
+    """Raises InvalidInputError unless the tensor is 2-D, of an allowed dtype, with rows and columns."""
+    if len(shape) != 2:
         raise InvalidInputError(
-            f"{label}: tensor has shape {tuple(tensor.shape)}, expected 2-D (rows, dim)"
-            + ("; reshape it with .reshape(-1, dim)" if tensor.dim() > 0 else "")
+            f"{label}: tensor has shape {shape}, expected 2-D (rows, dim)"
+            + ("; reshape it with .reshape(-1, dim)" if len(shape) > 0 else "")
         )
-    if tensor.dtype not in allowed:
-        hint = " (convert with .float())" if tensor.dtype.is_floating_point else ""
-        raise InvalidInputError(
-            f"{label}: dtype {dtype_name(tensor.dtype)}, expected float32, float16 or bfloat16{hint}"
-        )
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise InvalidInputError(
-            f"{label}: tensor has shape {tuple(tensor.shape)}, expected at least one row and column"
-        )
-    return tensor
+    if dtype not in allowed:
+        hint = " (convert with .float())" if dtype.is_floating_point else ""
+        raise InvalidInputError(f"{label}: dtype {dtype_name(dtype)}, expected float32, float16 or bfloat16{hint}")
+    if 0 in shape:
+        raise InvalidInputError(f"{label}: tensor has shape {shape}, expected at least one row and column")
 
 
 def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
@@ -309,9 +510,9 @@ def _quietly_from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _load_npy(path: str, label: str) -> torch.Tensor:
+def _npy_values(path: str, label: str) -> _Values:
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no value is read
     except Exception as exc:  # a damaged header makes numpy raise anything (SyntaxError, TokenError, ...)
         raise InvalidInputError(
             f"{label}: not a readable .npy file (truncated or corrupt?): {first_sentence(exc)}"
@@ -319,10 +520,12 @@ def _load_npy(path: str, label: str) -> torch.Tensor:
     if array.dtype not in (np.float32, np.float16):
         hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" else ""
         raise InvalidInputError(f"{label}: dtype {array.dtype}, expected float32 or float16{hint}")
-    return _quietly_from_numpy(array)
+    dtype = torch.float32 if array.dtype == np.float32 else torch.float16
+    offset = array.offset if isinstance(array, np.memmap) else 0
+    return _Values(tuple(array.shape), dtype, offset, tuple(array.strides))
 
 
-def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
+def _safetensors_values(path: str, key: str | None, label: str) -> _Values:
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as stream:
@@ -357,22 +560,16 @@ def _load_safetensors(path: str, key: str | None, label: str) -> torch.Tensor:
         raise InvalidInputError(
             f"{label}: tensor {key!r} has a malformed header entry ({exc!r}); corrupt file?"
         ) from None
-    numpy_dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
     count = int(np.prod(shape)) if shape else 1
-    if 8 + header_length + stop > size or stop - start != count * numpy_dtype.itemsize:
+    if 8 + header_length + stop > size or stop - start != count * np.dtype(_STORED[dtype]).itemsize:
         raise InvalidInputError(f"{label}: tensor {key!r} runs past the end of the file (truncated?)")
-    if count == 0:
-        return torch.empty(shape, dtype=torch.float32)
-    array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=8 + header_length + start, shape=shape)
-    tensor = _quietly_from_numpy(array)
-    return tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+    return _Values.row_major(shape, dtype, 8 + header_length + start)
 
 
 def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> Source:
-    """An HDF5 dataset (`file.h5:name`, or the file's only 2-D dataset): memory-mapped when it is stored
-    contiguous and uncompressed (as ann-benchmarks files are), else read by slices through h5py."""
-    if not os.access(path, os.R_OK):
-        raise InputFileError(f"{label}: permission denied")
+    """An HDF5 dataset (`file.h5:name`, or the file's only 2-D dataset): read with pread like the other formats
+    when it is stored contiguous and uncompressed (as ann-benchmarks files are), else by slices through h5py."""
     try:
         import h5py
     except ImportError:
@@ -400,10 +597,11 @@ def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> 
         _check_array(item.shape, item.dtype, label)
         offset = item.id.get_offset()
         if item.chunks is None and item.compression is None and offset is not None:
-            array = np.memmap(path, dtype=item.dtype, mode="r", offset=offset, shape=item.shape)
+            dtype = torch.float32 if item.dtype == np.float32 else torch.float16
+            layout = Layout.row_major(int(offset), int(item.shape[0]), int(item.shape[1]), dtype)
             handle.close()
-            return ArraySource(spec, role, _quietly_from_numpy(array))
-        return HDF5Source(spec, role, item)
+            return FileSource(spec, role, path, layout)
+        return HDF5Source(spec, role, path, item)
     except InvalidInputError:
         handle.close()
         raise
@@ -425,37 +623,39 @@ def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
         raise InvalidInputError(f"{label}: dataset has shape {tuple(shape)}, expected at least one row and column")
 
 
-def _load_vecs(path: str, label: str, *, byte_values: bool) -> torch.Tensor:
+def _vecs_values(path: str, label: str, *, byte_values: bool) -> _Values:
     """.fvecs / .bvecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
     size = os.path.getsize(path)
     with open(path, "rb") as stream:
         dim = int.from_bytes(stream.read(4), "little", signed=True)
-    value_bytes = 1 if byte_values else 4
-    row_bytes = 4 + dim * value_bytes
-    if dim <= 0 or size % row_bytes:
-        raise InvalidInputError(
-            f"{label}: file size {size} is not a whole number of rows of dim {dim}; truncated or not a "
-            f"{'b' if byte_values else 'f'}vecs file"
-        )
-    raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, row_bytes)
-    last_dim = int(np.frombuffer(raw[-1, :4].tobytes(), dtype="<i4")[0])
+        value_bytes = 1 if byte_values else 4
+        row_bytes = 4 + dim * value_bytes
+        if dim <= 0 or size % row_bytes:
+            raise InvalidInputError(
+                f"{label}: file size {size} is not a whole number of rows of dim {dim}; truncated or not a "
+                f"{'b' if byte_values else 'f'}vecs file"
+            )
+        stream.seek(size - row_bytes)
+        last_dim = int.from_bytes(stream.read(4), "little", signed=True)
     if last_dim != dim:
         raise InvalidInputError(f"{label}: the last row declares dim {last_dim}, the first {dim}; not a vecs file")
-    values = raw[:, 4:] if byte_values else raw.view(np.float32)[:, 1:]
-    return _quietly_from_numpy(values)
+    dtype = torch.uint8 if byte_values else torch.float32
+    return _Values((size // row_bytes, dim), dtype, 4, (row_bytes, value_bytes))
 
 
-def _load_mmap(path: str, label: str) -> object:
+def _pt_values(path: str, key: str | None, label: str) -> _Values:
     # torch.save writes a zip archive; anything else is truncated, corrupt, legacy or not torch at all.
     if not zipfile.is_zipfile(path):
         raise InvalidInputError(
             f"{label}: not a PyTorch zip archive (truncated, corrupt, or saved in the legacy format); "
             "expected a file written by torch.save(tensor, path)"
         )
+    meta = _meta_offsets()
     try:
         with warnings.catch_warnings():  # torch's remarks on odd pickles; our own verdict follows
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            # On the meta device nothing is read but the pickle; each storage says where it lies in the file.
+            loaded = torch.load(path, map_location="meta" if meta else "cpu", mmap=not meta, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InvalidInputError(
             f"{label}: holds pickled objects other than tensors, refused without running them ({first_sentence(exc)})"
@@ -464,6 +664,26 @@ def _load_mmap(path: str, label: str) -> object:
         raise InvalidInputError(
             f"{label}: not a readable torch file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
+    tensor = _pick_tensor(loaded, key, label)
+    shape = tuple(tensor.shape)
+    if not meta:
+        return _Values(shape, tensor.dtype, mapped=tensor)
+    itemsize = tensor.element_size()
+    offset = int(tensor.untyped_storage()._checkpoint_offset or 0) + int(tensor.storage_offset()) * itemsize
+    strides = tuple(stride * itemsize for stride in tensor.stride())
+    if min(strides, default=0) < 0:
+        raise InvalidInputError(f"{label}: tensor has negative strides; save a contiguous copy")
+    return _Values(shape, tensor.dtype, offset, strides)
+
+
+@functools.cache
+def _meta_offsets() -> bool:
+    """Whether torch.load on the meta device records where each storage lies in the file (torch >= 2.5)."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    buffer.seek(0)
+    tensor = torch.load(buffer, map_location="meta", weights_only=True)
+    return isinstance(getattr(tensor.untyped_storage(), "_checkpoint_offset", None), int)
 
 
 def check_compatible(queries: Source, docs: Source) -> None:
