@@ -132,7 +132,7 @@ def test_result_records_metric_precision_and_ids(pair, tmp_path) -> None:  # typ
         path = compute_topk(q_path, d_path, k=9, force_cpu=True, metric="cosine", query_ids=str(tmp_path / "q.txt"))
     result = torch.load(path)
     recorded = (result["metric"], result["precision"], result["k"], result["exclude_self"])
-    assert recorded == ("cosine", "fp32", 6, False)
+    assert recorded == ("cosine", "exact", 6, False)  # the precision asked for, not the plan's spelling
     assert result["query_ids"] == ["a", "b", "c"] and "doc_ids" not in result
     assert_exact(queries, docs, result["scores"], result["indices"], "cosine")
 

@@ -51,6 +51,9 @@ def test_help_explains_every_option(capsys) -> None:  # type: ignore[no-untyped-
     ):
         assert option in text
     assert "2000" in text
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat  # no default said twice, or as None
+    assert "never replaces an input" in flat and "OUT.lock" in flat
 
 
 def bad_inputs(tmp_path, save):  # type: ignore[no-untyped-def]

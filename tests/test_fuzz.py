@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 
 from tiny_knn import TinyKnnError
-from tiny_knn.sources import open_source
+from tiny_knn.kernel import KERNEL
+from tiny_knn.refine import _exact_scores
+from tiny_knn.sources import FileSource, open_source
 
 ROWS, DIM = 6, 5
 SECONDS_PER_READ = 10
@@ -120,3 +122,26 @@ def test_the_undamaged_files_read(tmp_path, suffix) -> None:  # type: ignore[no-
     with open(path, "wb") as stream:
         stream.write(VALID[suffix]())
     read_everything(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.sampled_from(sorted(VALID)), kept=st.floats(0.0, 0.999), mapped_first=st.booleans())
+def test_files_cut_after_they_are_opened_fail_cleanly(tmp_path, suffix, kept, mapped_first) -> None:  # type: ignore[no-untyped-def]
+    """A file cut (another process truncating it) after tiny-knn opened it: every read, the C kernel's reads
+    through the file's mapping included, is a clean TinyKnnError or good data, never a signal."""
+    data = VALID[suffix]()
+    path = os.path.join(tmp_path, "docs" + suffix)
+    with open(path, "wb") as stream:
+        stream.write(data)
+    source = open_source(path, "docs")
+    if mapped_first and isinstance(source, FileSource):
+        source.mapped()
+    os.truncate(path, int(len(data) * kept))
+    with no_hang(SECONDS_PER_READ), suppress(TinyKnnError):
+        out = torch.empty((source.rows, source.dim), dtype=torch.float32)
+        source.read_into(0, source.rows, out)
+    with no_hang(SECONDS_PER_READ), suppress(TinyKnnError):
+        source.read_rows(torch.arange(source.rows), out)
+    if isinstance(source, FileSource) and KERNEL is not None:
+        with no_hang(SECONDS_PER_READ), suppress(TinyKnnError):
+            _exact_scores(torch.ones(2, source.dim), source, torch.zeros(2, 3, dtype=torch.int64), squared=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from oracle import brute_force
 
 from tiny_knn import engine, refine, search
-from tiny_knn.kernel import kernel_available
-from tiny_knn.sources import from_array
+from tiny_knn.errors import InputChangedError
+from tiny_knn.kernel import KERNEL, kernel_available
+from tiny_knn.refine import _exact_scores
+from tiny_knn.sources import from_array, open_source
 
 
 def test_key_error_bound_holds() -> None:
@@ -94,3 +98,18 @@ def test_exact_scores_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch,
     magnitude = (queries.double()[:, None, :] - docs.double()[indices] if squared else
                  queries.double()[:, None, :] * docs.double()[indices]).abs().sum(dim=2)  # fmt: skip
     assert ((in_place - exact).abs() <= 1e-14 * magnitude ** (2 if squared else 1)).all()
+
+
+def test_a_docs_file_cut_under_the_kernels_mapping_is_a_clean_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The C kernel re-scores candidates from the docs file's memory map; a file cut under it would raise SIGBUS
+    on the next read, which the kernel catches (its guard) and reports as the file having changed."""
+    if KERNEL is None:
+        pytest.skip("the compiled kernel is not built (TINY_KNN_NO_KERNEL)")
+    torch.save(torch.randn(50_000, 64), tmp_path / "d.pt")
+    docs = open_source(str(tmp_path / "d.pt"), "docs")
+    queries, candidates = torch.randn(4, 64), torch.randint(0, 50_000, (4, 100))
+    assert _exact_scores(queries, docs, candidates, squared=False).isfinite().all()
+    assert docs.mapped() is not None  # mapped now, before the cut
+    os.truncate(tmp_path / "d.pt", 8192)
+    with pytest.raises(InputChangedError, match=r"changed while it was being read \(8192 bytes, was \d+\)"):
+        _exact_scores(queries, docs, candidates, squared=False)

@@ -158,21 +158,6 @@ def test_failed_direct_write_leaves_nothing(tmp_path, large_result, direct_write
     assert os.listdir(tmp_path) == []
 
 
-def test_check_output_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    results.check_output_path(str(tmp_path / "fine.pt"))
-    with pytest.raises(OutputError, match="does not exist"):
-        results.check_output_path(str(tmp_path / "missing" / "out.pt"))
-    with pytest.raises(OutputError, match="is a directory"):
-        results.check_output_path(str(tmp_path))
-
-
-def test_unwritable_folder_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # Root ignores permissions, so the refusal is provoked through what os.access reports.
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(OutputError, match="is not writable"):
-        results.check_output_path(str(tmp_path / "out.pt"))
-
-
 @pytest.fixture
 def finished(tmp_path):  # type: ignore[no-untyped-def]
     """A small l2 search's result dict, as compute_topk builds it, with ids."""
@@ -236,7 +221,7 @@ def test_parquet_rows_and_metadata(tmp_path, finished) -> None:  # type: ignore[
 def test_parquet_without_pyarrow_is_one_clear_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(OutputError, match=r"needs pyarrow: pip install 'tiny-knn\[parquet\]'"):
-        results.check_output_path(str(tmp_path / "out.parquet"), "parquet")
+        results.check_format(str(tmp_path / "out.parquet"), "parquet")
 
 
 def test_trec_run_is_read_by_an_evaluation_tool(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]

@@ -7,19 +7,30 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed, engine, results
+from . import distributed, engine, results, safety
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
-from .errors import InvalidInputError, MemoryBudgetError
+from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, is_disk_full
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
-from .plan import DEFAULT_K, INDEX_BYTES, PRECISIONS, SCORE_BYTES, Plan, default_budget_bytes, make_plan
+from .plan import (
+    DEFAULT_K,
+    INDEX_BYTES,
+    PRECISIONS,
+    SCORE_BYTES,
+    Plan,
+    available_bytes,
+    default_budget_bytes,
+    format_bytes,
+    make_plan,
+    parse_size,
+)
 from .sources import RowRange, Source, check_compatible, from_array, open_source
 from .topk import default_selection, kernel_available
 
@@ -47,7 +58,7 @@ def search(
     exclude_self: bool = False,
     precision: str = "exact",
     device: str | None = None,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
@@ -118,7 +129,7 @@ def compute_topk(
     force_cpu: bool = False,
     out_path: str | os.PathLike[str] | None = None,
     *,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
@@ -144,7 +155,8 @@ def compute_topk(
         k: neighbours per query; clamped (with a TinyKnnWarning) to D (D - 1 with exclude_self) when larger.
         force_cpu: run on the CPU even when CUDA is available.
         out_path: where to write the result; default `top{k}_{queries}_x_{docs}.pt` beside the queries.
-        max_memory: memory budget in bytes (GPU memory on CUDA, RAM on CPU); default 60% of what is free.
+        max_memory: memory budget (GPU memory on CUDA, RAM on CPU): bytes, or a size such as "512MB" or "8GiB";
+            default 60% of what is free. A budget over what is there is used, with a TinyKnnWarning.
         batch_size: queries per pass over the docs (default: as many as the budget allows).
         chunk_size: docs per chunk read from disk (default: tuned per device).
         progress: show a progress bar on stderr.
@@ -197,88 +209,123 @@ def compute_topk(
     )
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
-    results.check_output_path(target, fmt)
-    ids = {
-        f"{role}_ids": results.read_ids(os.fspath(path), source.rows, role)
-        for role, path, source in (("query", query_ids, queries), ("doc", doc_ids, docs))
-        if path is not None
-    }
+    results.check_format(target, fmt)
+    id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
+    inputs = safety.Inputs.of([queries, docs], [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()])
+    safety.check_output_path(target, fmt, inputs)
+    rows = {"query": queries.rows, "doc": docs.rows}
+    ids = {f"{role}_ids": results.read_ids(path, rows[role], role) for role, path in id_paths.items()}
     job = distributed.current_job()
-    found: Found | None
-    if job is None:
-        found = _search_alone(queries, docs, plan, target, fmt, restart, progress)
-    else:
-        sizes = (max_memory, batch_size, chunk_size)
+    extra = tuple(id_paths.values())
+    with safety.held(safety.OutputLock(target) if job is None or job.leader else None):
+        found: Found | None
+        if job is None:
+            found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra)
+        else:
+            sizes = (max_memory, batch_size, chunk_size)
+            try:
+                distributed.join(job, plan.device)
+                # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
+                # store cannot be reached, its own share).
+                shared = distributed.JobProgress.connect() if progress else None
+                with _job_progress_bar(shared is not None and job.leader):
+                    found = _search_together(
+                        job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared, extra
+                    )
+            finally:
+                if job is not None and not job.leader:
+                    distributed.leave()
+        if found is None:  # another rank of a torchrun job: rank 0 writes the output
+            return target
+        scores, indices, plan, store = found
+        result = {
+            "indices": indices,
+            "scores": scores,
+            "queries_path": q_path,
+            "docs_path": d_path,
+            "k": plan.k,
+            "batch_size": plan.query_batch_rows,
+            "dtype": str(queries.dtype),
+            "device": plan.device,
+            "chunk_size": plan.doc_chunk_rows,
+            "version": __version__,
+            "metric": plan.metric,
+            "precision": precision,
+            "exclude_self": plan.exclude_self,
+            **ids,
+        }
         try:
-            distributed.join(job, plan.device)
-            # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
-            # store cannot be reached, its own share).
-            shared = distributed.JobProgress.connect() if progress else None
-            with _job_progress_bar(shared is not None and job.leader):
-                found = _search_together(job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared)
+            with _reporting_stops(store, queries.rows):
+                safety.check_output_path(target, fmt, inputs)  # again: a long run leaves time for changes
+                results.write_output(target, fmt, result, higher_is_better(plan.metric))
+            if store is not None:
+                store.remove()
         finally:
-            if job is not None and not job.leader:
+            if job is not None:
                 distributed.leave()
-    if found is None:  # another rank of a torchrun job: rank 0 writes the output
-        return target
-    scores, indices, plan, finish = found
-    result = {
-        "indices": indices,
-        "scores": scores,
-        "queries_path": q_path,
-        "docs_path": d_path,
-        "k": plan.k,
-        "batch_size": plan.query_batch_rows,
-        "dtype": str(queries.dtype),
-        "device": plan.device,
-        "chunk_size": plan.doc_chunk_rows,
-        "version": __version__,
-        "metric": plan.metric,
-        "precision": plan.precision,
-        "exclude_self": plan.exclude_self,
-        **ids,
-    }
-    try:
-        results.write_output(target, fmt, result, higher_is_better(plan.metric))
-        finish()
-    finally:
-        if job is not None:
-            distributed.leave()
     return target
 
 
-Found = tuple[torch.Tensor, torch.Tensor, Plan, Callable[[], None]]
+# The result, the plan used, and the checkpoint to delete once the output is written (if any).
+Found = tuple[torch.Tensor, torch.Tensor, Plan, "Removable | None"]
+
+
+class Removable(Protocol):
+    def remove(self) -> None: ...
 
 
 def _search_alone(
-    queries: Source, docs: Source, plan: Plan, target: str, fmt: str, restart: bool, progress: bool
-) -> Found:
-    """One process: search with a checkpoint (when there are several batches); returns the result, the
-    plan used, and what to do once the output is written (delete the checkpoint)."""
-    store = _open_checkpoint(target, fmt, queries, docs, plan, restart)
-    scores, indices, plan = _run_keeping(queries, docs, plan, progress, store)
-    return scores, indices, plan, store.remove if isinstance(store, Checkpoint) else _nothing
-
-
-def _run_keeping(
     queries: Source,
     docs: Source,
     plan: Plan,
+    target: str,
+    fmt: str,
+    restart: bool,
     progress: bool,
-    store: MemoryStore | None,
-    shared: distributed.JobProgress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, Plan]:
-    """_run, saying where the finished rows are kept if it is interrupted."""
+    extra: tuple[str, ...],
+) -> Found:
+    """One process: search with a checkpoint (when there are several batches)."""
+    store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
+    with _reporting_stops(store, queries.rows):
+        scores, indices, plan = _run(queries, docs, plan, progress, store)
+    return scores, indices, plan, store if isinstance(store, Checkpoint) else None
+
+
+@contextlib.contextmanager
+def _reporting_stops(store: object, rows: int) -> Iterator[None]:
+    """Says, when what runs inside stops, what became of the finished rows kept in the store's checkpoint (see
+    _report_stop)."""
     try:
-        return _run(queries, docs, plan, progress, store, shared)
-    except BaseException:
+        yield
+    except BaseException as exc:
         kept = store.store if isinstance(store, distributed.MergingStore) else store
-        if isinstance(kept, Checkpoint) and kept.done_rows < queries.rows:
-            log.warning(
-                f"stopped: {kept.done_rows} of {queries.rows} queries are saved in '{kept.folder}'; "
-                "run the same command again to continue"
-            )
+        if isinstance(kept, Checkpoint):
+            _report_stop(kept, rows, exc)
         raise
+
+
+def _report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
+    """The truth about a checkpoint once a run stopped: deleted where no run can ever resume it (an input
+    changed, or holds bad values that must be fixed first); else how many queries its manifest counts, and
+    what to do to continue."""
+    changed = checkpoint.inputs_changed() if isinstance(exc, InputChangedError) else ""
+    if changed or isinstance(exc, InvalidInputError):
+        checkpoint.remove()
+        why = f"its inputs changed: {changed}" if changed else "a run over the fixed inputs starts afresh"
+        log.warning(f"deleted the checkpoint '{checkpoint.folder}': {why}")
+        return
+    saved = checkpoint.saved_rows()
+    first = "free some space, then " if is_disk_full(exc) else ""
+    if saved < rows:
+        log.warning(
+            f"stopped: {saved} of {rows} queries are saved in '{checkpoint.folder}'; "
+            f"{first}run the same command again to continue"
+        )
+    else:
+        log.warning(
+            f"all {rows} queries are saved in '{checkpoint.folder}'; {first}run the same command again to write "
+            "the result"
+        )
 
 
 def _search_together(
@@ -291,8 +338,9 @@ def _search_together(
     restart: bool,
     progress: bool,
     shard: str,
-    sizes: tuple[int | None, int | None, int | None],
+    sizes: tuple[int | str | None, int | None, int | None],
     shared: distributed.JobProgress | None,
+    extra: tuple[str, ...],
 ) -> Found | None:
     """One rank of a torchrun job (see distributed.py), joined already. Returns the whole result on rank 0,
     else None. With `shared`, the docs this rank scores are counted for the whole job's progress."""
@@ -308,7 +356,7 @@ def _search_together(
         batch = distributed.agree_min(mine.query_batch_rows, plan.device)
         mine = _rank_plan(queries, my_docs, quiet_k, plan, False, (sizes[0], batch, sizes[2]))
         plan = replace(plan, query_batch_rows=batch)
-        store = _open_checkpoint(target, fmt, queries, docs, plan, restart) if job.leader else None
+        store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
         if job.leader and store is None:
             store = MemoryStore(queries.rows, plan.k)
         done = distributed.from_leader(store.done_rows if store is not None else 0, plan.device)
@@ -322,31 +370,35 @@ def _search_together(
             exclude_self=plan.exclude_self,
             device=plan.device,
         )
-        _run_keeping(queries, my_docs, mine, progress and job.leader, merging, shared)
+        with _reporting_stops(merging, queries.rows):
+            _run(queries, my_docs, mine, progress and job.leader, merging, shared)
         if store is None:
             return None
-        return store.scores, store.indices, plan, store.remove if isinstance(store, Checkpoint) else _nothing
+        return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
     first, last = distributed.share(queries.rows, job)
     my_queries = RowRange(queries, first, last)
     mine = _rank_plan(my_queries, docs, plan.k, plan, plan.exclude_self, sizes)
     rank_target = f"{target}.rank{job.rank}of{job.world}"
-    own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, count_output=False)
-    scores, indices, _ = _run_keeping(my_queries, docs, mine, progress and job.leader, own, shared)
+    with safety.OutputLock(rank_target):
+        own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
+        with _reporting_stops(own, my_queries.rows):
+            scores, indices, _ = _run(my_queries, docs, mine, progress and job.leader, own, shared)
     folder = distributed.assembly_folder(target) if job.leader else ""
     collected = distributed.collect_rows(job, scores, indices, queries.rows, folder, plan.device)
 
-    def finish() -> None:
-        if isinstance(own, Checkpoint):
-            own.remove()
-        distributed.remove_folder(folder)
-        distributed.barrier(plan.device)  # the others keep their checkpoints until the output is written
+    class Finish:
+        def remove(self) -> None:
+            if isinstance(own, Checkpoint):
+                own.remove()
+            distributed.remove_folder(folder)
+            distributed.barrier(plan.device)  # the others keep their checkpoints until the output is written
 
     if collected is None:
         distributed.barrier(plan.device)
         if isinstance(own, Checkpoint):
             own.remove()
         return None
-    return collected[0], collected[1], plan, finish
+    return collected[0], collected[1], plan, Finish()
 
 
 def _rank_plan(
@@ -355,7 +407,7 @@ def _rank_plan(
     k: int,
     like: Plan,
     exclude_self: bool,
-    sizes: tuple[int | None, int | None, int | None],
+    sizes: tuple[int | str | None, int | None, int | None],
 ) -> Plan:
     """The plan for one rank's share, with the whole job's device and metric."""
     max_memory, batch_size, chunk_size = sizes
@@ -374,23 +426,32 @@ def _rank_plan(
     )
 
 
-def _nothing() -> None:
-    return None
-
-
 def _open_checkpoint(
-    target: str, fmt: str, queries: Source, docs: Source, plan: Plan, restart: bool, count_output: bool = True
+    target: str,
+    fmt: str,
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    restart: bool,
+    extra: tuple[str, ...] = (),
+    count_output: bool = True,
 ) -> MemoryStore | None:
-    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space."""
+    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space. The
+    inputs' fingerprint (`extra`: more files the answer depends on, such as ids files) is taken only where a
+    checkpoint is made or resumed: it reads a sample of every input."""
     folder = checkpoint_folder(target)
     result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
     output_bytes = result_bytes * (4 if fmt == "trec" else 1) if count_output else 0  # TREC: ~4x the binary
     fresh = restart or not os.path.isdir(folder)
     wanted = plan.doc_passes > 1
     check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
-    mark = fingerprint(queries, docs, plan)
-    if queries.first_row:
-        mark["first_query"] = queries.first_row  # one rank's share
+
+    def mark() -> dict[str, Any]:
+        marked = fingerprint(queries, docs, plan, extra)
+        if queries.first_row:
+            marked["first_query"] = queries.first_row  # one rank's share
+        return marked
+
     store = Checkpoint.open(target, mark, queries.rows, plan.k, restart=restart, wanted=wanted)
     if store is not None and store.done_rows:
         log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
@@ -403,7 +464,7 @@ def prepare(
     k: int,
     *,
     force_cpu: bool = False,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
     selection: str = "auto",
@@ -457,7 +518,7 @@ def _plan(
     k: int,
     *,
     force_cpu: bool,
-    max_memory: int | None,
+    max_memory: int | str | None,
     batch_size: int | None,
     chunk_size: int | None,
     metric: str,
@@ -469,6 +530,11 @@ def _plan(
     """Checks the options against both inputs, then plans."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k={k!r}: expected a whole number >= 1")
+    if isinstance(max_memory, str):  # "512MB", as the command line takes it
+        try:
+            max_memory = parse_size(max_memory)
+        except ValueError as exc:
+            raise InvalidInputError(f"max_memory: {exc}") from None
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_memory", max_memory)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidInputError(f"{name}={value!r}: expected a whole number >= 1")
@@ -501,6 +567,14 @@ def _plan(
     if selection == "auto":
         selection = default_selection(device, docs.rows)
     budget = max_memory if max_memory is not None else default_budget_bytes(device)
+    there = available_bytes(device)
+    if budget > there:
+        warnings.warn(
+            f"the memory budget ({format_bytes(budget)}) is more than the {format_bytes(there)} of "
+            f"{'GPU memory' if device == 'cuda' else 'RAM'} available; the run may swap or be killed",
+            TinyKnnWarning,
+            stacklevel=4,
+        )
     try:
         return make_plan(
             queries=queries.rows,

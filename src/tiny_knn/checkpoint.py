@@ -2,33 +2,50 @@
 
 A checkpoint is a folder beside the output, `OUT.checkpoint/`, holding `scores.npy` and `indices.npy`
 (memory-mapped, (Q, k), allocated on disk up front so that a full disk shows before any work) and
-`manifest.json`: a fingerprint of the inputs (paths, sizes, modification times, shapes, dtypes) and of
-every option that changes the answer, and `done_rows`, the number of queries whose results are on disk.
+`manifest.json`: a fingerprint of the inputs (paths, sizes, modification times, and a hash of a sample of
+their content, so that a file rewritten in place is noticed even with its size and time kept) and of every
+option that changes the answer, and `done_rows`, the number of queries whose results are on disk.
 
-Write order makes it safe against SIGKILL at any moment: a batch's rows are written and flushed to
-disk first, and only then is the manifest replaced (temporary file, fsync, rename, fsync of the folder).
-So the manifest never claims rows that are not durable; rows past `done_rows` are simply computed again.
-Answers do not depend on batch or chunk sizes, so those may differ between the run and its resumption.
+Write order makes it safe against SIGKILL at any moment: the manifest is written first (no rows done), then
+the arrays are allocated; a batch's rows are written and flushed to disk, and only then is the manifest
+replaced (temporary file, fsync, rename, fsync of the folder). So the manifest never claims rows that are not
+durable; rows past `done_rows` are simply computed again. Answers do not depend on batch or chunk sizes, so
+those may differ between the run and its resumption.
+
+A folder there that tiny-knn did not make (other files in it, a manifest it cannot read) is refused, never
+deleted, even with --restart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, OutputError
+from .errors import InvalidInputError, OutputError, output_error
 from .plan import Plan, format_bytes
-from .sources import ShardedSource, Source
+from .sources import Source
 
 CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint holds a content sample of each input file
+# Everything tiny-knn writes in a checkpoint folder.
+CHECKPOINT_ENTRIES = frozenset({MANIFEST, MANIFEST + ".tmp", "scores.npy", "indices.npy"})
+# The content sample of a fingerprint: the head and tail of each input, and SAMPLE_BLOCKS blocks spread evenly
+# over it (over all the shards of a source, by size), read by SAMPLE_READERS threads at once: on a cold page
+# cache the cost is the latency of a read, not its size (benchmarks/RESULTS.md).
+SAMPLE_EDGE_BYTES = 64 * 1024
+SAMPLE_BLOCKS = 256
+SAMPLE_BLOCK_BYTES = 4096
+SAMPLE_READERS = 16
 
 
 class MemoryStore:
@@ -57,61 +74,106 @@ class MemoryStore:
 class Checkpoint(MemoryStore):
     """Finished batches on disk, durable batch by batch (see the module docstring)."""
 
-    def __init__(self, folder: str, fingerprint: dict[str, Any], rows: int, k: int, resume: bool) -> None:
+    def __init__(
+        self,
+        folder: str,
+        fingerprint: Callable[[], dict[str, Any]],
+        rows: int,
+        k: int,
+        done_rows: int,
+        mark: dict[str, Any] | None = None,
+    ) -> None:
         self.folder = folder
-        self.fingerprint = fingerprint
-        mode = "r+" if resume else "w+"
-        scores = np.lib.format.open_memmap(self._path("scores.npy"), mode=mode, dtype=np.float32, shape=(rows, k))
-        indices = np.lib.format.open_memmap(self._path("indices.npy"), mode=mode, dtype=np.int64, shape=(rows, k))
-        if not resume:
-            for name in ("scores.npy", "indices.npy"):
-                _allocate(self._path(name))
-        self._arrays: list[np.memmap] = [scores, indices]
-        self.scores = torch.from_numpy(scores)
-        self.indices = torch.from_numpy(indices)
-        self.done_rows = _read_manifest(folder)["done_rows"] if resume else 0
-        if not resume:
+        self._fingerprint_now = fingerprint
+        self.fingerprint = mark if mark is not None else fingerprint()
+        self.rows = rows
+        self.done_rows = done_rows
+        if not done_rows:  # the manifest first: from here on the folder is known to be tiny-knn's
             self._write_manifest()
+        try:
+            self._arrays: list[np.memmap] = [self._array(name, dtype, (rows, k)) for name, dtype in _ARRAYS]
+        except OSError as exc:
+            raise output_error(f"checkpoint '{folder}': cannot be created: {exc.strerror or exc}", exc) from None
+        except ValueError as exc:  # an array damaged or of another shape
+            raise OutputError(f"checkpoint '{folder}': damaged ({exc}); delete the folder to start afresh") from None
+        self.scores = torch.from_numpy(self._arrays[0])
+        self.indices = torch.from_numpy(self._arrays[1])
+
+    def _array(self, name: str, dtype: type, shape: tuple[int, int]) -> np.memmap:
+        path = self._path(name)
+        if self.done_rows:
+            array = np.lib.format.open_memmap(path, mode="r+")
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(f"{name} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}")
+            return array
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        allocate(path)
+        return array
 
     @classmethod
     def open(
-        cls, output_path: str, fingerprint: dict[str, Any], rows: int, k: int, *, restart: bool, wanted: bool
+        cls,
+        output_path: str,
+        fingerprint: Callable[[], dict[str, Any]],
+        rows: int,
+        k: int,
+        *,
+        restart: bool,
+        wanted: bool,
     ) -> Checkpoint | None:
         """The checkpoint for `output_path`: resumed if one exists for the same inputs and options, else a
-        new one if `wanted` (more than one batch), else None.
+        new one if `wanted` (more than one batch), else None. `fingerprint()` is called only where needed.
 
         Raises:
             InvalidInputError: a checkpoint exists for other inputs or options (and not `restart`).
-            OutputError: the checkpoint cannot be created (no space, permissions).
+            OutputError: a folder there is not tiny-knn's checkpoint, or one cannot be created (no space).
         """
         folder = checkpoint_folder(output_path)
-        if os.path.isdir(folder) and (restart or _read_manifest(folder)["fingerprint"] is None):
+        manifest = existing_manifest(folder)
+        if manifest is not None and (restart or not manifest):
             shutil.rmtree(folder)  # discarded, or killed before its first manifest: nothing in it counts
-        if os.path.isdir(folder):
-            difference = _difference(_read_manifest(folder)["fingerprint"], fingerprint)
-            if difference:
+            manifest = None
+        if manifest is None and not wanted:
+            return None
+        mark = fingerprint()
+        if manifest is not None:
+            difference_found = difference(manifest["fingerprint"], mark)
+            if difference_found:
                 raise InvalidInputError(
-                    f"checkpoint '{folder}' belongs to another run ({difference}); "
+                    f"checkpoint '{folder}' belongs to another run ({difference_found}); "
                     "run with --restart to discard it, or choose another --output-path"
                 )
-            return cls(folder, fingerprint, rows, k, resume=True)
-        if not wanted:
-            return None
+            return cls(folder, fingerprint, rows, k, done_rows=manifest["done_rows"], mark=mark)
         try:
             os.mkdir(folder)
-            return cls(folder, fingerprint, rows, k, resume=False)
         except OSError as exc:
+            raise output_error(f"checkpoint '{folder}': cannot be created: {exc.strerror or exc}", exc) from None
+        try:
+            return cls(folder, fingerprint, rows, k, done_rows=0, mark=mark)
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-            raise OutputError(f"checkpoint '{folder}': cannot be created: {exc.strerror or exc}") from None
+            raise
 
     def save(self, start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
         super().save(start, scores, indices)
-        for array in self._arrays:
-            array.flush()  # msync: the rows are on disk before the manifest says so
+        try:
+            for array in self._arrays:
+                array.flush()  # msync: the rows are on disk before the manifest says so
+        except OSError as exc:
+            raise output_error(f"checkpoint '{self.folder}': cannot be written: {exc.strerror or exc}", exc) from None
         self._write_manifest()
 
+    def inputs_changed(self) -> str:
+        """'' while the inputs still match the checkpoint's fingerprint, else how they differ."""
+        return difference(self.fingerprint, self._fingerprint_now())
+
+    def saved_rows(self) -> int:
+        """The queries whose results the manifest on disk counts (what a resumed run will skip)."""
+        manifest = _read_manifest(self.folder)
+        return 0 if manifest is None else int(manifest["done_rows"])
+
     def remove(self) -> None:
-        """Deletes the checkpoint (after the final output is safely written)."""
+        """Deletes the checkpoint (after the final output is safely written, or when it can never be resumed)."""
         self._arrays = []
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -120,32 +182,75 @@ class Checkpoint(MemoryStore):
 
     def _write_manifest(self) -> None:
         temporary = self._path(MANIFEST + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump({"fingerprint": self.fingerprint, "done_rows": self.done_rows}, stream, indent=1)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, self._path(MANIFEST))
+        try:
+            with open(temporary, "w", encoding="utf-8") as stream:
+                json.dump({"fingerprint": self.fingerprint, "done_rows": self.done_rows}, stream, indent=1)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self._path(MANIFEST))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise output_error(f"checkpoint '{self.folder}': cannot be written: {exc.strerror or exc}", exc) from None
         _fsync_folder(self.folder)
+
+
+_ARRAYS = (("scores.npy", np.float32), ("indices.npy", np.int64))
+
+
+def existing_manifest(folder: str) -> dict[str, Any] | None:
+    """None when there is no checkpoint at `folder`; else its manifest, or {} for a checkpoint killed before
+    its first manifest (only files tiny-knn writes there, no manifest).
+
+    Raises:
+        OutputError: something there that tiny-knn did not make, or a manifest it cannot read.
+    """
+    if not os.path.lexists(folder):
+        return None
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        raise OutputError(
+            f"checkpoint path '{folder}' is not a folder tiny-knn made (a file or a link); "
+            "remove it or choose another --output-path"
+        )
+    entries = set(os.listdir(folder))
+    strangers = sorted(entries - CHECKPOINT_ENTRIES)
+    if strangers:
+        raise OutputError(
+            f"checkpoint folder '{folder}' holds files tiny-knn did not write ({', '.join(strangers[:5])}); "
+            "remove it or choose another --output-path"
+        )
+    if MANIFEST not in entries:
+        return {}
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise OutputError(
+            f"checkpoint '{folder}': its manifest cannot be read (damaged?); delete the folder to start afresh, "
+            "or choose another --output-path"
+        )
+    return manifest
 
 
 def checkpoint_folder(output_path: str) -> str:
     return os.path.abspath(output_path).rstrip("/") + CHECKPOINT_SUFFIX
 
 
-def fingerprint(queries: Source, docs: Source, plan: Plan) -> dict[str, Any]:
-    """Everything that changes the answer: the inputs as they are on disk, and the options."""
-    return {
-        "format": FORMAT_VERSION,
-        "queries": _describe(queries),
-        "docs": _describe(docs),
-        "k": plan.k,
-        "metric": plan.metric,
-        "exclude_self": plan.exclude_self,
-        "precision": plan.precision,
-        "device": plan.device,
-        "compute_dtype": str(plan.compute_dtype),
-        "product": plan.product,  # the kernel's and torch.mm's scores differ in the last bits
-    }
+def fingerprint(queries: Source, docs: Source, plan: Plan, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Everything that changes the answer: the inputs as they are on disk (and the `extra` files, such as
+    ids files, by content), and the options."""
+    with ThreadPoolExecutor(SAMPLE_READERS, thread_name_prefix="tiny-knn-sample") as readers:
+        return {
+            "format": FORMAT_VERSION,
+            "queries": describe(queries, readers),
+            "docs": describe(docs, readers),
+            "extra": [_describe_file(path, readers) for path in extra],
+            "k": plan.k,
+            "metric": plan.metric,
+            "exclude_self": plan.exclude_self,
+            "precision": plan.precision,
+            "device": plan.device,
+            "compute_dtype": str(plan.compute_dtype),
+            "product": plan.product,  # the kernel's and torch.mm's scores differ in the last bits
+        }
 
 
 def check_space(folder: str, needed: int) -> None:
@@ -158,50 +263,94 @@ def check_space(folder: str, needed: int) -> None:
         )
 
 
-def _describe(source: Source) -> dict[str, Any]:
-    shards = source.shards if isinstance(source, ShardedSource) else [source]
-    files = []
-    for shard in shards:
-        path = shard.path
-        if not os.path.exists(path) and ":" in path:
-            path = path.rsplit(":", 1)[0]
-        if os.path.exists(path):
-            status = os.stat(path)
-            files.append([os.path.abspath(path), status.st_size, status.st_mtime_ns])
+def describe(source: Source, readers: ThreadPoolExecutor) -> dict[str, Any]:
+    """A source as it is on disk: its spec, shape and dtype, and each file's path, size, modification time and
+    content sample (`SAMPLE_BLOCKS` blocks for the whole source, spread over its files by size)."""
+    paths = source.files()
+    sizes = [os.path.getsize(path) for path in paths]
+    total = max(1, sum(sizes))
     return {
         "spec": source.path,
         "rows": source.rows,
         "dim": source.dim,
         "dtype": str(source.dtype),
-        "files": files,
+        "files": [
+            _describe_file(path, readers, SAMPLE_BLOCKS * size // total)
+            for path, size in zip(paths, sizes, strict=True)
+        ],
     }
 
 
-def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """'' when equal, else a short account of the first difference."""
+def _describe_file(path: str, readers: ThreadPoolExecutor, blocks: int = SAMPLE_BLOCKS) -> list[Any]:
+    status = os.stat(path)
+    return [os.path.abspath(path), status.st_size, status.st_mtime_ns, content_sample(path, readers, blocks)]
+
+
+def content_sample(path: str, readers: ThreadPoolExecutor, blocks: int = SAMPLE_BLOCKS) -> str:
+    """A hash of the file's size, head, tail and `blocks` blocks of SAMPLE_BLOCK_BYTES spread evenly between
+    them (the whole file when that is about as much), the blocks read in parallel by `readers`."""
+    with open(path, "rb") as stream:
+        descriptor = stream.fileno()
+        size = os.fstat(descriptor).st_size
+        if size <= 2 * SAMPLE_EDGE_BYTES + blocks * SAMPLE_BLOCK_BYTES:
+            pieces = [(0, size)]
+        else:
+            spread = size - 2 * SAMPLE_EDGE_BYTES
+            pieces = [(0, SAMPLE_EDGE_BYTES), (size - SAMPLE_EDGE_BYTES, SAMPLE_EDGE_BYTES)] + [
+                (SAMPLE_EDGE_BYTES + spread * (i + 1) // (blocks + 1) // SAMPLE_BLOCK_BYTES * SAMPLE_BLOCK_BYTES,
+                 SAMPLE_BLOCK_BYTES)
+                for i in range(blocks)
+            ]  # fmt: skip
+        digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+        for data in readers.map(lambda piece: os.pread(descriptor, piece[1], piece[0]), pieces):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'' when two fingerprints are equal, else a short account of the first difference."""
     for key, value in new.items():
         if old.get(key) != value:
             if key in ("queries", "docs") and isinstance(old.get(key), dict):
                 changed = [name for name in value if old[key].get(name) != value[name]]
-                detail = "modified" if changed == ["files"] else ", ".join(changed) + " differ"
-                return f"the {key} '{value['spec']}': {detail}"
+                detail = _file_change(old[key]["files"], value["files"]) if changed == ["files"] else ""
+                return f"the {key} '{value['spec']}': " + (detail or ", ".join(changed) + " differ")
+            if key == "extra":
+                return "the ids files differ"
             return f"{key} was {old.get(key)!r}, now {value!r}"
     return ""
 
 
-def _read_manifest(folder: str) -> dict[str, Any]:
+def _file_change(old: list[list[Any]], new: list[list[Any]]) -> str:
+    """How the first changed file changed: its size, its time, or its content alone (rewritten in place)."""
+    if [entry[0] for entry in old] != [entry[0] for entry in new]:
+        return "other files"
+    for before, after in zip(old, new, strict=True):
+        if before == after:
+            continue
+        name = f"shard '{os.path.basename(after[0])}' " if len(new) > 1 else ""
+        if before[1] != after[1]:
+            return f"{name}changed size ({before[1]} bytes, now {after[1]})"
+        if before[3:] != after[3:]:
+            same_time = " with the same size and modification time" if before[2] == after[2] else ""
+            return f"{name}rewritten (its content differs{same_time})"
+        return f"{name}modified (its modification time changed)"
+    return ""
+
+
+def _read_manifest(folder: str) -> dict[str, Any] | None:
+    """The manifest, or None when it cannot be read or lacks tiny-knn's keys."""
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as stream:
             manifest: dict[str, Any] = json.load(stream)
-        int(manifest["done_rows"])
-        if isinstance(manifest["fingerprint"], dict):
+        if int(manifest["done_rows"]) >= 0 and isinstance(manifest["fingerprint"], dict):
             return manifest
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {"fingerprint": None, "done_rows": 0}
+    return None
 
 
-def _allocate(path: str) -> None:
+def allocate(path: str) -> None:
     """Reserves the file's blocks now: writing to a memory map on a full disk would kill the process."""
     with open(path, "rb+") as stream:
         size = os.fstat(stream.fileno()).st_size

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from .api import TinyKnnWarning, __version__, compute_topk, prepare
-from .errors import TinyKnnError
+from .errors import TinyKnnError, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
@@ -48,6 +48,16 @@ def _size(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" only where there is a default the help text does not already give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiny-knn",
@@ -55,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default; cosine or squared L2 with --metric). Both inputs are streamed from disk, so they may be "
         "larger than RAM or GPU memory. The result's path is printed on stdout.",
         epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
-        "interrupted, the same command continues where it stopped. Other command: 'tiny-knn demo --help' "
+        "interrupted, the same command continues where it stopped. The output never replaces an input, nor a "
+        "folder tiny-knn did not write; while a run writes OUT it holds OUT.lock, and a second run on the same "
+        "OUT stops at once. Other command: 'tiny-knn demo --help' "
         "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
         "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
         "TINY_KNN_PRODUCT=screen|kernel|torch picks the CPU's matrix product (default on AMD: tiny-knn's bfloat16 "
@@ -63,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "elsewhere); TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
         "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
         "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "queries",
@@ -216,30 +228,51 @@ def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
     except _Terminated:
         print("tiny-knn: terminated; no result was written", file=sys.stderr)
         return EXIT_TERMINATED
+    except OSError as exc:
+        if not is_disk_full(exc):
+            return _unexpected(exc)
+        print(f"tiny-knn: error: the disk is full ({exc.strerror}); free some space and run again", file=sys.stderr)
+        return EXIT_BAD_INPUT  # the environment's fault, not a bug
     except Exception as exc:
-        if os.environ.get("TINY_KNN_DEBUG"):
-            raise
-        print(
-            f"tiny-knn: unexpected failure: {type(exc).__name__}: {exc} "
-            "(no result was written; set TINY_KNN_DEBUG=1 for a traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        return _unexpected(exc)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 speaks for the job
         print(path)
     return EXIT_OK
 
 
+def _unexpected(exc: Exception) -> int:
+    """One line for a failure that is tiny-knn's fault (or the traceback, with TINY_KNN_DEBUG set)."""
+    if os.environ.get("TINY_KNN_DEBUG"):
+        raise exc
+    print(
+        f"tiny-knn: unexpected failure: {type(exc).__name__}: {exc} "
+        "(no result was written; set TINY_KNN_DEBUG=1 for a traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
 def _show_notes(quiet: bool) -> None:
     """The library's notes (resuming, what an interrupted run kept) as 'tiny-knn: ...' lines on stderr."""
     logger = logging.getLogger("tiny_knn")
-    if not any(getattr(handler, "_tiny_knn_cli", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("tiny-knn: %(message)s"))
-        handler._tiny_knn_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to sys.stderr as it is at each note, not as it was when main() first ran in this process."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 @contextlib.contextmanager

@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad, worst = verify_sample(queries, docs, result["scores"], result["indices"], args.verify)
         peak_mib = _peak_resident_mib()
         pairs = args.queries * args.docs
-        print(f"result:      {out}")
+        # Without --workdir the files go with the temporary folder: say so rather than name a path that is gone.
+        kept = f"{out}" if args.workdir else "removed on exit (pass --workdir DIR to keep the files)"
+        print(f"result:      {kept}")
         print(f"device:      {result['device']}, k={result['k']}")
         print(f"time:        {seconds:.2f} s")
         print(

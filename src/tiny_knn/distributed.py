@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import MemoryStore
+from .checkpoint import MemoryStore, allocate
 from .plan import Plan
 from .refine import drop_self
 
@@ -224,8 +224,11 @@ def collect_rows(
             for part in (share_scores, share_indices):
                 dist.send(part[start : start + COLLECT_ROWS].contiguous().to(_comm_device(device)), dst=0)
         return None
-    scores = np.lib.format.open_memmap(os.path.join(folder, "scores.npy"), mode="w+", dtype=np.float32, shape=(rows, k))
-    indices = np.lib.format.open_memmap(os.path.join(folder, "indices.npy"), mode="w+", dtype=np.int64, shape=(rows, k))
+    arrays = []
+    for name, stored in (("scores.npy", np.float32), ("indices.npy", np.int64)):
+        arrays.append(np.lib.format.open_memmap(os.path.join(folder, name), mode="w+", dtype=stored, shape=(rows, k)))
+        allocate(os.path.join(folder, name))  # a full disk shows here, not as SIGBUS on a write to the mapping
+    scores, indices = arrays
     scores[: share_scores.shape[0]] = share_scores.numpy()
     indices[: share_indices.shape[0]] = share_indices.numpy()
     for rank in range(1, job.world):

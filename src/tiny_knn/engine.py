@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -269,7 +270,22 @@ def _search_rows(
             _refuse_non_finite(docs, first_doc, doc_count, plan)
         if on_docs_scored is not None:
             on_docs_scored(doc_count)
+        if first_doc == 0 and docs.role == "docs":
+            _pause_for_tests()
     return running, largest_sq
+
+
+def _pause_for_tests() -> None:
+    """Test-only: with TINY_KNN_TEST_PAUSE=PATH, every pass over the docs stops after its first chunk, creates
+    PATH and waits until PATH is deleted, so that a test can act at a known point of a real search (cut an
+    input, start a second run, fill the disk) without racing the search on a slow machine."""
+    path = os.environ.get("TINY_KNN_TEST_PAUSE")
+    if not path:
+        return
+    with open(path, "w"):
+        pass
+    while os.path.exists(path):
+        time.sleep(0.01)
 
 
 def _score(

@@ -6,6 +6,8 @@ turns any TinyKnnError into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
+
 
 class TinyKnnError(Exception):
     """Base class of every error tiny-knn raises about its inputs, options or outputs."""
@@ -35,3 +37,16 @@ def first_sentence(exc: BaseException) -> str:
     """The first sentence of an exception's message (its type's name if it has none), for one-line reports."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0]
+
+
+def output_error(message: str, cause: BaseException | None = None) -> OutputError:
+    """An OutputError that keeps the errno of the OSError behind it, so that a full disk stays recognisable."""
+    error = OutputError(message)
+    if isinstance(cause, OSError):
+        error.errno = cause.errno
+    return error
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -382,10 +382,15 @@ def make_plan(
 
 
 def default_budget_bytes(device: str) -> int:
-    """What is free: CUDA's free memory, or available RAM, times DEFAULT_BUDGET_FRACTION."""
+    """What is free, times DEFAULT_BUDGET_FRACTION."""
+    return int(available_bytes(device) * DEFAULT_BUDGET_FRACTION)
+
+
+def available_bytes(device: str) -> int:
+    """What is free: CUDA's free memory, or available RAM."""
     if device == "cuda":
         free, _total = torch.cuda.mem_get_info()
-        return int(free * DEFAULT_BUDGET_FRACTION)
+        return int(free)
     import psutil
 
-    return int(psutil.virtual_memory().available * DEFAULT_BUDGET_FRACTION)
+    return int(psutil.virtual_memory().available)

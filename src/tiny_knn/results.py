@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +31,7 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
-from .errors import InputFileError, InvalidInputError, OutputError
+from .errors import InputFileError, InvalidInputError, OutputError, output_error
 from .plan import round_up
 
 FORMATS = ("pt", "npy", "parquet", "trec")
@@ -58,18 +59,9 @@ def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "p
     return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}{suffix}")
 
 
-def check_output_path(path: str, fmt: str = "pt") -> None:
-    """Raises OutputError unless `path` can be created: its folder exists and is writable."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if fmt == "npy":
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise OutputError(f"output path '{path}' is a file; the npy format writes a directory there")
-    elif os.path.isdir(path):
-        raise OutputError(f"output path '{path}' is a directory; expected a file name such as {path}/result.{fmt}")
-    if not os.path.isdir(folder):
-        raise OutputError(f"output path '{path}': folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"output path '{path}': folder '{folder}' is not writable")
+def check_format(path: str, fmt: str) -> None:
+    """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow). Which paths an
+    output may take at all is safety.check_output_path's to say."""
     if fmt == "parquet":
         _pyarrow(path)
 
@@ -77,6 +69,8 @@ def check_output_path(path: str, fmt: str = "pt") -> None:
 def read_ids(path: str, rows: int, role: str) -> list[str]:
     """The ids in `path`, one per line, which must be exactly one per row of the `role` input."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputFileError(f"{role} ids file '{path}': is not a regular file (a folder, FIFO or device)")
         with open(path, encoding="utf-8") as stream:
             ids = stream.read().splitlines()
     except FileNotFoundError:
@@ -120,7 +114,14 @@ def write_result(path: str, result: dict[str, Any]) -> None:
         if tensor_bytes >= DIRECT_WRITE_MIN_BYTES and _save_direct(result, temporary):
             return
         with open(temporary, "wb") as stream:
-            torch.save(result, stream)
+            recording = _RecordingWriter(stream)
+            try:
+                torch.save(result, cast(IO[bytes], recording))
+            except RuntimeError:
+                if recording.error is None:
+                    raise
+            if recording.error is not None:
+                raise recording.error
 
     _atomically(path, save)
 
@@ -242,6 +243,31 @@ class _DirectWriter:
             written += count  # a short write continues unaligned: EINVAL, and the buffered write takes over
 
 
+class _RecordingWriter:
+    """The file torch.save writes into through the page cache: a failed write (a full disk) is kept in `error`
+    for the caller to raise, since torch.save reports it as a RuntimeError of its own ("unexpected pos")."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            return self._stream.write(data)
+        except OSError as exc:
+            self.error = exc
+            return 0
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self.error = exc
+
+
 def metadata(result: dict[str, Any]) -> dict[str, Any]:
     """Everything but the two tensors (and the id lists, which npy and parquet do not repeat)."""
     return {key: value for key, value in result.items() if key not in ("indices", "scores", "query_ids", "doc_ids")}
@@ -253,7 +279,7 @@ def _atomically(path: str, write: Callable[[str], None]) -> None:
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OutputError(f"output path '{path}': cannot create a file in '{folder}': {exc.strerror}") from None
+        raise output_error(f"output path '{path}': cannot create a file in '{folder}': {exc.strerror}", exc) from None
     os.close(handle)
     try:
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a result is an ordinary file
@@ -265,7 +291,7 @@ def _atomically(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(exc, OSError):
-            raise OutputError(f"output path '{path}': writing failed: {exc.strerror or exc}") from None
+            raise output_error(f"output path '{path}': writing failed: {exc.strerror or exc}", exc) from None
         raise
 
 
@@ -281,7 +307,9 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
     try:
         temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OutputError(f"output path '{path}': cannot create a directory in '{folder}': {exc.strerror}") from None
+        raise output_error(
+            f"output path '{path}': cannot create a directory in '{folder}': {exc.strerror}", exc
+        ) from None
     old = None
     try:
         os.chmod(temporary, 0o777 & ~_umask())
@@ -289,7 +317,7 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
             with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
                 np.save(stream, result[name].numpy())
                 os.fsync(stream.fileno())
-        meta = metadata(result)
+        meta = {"kind": "topk", **metadata(result)}
         for role in ("query", "doc"):
             if f"{role}_ids" in result:
                 with open(os.path.join(temporary, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
@@ -306,7 +334,7 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
         if old is not None and not os.path.exists(path):
             os.replace(os.path.join(old, "previous"), path)
         if isinstance(exc, OSError):
-            raise OutputError(f"output path '{path}': writing failed: {exc.strerror or exc}") from None
+            raise output_error(f"output path '{path}': writing failed: {exc.strerror or exc}", exc) from None
         raise
     finally:
         if old is not None:

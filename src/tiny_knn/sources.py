@@ -19,6 +19,7 @@ import glob
 import io
 import itertools
 import json
+import mmap
 import os
 import pickle
 import re
@@ -203,9 +204,13 @@ class FileSource(Source):
         if layout.dtype != torch.float32 or layout.col_stride != 4 or layout.row_stride % 4:
             return None
         if self._mapped is None:
-            span = layout.end - layout.offset
-            whole = np.memmap(self.file, dtype=np.uint8, mode="r", offset=layout.offset, shape=span)
-            rows = np.ndarray((layout.rows, layout.dim), np.float32, whole, strides=(layout.row_stride, 4))
+            try:  # the file this source opened, even if another has taken its name since
+                whole = mmap.mmap(self._descriptor, layout.end, access=mmap.ACCESS_READ)
+            except ValueError:  # "mmap length is greater than file size": it shrank since it was opened
+                raise self.changed() from None
+            rows = np.ndarray(
+                (layout.rows, layout.dim), np.float32, whole, offset=layout.offset, strides=(layout.row_stride, 4)
+            )
             self._mapped = _quietly_from_numpy(rows)
         return self._mapped
 

@@ -1,0 +1,227 @@
+"""Safety: an output never destroys what the user has, and one run at a time writes a given output.
+
+- `check_output_path`: a file output may replace any regular file except an input (compared by device and
+  inode, so `..`, symbolic and hard links are caught); a folder output (npy) may replace only an earlier
+  tiny-knn folder of the same kind, never the current folder or one above it; no output goes inside an
+  input's shard folder or matches its shard pattern.
+- `OutputLock`: an exclusive `flock` on `OUT.lock` beside the output for the whole run, so a second run on the
+  same output stops at once. A killed run may leave the file, never a held lock (flock dies with its process).
+
+Called before any work, and again just before an output replaces what is there (the folder may have changed
+during a long run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import checkpoint_folder
+from .errors import OutputError
+from .sources import Source
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no lock
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_SUFFIX = ".lock"
+# What tiny-knn writes in a folder output, by the kind recorded in its meta.json ("topk" when absent).
+FOLDER_ENTRIES = {"topk": frozenset({"indices.npy", "scores.npy", "meta.json", "query_ids.txt", "doc_ids.txt"})}
+# Keys every tiny-knn meta.json holds.
+META_KEYS = frozenset({"queries_path", "docs_path", "k"})
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a run reads: files, each with the words that name it, and the folders and glob patterns
+    whose matching files are inputs (shards)."""
+
+    files: tuple[tuple[str, str], ...] = ()
+    folders: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, sources: Sequence[Source], extra: Sequence[tuple[str, str]] = ()) -> Inputs:
+        """The inputs of `sources` (every shard), and `extra` (description, path) files such as ids files."""
+        files = [(source.label(), path) for source in sources for path in source.files()]
+        folders = tuple(source.path for source in sources if os.path.isdir(source.path))
+        patterns = tuple(source.path for source in sources if _is_pattern(source.path))
+        return cls((*files, *extra), folders, patterns)
+
+    def __add__(self, other: Inputs) -> Inputs:
+        return Inputs(self.files + other.files, self.folders + other.folders, self.patterns + other.patterns)
+
+
+def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str = "topk") -> None:
+    """Raises OutputError unless an output of format `fmt` may be written at `path` (see the module docstring),
+    and its checkpoint and lock beside it harm nothing either."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"output path '{path}': folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output path '{path}': folder '{parent}' is not writable")
+    if fmt != "npy" and os.path.isdir(path):
+        raise OutputError(f"output path '{path}' is a directory; expected a file name such as {path}/result.{fmt}")
+    _check_not_among_inputs(path, inputs)
+    if fmt == "npy":
+        _check_replaceable_folder(path, folder_kind)
+    else:
+        _check_regular(path, "output path")
+    for beside, what in ((path + LOCK_SUFFIX, "lock file"), (checkpoint_folder(path), "checkpoint")):
+        _check_not_among_inputs(beside, inputs, what)
+        if os.path.lexists(beside) and what == "lock file":
+            _check_regular(beside, what)
+
+
+def _is_pattern(spec: str) -> bool:
+    """Whether a source's spec is a glob of shards (as sources.open_source reads it)."""
+    return any(char in spec for char in "*?[") and not os.path.exists(spec)
+
+
+def _check_not_among_inputs(path: str, inputs: Inputs, what: str = "output path") -> None:
+    """Refuses a path that is an input file (same device and inode), lies inside an input's shard folder, or
+    matches an input's shard pattern."""
+    identity = _identity(path)
+    for description, input_path in inputs.files:
+        if identity is not None and identity == _identity(input_path):
+            raise OutputError(f"{what} '{path}' is the {description} (an input); choose another --output-path")
+        if os.path.isdir(path) and _inside(input_path, path):
+            raise OutputError(f"{what} '{path}' holds the {description} (an input); choose another --output-path")
+    for folder in inputs.folders:
+        if _inside(path, folder):
+            raise OutputError(
+                f"{what} '{path}' lies inside the input shard folder '{folder}'; choose a path outside it"
+            )
+    for pattern in inputs.patterns:
+        if fnmatch.fnmatch(os.path.abspath(path), os.path.abspath(pattern)):
+            raise OutputError(f"{what} '{path}' matches the input shard pattern '{pattern}'; choose another name")
+
+
+def _check_replaceable_folder(path: str, kind: str) -> None:
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        if not os.path.isdir(path):
+            raise OutputError(f"output path '{path}' is a file; the npy format writes a directory there")
+        raise OutputError(f"output path '{path}' is a symbolic link; the npy format writes a directory there")
+    here = os.path.realpath(os.getcwd())
+    if _inside(here, path):
+        raise OutputError(
+            f"output path '{path}' is the current folder or one above it; the npy format replaces the folder "
+            "it writes: name a new one"
+        )
+    entries = set(os.listdir(path))
+    if not entries:
+        return  # an empty folder: replacing it loses nothing
+    if not _is_tiny_knn_folder(path, entries, kind):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputError(
+            f"output path '{path}' is a folder tiny-knn did not write (it holds {shown}); the npy format replaces "
+            "the folder it writes: name a new one"
+        )
+
+
+def _is_tiny_knn_folder(path: str, entries: set[str], kind: str) -> bool:
+    """Whether `path` is an earlier tiny-knn folder output of `kind`: only the files tiny-knn writes there, and
+    a meta.json with tiny-knn's keys."""
+    if "meta.json" not in entries or not entries <= FOLDER_ENTRIES.get(kind, frozenset()):
+        return False
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as stream:
+            meta = json.load(stream)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.keys() >= META_KEYS and meta.get("kind", "topk") == kind
+
+
+def _check_regular(path: str, what: str) -> None:
+    """Refuses an existing path that is not a regular file (a dangling symbolic link is replaced, as a file)."""
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise OutputError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); choose another path")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (real paths: links resolved)."""
+    real, real_folder = os.path.realpath(path), os.path.realpath(folder)
+    return real == real_folder or real.startswith(real_folder.rstrip(os.sep) + os.sep)
+
+
+class OutputLock:
+    """An exclusive lock on `OUT.lock` for the whole run (see the module docstring). The file holds the pid of
+    the run that holds it, for the message another run gets."""
+
+    def __init__(self, output_path: str) -> None:
+        self.output_path = output_path
+        self.path = output_path + LOCK_SUFFIX
+        self._descriptor: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        if fcntl is None:
+            return self
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise OutputError(f"lock file '{self.path}': cannot be created: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(descriptor)
+                os.close(descriptor)
+                raise OutputError(
+                    f"another tiny-knn run{f' (pid {holder})' if holder else ''} is writing '{self.output_path}'; "
+                    "wait for it to finish, or choose another --output-path"
+                ) from None
+            # The run that held it may have removed the file since we opened it (and a third may have created
+            # a new one): the lock counts only if the path is still the file we locked.
+            if _identity(self.path) == _descriptor_identity(descriptor):
+                break
+            os.close(descriptor)
+        self._descriptor = descriptor
+        with contextlib.suppress(OSError):  # the pid is only for messages
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._descriptor is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still held: no other run can hold a lock on this file meanwhile
+        os.close(self._descriptor)
+        self._descriptor = None
+
+
+@contextlib.contextmanager
+def held(lock: OutputLock | None) -> Iterator[None]:
+    """`with lock`, or nothing when there is no lock to take."""
+    if lock is None:
+        yield
+        return
+    with lock:
+        yield
+
+
+def _read_pid(descriptor: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(descriptor, 32, 0).decode().strip() or "0") or None
+    return None
+
+
+def _descriptor_identity(descriptor: int) -> tuple[int, int]:
+    status = os.fstat(descriptor)
+    return status.st_dev, status.st_ino
