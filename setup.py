@@ -10,7 +10,10 @@ setup(
     ext_modules=[
         Extension(
             "tiny_knn._select",
-            sources=["src/tiny_knn/_select.c"],
+            sources=[f"src/tiny_knn/_kernels/{name}.c" for name in ("select", "exact", "product", "screen")],
+            depends=["src/tiny_knn/_kernels/tk.h"],
+            include_dirs=["src/tiny_knn/_kernels"],
+            # Exact scores are defined operation by operation: no contraction into FMAs the source does not write
             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"],
             optional=True,
         )

@@ -33,14 +33,11 @@ def pair(save):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
-def _kernel_product_wherever_it_runs(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The kernel's product wherever it runs (AVX-512), for any number of queries: the tests' small inputs, and
-    CPUs where torch.mm is the faster (Intel), would otherwise take torch.mm (product.KERNEL_MIN_QUERIES,
-    product.kernel_product_faster; test_product checks the real choice)."""
-    from tiny_knn import product
-
-    monkeypatch.setattr(product, "KERNEL_MIN_QUERIES", 1)
-    monkeypatch.setattr(product, "kernel_product_faster", lambda: True)
+def _own_estimator_cache(tmp_path_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Measured estimator choices (backend.py) go to a cache folder of the test session's own: tests neither
+    read the user's verdicts nor leave theirs behind."""
+    monkeypatch.setenv("TINY_KNN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "estimator-cache"))
+    monkeypatch.delenv("TINY_KNN_PRODUCT", raising=False)
 
 
 @pytest.fixture(autouse=True)

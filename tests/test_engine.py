@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_exact
 
-from tiny_knn import engine
-from tiny_knn import plan as plan_module
+from tiny_knn import engine, estimators
 from tiny_knn.api import prepare
+from tiny_knn.estimators import Tiled
 from tiny_knn.sources import FileSource
 from tiny_knn.topk import kernel_available
 
 SELECTIONS = ["threshold", "sort"] if kernel_available() else ["sort"]
 
 
-@pytest.fixture(autouse=True, params=["threads multiply their own rows", "one product per block"])
-def product_split(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Every test runs both ways the threshold selector's products can be split (plan.fuse_products): the
-    small inputs here would otherwise always take the second."""
-    monkeypatch.setattr(plan_module, "FUSED_MIN_ROWS_PER_THREAD", 1 if request.param.startswith("threads") else 10**9)
+FUSED = [name for name in estimators.available() if name in ("screen", "kernel")]
 
 
-def run(q_path: str, d_path: str, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+@pytest.fixture(autouse=True, params=["fused", "tiled"])
+def estimator(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every test runs with an estimator of each kind (estimators.py): one whose estimates stay in registers,
+    and one that writes tiles (torch.mm's). The threshold selector's searches are screened by it; the "sort"
+    selector's take the path by search keys."""
+    if request.param == "fused" and not FUSED:
+        pytest.skip("no fused estimator runs on this CPU")
+    monkeypatch.setenv("TINY_KNN_PRODUCT", FUSED[0] if request.param == "fused" else "torch")
+
+
+def run(q_path: str, d_path: str, k: int, tile_docs: int | None = None, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
     queries, docs, plan = prepare(q_path, d_path, k, force_cpu=True, **options)
+    if tile_docs is not None:
+        plan = replace(plan, tile_docs=tile_docs)
     scores, indices, _ = engine.search(queries, docs, plan)
     return scores, indices
 
@@ -98,17 +108,22 @@ def test_identical_whatever_the_plan_and_selector(pair, monkeypatch, data, n_que
         docs[n_docs // 2 :] = docs[: n_docs - n_docs // 2].clone()  # duplicated rows
     k = data.draw(st.integers(1, n_docs + 5))
     paths = pair(queries, docs)
-    with pytest.warns(UserWarning) if k > n_docs else _nothing():
-        reference = run(*paths, k, selection="sort", batch_size=n_queries, chunk_size=n_docs)
-    assert_exact(queries, docs, *reference)
+    references = {}
+    for selection in SELECTIONS:  # the screened path's exact scores, and the path by keys' (torch.mm's own)
+        with pytest.warns(UserWarning) if k > n_docs else _nothing():
+            references[selection] = run(*paths, k, selection=selection, batch_size=n_queries, chunk_size=n_docs)
+        assert_exact(queries, docs, *references[selection])
     for _ in range(2):
         batch = data.draw(st.integers(1, n_queries))
         chunk = data.draw(st.integers(1, n_docs))
         selection = data.draw(st.sampled_from(SELECTIONS))
-        # Tiles narrower than the chunk, as with the defaults (chunks of 4096 docs scanned 1024 at a time)
-        monkeypatch.setattr(engine, "CPU_TILE_DOCS", data.draw(st.sampled_from([64, 128, 1024])))
+        reference = references[selection]
+        # Tiles narrower than the chunk, as with the defaults (chunks of 4096 docs screened 1024 at a time)
+        tile_docs = data.draw(st.sampled_from([64, 128, 1024]))
         with pytest.warns(UserWarning) if k > n_docs else _nothing():
-            scores, indices = run(*paths, k, selection=selection, batch_size=batch, chunk_size=chunk)
+            scores, indices = run(
+                *paths, k, tile_docs=tile_docs, selection=selection, batch_size=batch, chunk_size=chunk
+            )
         assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
 
 
@@ -122,15 +137,15 @@ class _nothing:
 
 @pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
 @pytest.mark.parametrize("sigmas", [4.0, 0.0, -100.0])
-def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatch, sigmas) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(plan_module, "THRESHOLD_SAMPLE_SIGMAS", sigmas)  # -100: every row must be redone
+def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, sigmas) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(5)
     queries, docs = torch.randn(50, 16, generator=generator), torch.randn(7000, 16, generator=generator)
     paths = pair(queries, docs)
     queries_source, docs_source, plan = prepare(*paths, 1000, force_cpu=True, selection="threshold")
+    plan = replace(plan, sample_sigmas=sigmas)  # -100: every row must be redone
     assert plan.threshold_sample_docs > 0
     scores, indices, _ = engine.search(queries_source, docs_source, plan)
-    reference = run(*paths, 1000, selection="sort")
+    reference = run(*paths, 1000, selection="threshold", batch_size=50, chunk_size=7000)
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
 
 
@@ -150,30 +165,24 @@ def doc_reads(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
     return reads
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
-def test_threshold_tiles_stay_as_narrow_as_the_plan_counts(pair, monkeypatch, selection) -> None:  # type: ignore[no-untyped-def]
-    """Both ways of splitting the products (fused or not, see the autouse fixture), searches of a few rows
-    again included, score the threshold selector's tiles at most CPU_TILE_DOCS wide, however large the chunk."""
-    monkeypatch.setattr(engine, "CPU_TILE_DOCS", 64)
-    monkeypatch.setattr(plan_module, "CPU_TILE_DOCS", 64)
-    monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")  # the kernel's product scores and selects with no tile
+def test_tiles_of_estimates_stay_as_small_as_the_plan_counts(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A tiled estimator writes tiles at most tile_docs wide and query_block_rows high, however large the chunk
+    (searches of a few rows again included)."""
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "torch")
     shapes = []
-    real_score = engine._score
+    real = Tiled.estimate
 
-    def score(product, lo, hi, operand, doc_lo, doc_hi, offsets, out, threads=1):  # type: ignore[no-untyped-def]
+    def estimate(self, queries, docs, out):  # type: ignore[no-untyped-def]
         shapes.append(tuple(out.shape))
-        real_score(product, lo, hi, operand, doc_lo, doc_hi, offsets, out, threads)
+        real(self, queries, docs, out)
 
-    monkeypatch.setattr(engine, "_score", score)
+    monkeypatch.setattr(Tiled, "estimate", estimate)
     queries, docs = torch.randn(20, 8), torch.randn(1000, 8)
-    _queries, _docs, plan = prepare(*pair(queries, docs), 7, force_cpu=True, chunk_size=1000, selection=selection)
-    scores, indices = run(*pair(queries, docs), 7, chunk_size=1000, selection=selection)
+    _queries, _docs, plan = prepare(*pair(queries, docs), 7, force_cpu=True, chunk_size=1000)
+    scores, indices = run(*pair(queries, docs), 7, tile_docs=64, chunk_size=1000)
     assert_exact(queries, docs, scores, indices)
     assert all(rows <= plan.query_block_rows for rows, _ in shapes)
-    if selection == "threshold":
-        assert max(cols for _, cols in shapes) == 64
-    else:
-        assert max(cols for _, cols in shapes) == 1024  # the sort selector takes the whole (padded) chunk
+    assert max(cols for _, cols in shapes) == 64
 
 
 def test_docs_are_streamed_in_chunks_never_whole(pair, doc_reads) -> None:  # type: ignore[no-untyped-def]
@@ -193,7 +202,8 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     docs = torch.randn(1000, 8)
     _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
     starts = []
-    for start, count, rows, *_ in engine._host_chunks(source, plan, pinned=False, pieces=pieces):
+    unprepared = lambda buffer, count, slot: (buffer, None, 0.0)  # noqa: E731
+    for start, count, rows, *_ in engine._host_chunks(source, plan, unprepared, pieces=pieces):
         assert torch.equal(rows[:count], docs[start : start + count])  # buffers are reused: check each now
         starts.append(start)
     assert starts == [0, 256, 512, 768]
@@ -201,7 +211,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     docs[700, 1] = float("inf")
     _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
     with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
-        list(engine._host_chunks(source, plan, pinned=False, pieces=pieces))
+        list(engine._host_chunks(source, plan, unprepared, pieces=pieces))
 
 
 # 0xFFFFFFFF is a NaN too, one that bfloat16 rounding would wrap to zero if it were not caught first.
@@ -223,11 +233,14 @@ def test_non_finite_docs_are_named_though_only_scores_are_watched(pair, selectio
 
 
 @pytest.mark.parametrize(
-    ("metric", "precision"), [("cosine", "exact"), ("l2", "exact"), ("ip", "bf16"), ("l2", "bf16")]
+    ("metric", "precision"), [("cosine", "exact"), ("l2", "exact"), ("ip", "bf16-unsafe"), ("cosine", "bf16-unsafe")]
 )
 @pytest.mark.parametrize("bad", [float("inf"), ALL_ONES_NAN])
-def test_non_finite_docs_are_named_for_every_metric_and_precision(pair, metric, precision, bad) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_docs_are_named_for_every_metric_and_precision(pair, monkeypatch, metric, precision, bad) -> None:  # type: ignore[no-untyped-def]
     from tiny_knn.errors import InvalidInputError
+
+    if precision != "exact":
+        monkeypatch.delenv("TINY_KNN_PRODUCT")  # no estimator screens a search by keys: forcing one is refused
 
     docs = torch.randn(2000, 8)
     docs[777, 2] = bad

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from oracle import assert_exact, exact_scores, faiss_search
 
 from tiny_knn import metrics, search
-from tiny_knn.metrics import prepare_docs, prepare_queries
+from tiny_knn.metrics import normalize, prepare_docs
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
@@ -105,9 +105,9 @@ def test_prepare_is_row_by_row() -> None:
     offsets, _ = prepare_docs(whole, "l2")
     parted = torch.cat([prepare_docs(parts[i : i + 7], "l2")[0] for i in range(0, 300, 7)])  # type: ignore[misc]
     assert offsets is not None and torch.equal(offsets, parted)
-    prepare_queries(whole, "cosine")
+    normalize(whole)
     for i in range(0, 300, 7):
-        prepare_queries(parts[i : i + 7], "cosine")
+        normalize(parts[i : i + 7])
     assert torch.equal(whole, parts)
     assert torch.allclose(whole.norm(dim=1), torch.ones(300))
 

@@ -4,7 +4,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_knn.plan import COL_ALIGN, ROW_ALIGN, make_plan, parse_size, threshold_sample_docs, threshold_sample_rank
+from tiny_knn.plan import (
+    COL_ALIGN,
+    ROW_ALIGN,
+    estimate_bytes,
+    make_plan,
+    parse_size,
+    threshold_sample_docs,
+    threshold_sample_rank,
+)
 
 
 @pytest.mark.parametrize(
@@ -92,16 +100,14 @@ def test_threshold_sample_only_where_the_estimate_is_tight() -> None:
     assert 20 < rank < 2048  # past the expected rank (20.5), with margin
 
 
-def test_threads_multiply_their_own_rows_only_when_each_has_enough() -> None:
-    many = make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="threshold",
-                     threads=8)  # fmt: skip
-    assert many.fused and many.query_block_rows == 512  # 4096 / 8 = 512 rows per thread
-    few = make_plan(queries=64, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="threshold",
-                    threads=8)  # fmt: skip
-    assert not few.fused and few.query_block_rows == 64  # 8 rows a thread is too few: one product on 8 threads
-    assert "per thread" in many.describe()[2] and "per thread" not in few.describe()[2]
-    assert not make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="sort",
-                         threads=8).fused  # fmt: skip
+def test_screened_threads_estimate_their_own_rows() -> None:
+    screened = make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32,
+                         selection="threshold", estimator="torch", threads=8)  # fmt: skip
+    assert screened.query_block_rows == 512  # 4096 / 8 = 512 rows per thread
+    by_keys = make_plan(queries=4096, docs=10**6, dim=64, k=10, device="cpu", budget_bytes=2**32, selection="sort",
+                        threads=8)  # fmt: skip
+    assert by_keys.query_block_rows == 4096  # one product for the block, on torch's threads
+    assert "per thread" in screened.describe()[2] and "per thread" not in by_keys.describe()[2]
 
 
 def test_the_gpu_pools_are_counted() -> None:
@@ -116,21 +122,17 @@ def test_the_gpu_pools_are_counted() -> None:
     assert tight.doc_passes > 1 and tight.peak_bytes <= tight.budget_bytes
 
 
-def test_the_kernels_packed_operands_are_counted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tiny_knn import product
-
-    monkeypatch.setattr(product, "kernel_product_available", lambda: True)
-    monkeypatch.setattr(product, "screen_available", lambda: True)
-    screened = plan(budget_bytes=2**34)
-    l2 = plan(budget_bytes=2**34, metric="l2")  # the screen takes inner products and cosines only
-    monkeypatch.setattr(product, "screen_available", lambda: False)
-    packed = plan(budget_bytes=2**34)
-    monkeypatch.setenv("TINY_KNN_TORCH_PRODUCT", "1")
-    monkeypatch.setattr(product, "kernel_product_available", lambda: False)
-    plain = plan(budget_bytes=2**34)
-    assert (screened.product, l2.product, packed.product, plain.product) == ("screen", "kernel", "kernel", "torch")
-    assert "the AVX-512 kernel" in packed.describe()[2] and "torch.mm" in plain.describe()[2]
-    assert "the AVX-512 BF16 screen" in screened.describe()[2]
-    copies = 4096 * 384 * 4 + 2 * packed.doc_chunk_rows * 384 * 4  # the queries and both doc buffers, packed
-    assert packed.peak_bytes - plain.peak_bytes == copies
-    assert screened.peak_bytes == packed.peak_bytes  # bfloat16 copies, counted as float32 ones: an upper bound
+def test_the_estimators_copies_are_counted_and_named() -> None:
+    screened = plan(budget_bytes=2**34, estimator="screen", estimator_choice="forced by TINY_KNN_PRODUCT")
+    by_keys = plan(budget_bytes=2**34)
+    shape = dict(batch_rows=4096, block_rows=1024, chunk_rows=4096, dim=384, k=2000, queries=4096,
+                 selection="threshold", docs=200_000, threads=2)  # fmt: skip
+    copies = 4096 * 384 * 4 + 2 * 4096 * 384 * 4  # the queries and both doc buffers, again
+    assert estimate_bytes(**shape, screened=True) - estimate_bytes(**shape) == copies
+    assert screened.peak_bytes == estimate_bytes(**{**shape, "threads": 1}, screened=True)
+    assert "screened by the screen estimator (forced by TINY_KNN_PRODUCT)" in screened.describe()[3]
+    assert "the products' own (by search keys)" in by_keys.describe()[3]
+    l2 = plan(budget_bytes=2**34, metric="l2")
+    assert l2.refined and l2.candidates > 2000 and "re-scored exactly" in l2.describe()[3]
+    exact_l2 = plan(budget_bytes=2**34, metric="l2", estimator="torch")
+    assert not exact_l2.refined and exact_l2.candidates == 2000  # scored exactly in the pass: no margin

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from oracle import brute_force
+from oracle import assert_exact, brute_force
 
-from tiny_knn import engine, refine, search
+from tiny_knn import engine, refine
 from tiny_knn.errors import InputChangedError
 from tiny_knn.kernel import KERNEL, kernel_available
 from tiny_knn.refine import _exact_scores
@@ -46,10 +46,23 @@ def test_uncertified_rows_are_reported_and_exact_search_answers_them() -> None:
     assert torch.equal(indices[:, :5], best_indices)
 
 
+def _by_keys(queries: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An l2 search on the path by search keys (as a GPU, or the CPU without the kernel, takes it)."""
+    from tiny_knn.api import _plan
+
+    query_source, doc_source = from_array(queries, "queries"), from_array(docs, "docs")
+    plan = _plan(query_source, doc_source, k, force_cpu=True, max_memory=None, batch_size=None, chunk_size=None,
+                 metric="l2", exclude_self=False, selection="sort")  # fmt: skip
+    assert plan.refined
+    scores, indices, _ = engine.search(query_source, doc_source, plan)
+    return scores, indices
+
+
 def test_every_fallback_gives_the_same_answer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(8)
     queries, docs = torch.randn(30, 12, generator=generator), torch.randn(3000, 12, generator=generator)
-    reference = search(queries, docs, 10, metric="l2", device="cpu")
+    reference = _by_keys(queries, docs, 10)
+    assert_exact(queries, docs, *reference, "l2")
     calls = {"widened": 0, "exact": 0}
     real_refine, real_exact = refine.refine, refine.exact_search
 
@@ -64,7 +77,7 @@ def test_every_fallback_gives_the_same_answer(monkeypatch) -> None:  # type: ign
 
     monkeypatch.setattr(engine, "refine", refuse_first)
     monkeypatch.setattr(engine, "exact_search", exact)
-    scores, indices = search(queries, docs, 10, metric="l2", device="cpu")
+    scores, indices = _by_keys(queries, docs, 10)
     assert calls["widened"] >= 1 and calls["exact"] >= 1
     assert torch.equal(scores, reference[0]) and torch.equal(indices, reference[1])
 

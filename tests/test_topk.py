@@ -1,4 +1,5 @@
-"""The two selectors must agree bit for bit, ties included, whatever the tiles."""
+"""The selectors must agree bit for bit, ties included, whatever the tiles. (The screen that feeds the threshold
+selector from an estimator is tested in test_estimators.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_knn import gpu_survivors
-from tiny_knn.product import KernelProduct, ScreenedProduct, exact_scores, kernel_product_available, screen_available
 from tiny_knn.topk import (
     PackedTopK,
     PoolTopK,
@@ -225,42 +225,6 @@ def test_make_running_topk_choices() -> None:
         make_running_topk(2, 3, cpu, 100, "heap")
 
 
-@pytest.mark.parametrize(
-    ("rows", "block_rows", "threads", "doc_count", "tile_docs"),
-    [(100, 16, 2, 50, 64), (37, 32, 2, 150, 64), (300, 64, 3, 130, 128), (20, 256, 1, 200, 64)],
-)
-def test_scoring_inside_the_selector_equals_offering_whole_tiles(
-    rows: int, block_rows: int, threads: int, doc_count: int, tile_docs: int
-) -> None:
-    generator = torch.Generator().manual_seed(rows)
-    k, dim = 25, 12
-    padded_docs = -(-doc_count // 64) * 64
-    queries = torch.zeros(-(-rows // 16) * 16, dim)  # zero-padded to the row alignment, as the engine does
-    queries[:rows] = torch.randint(-2, 3, (rows, dim), generator=generator).float()  # many ties
-    chunks = [torch.zeros(padded_docs, dim) for _ in range(4)]
-    for chunk in chunks:
-        chunk[:doc_count] = torch.randint(-2, 3, (doc_count, dim), generator=generator).float()
-    fused, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
-    asked = []
-    for number, chunk in enumerate(chunks):
-
-        def score(lo: int, hi: int, doc_lo: int, doc_hi: int, out: torch.Tensor, chunk: torch.Tensor = chunk) -> None:
-            asked.append((lo, hi, doc_lo, doc_hi))
-            torch.mm(queries[lo:hi], chunk[doc_lo:doc_hi].T, out=out)
-
-        fused.add_products(score, number * doc_count, doc_count, padded_docs, block_rows, tile_docs)
-        reference.add((queries[:rows] @ chunk.T)[:, :doc_count], 0, number * doc_count)
-    assert all(lo % 16 == 0 and (hi - lo) % 16 == 0 and hi - lo <= block_rows for lo, hi, _, _ in asked)
-    assert all(
-        doc_lo % 64 == 0 and (doc_hi - doc_lo) % 64 == 0 and doc_hi - doc_lo <= tile_docs
-        for _, _, doc_lo, doc_hi in asked
-    )
-    assert max(hi for _, hi, _, _ in asked) == queries.shape[0]  # every row scored, padding included
-    assert max(doc_hi for _, _, _, doc_hi in asked) == padded_docs  # every doc scored, padding included
-    for got, expected in zip(fused.result(), reference.result(), strict=True):
-        assert torch.equal(got, expected)
-
-
 SCAN_CHECK = """
 import torch
 from tiny_knn.topk import SortMergeTopK, ThresholdTopK
@@ -285,105 +249,6 @@ def test_every_scan_path_of_the_kernel_selects_the_same(simd: str) -> None:
         environment[simd] = "1"
     done = subprocess.run([sys.executable, "-c", SCAN_CHECK], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-def _hard_rows(kind: str, count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows that test a one-pass selector: ties, and the screen's error bound where it is thinnest or fails to
-    apply."""
-    if kind == "tied":  # whole numbers: many equal scores, and rows bfloat16 holds exactly (no rounding slack)
-        return torch.randint(-2, 3, (count, dim), generator=generator).float()
-    rows = torch.randn(count, dim, generator=generator)
-    if kind == "near":  # near-duplicates: estimates equal, exact scores a few float32 steps apart
-        return rows[:1] + 1e-6 * rows
-    if kind == "scaled":  # norms from 2^-70 to 2^60 (subnormal products and sums in the estimates)
-        return rows * torch.exp2(torch.randint(-70, 60, (count, 1), generator=generator).float())
-    if kind == "huge":  # some norms past 2^60: scored exactly, never screened (and no product overflows)
-        return rows * torch.where(torch.rand(count, 1, generator=generator) < 0.3, 2.0**60, 1.0)
-    return rows
-
-
-_ONE_PASS_CASES = {
-    "seed": st.integers(0, 2**16),
-    "rows": st.integers(1, 45),
-    "dim": st.integers(1, 40),
-    "k": st.integers(1, 150),
-    "chunk_docs": st.lists(st.integers(1, 300), min_size=1, max_size=4),
-    "threads": st.integers(1, 3),
-    "kind": st.sampled_from(["normal", "tied", "near", "scaled", "huge"]),
-}
-
-
-def _one_pass_equals_the_sort_merge(product_type: type, seed, rows, dim, k, chunk_docs, threads, kind) -> None:  # type: ignore[no-untyped-def]
-    """The product's one-pass selection (add_packed for KernelProduct, add_screened for ScreenedProduct)
-    against SortMergeTopK on the product's own scores (the kernel's tiles; tk_dot for the screen), bit for bit,
-    with padded query rows and docs that would win if they were ever pushed."""
-    generator = torch.Generator().manual_seed(seed)
-    k = min(k, sum(chunk_docs))
-    queries = torch.zeros(-(-rows // 16) * 16, dim)
-    queries[:rows] = _hard_rows(kind, rows, dim, generator)
-    queries[rows:] = 1e3  # padded rows: scored, never selected
-    product = product_type(queries)
-    fused, reference = ThresholdTopK(rows, k, threads=threads), SortMergeTopK(rows, k)
-    first_doc = 0
-    for count in chunk_docs:
-        padded = -(-count // 64) * 64
-        chunk = torch.full((padded, dim), 1e3)  # padded docs score far above any real one
-        chunk[:count] = _hard_rows(kind, count, dim, generator)
-        operand = product.prepare(chunk, first_doc % 2)
-        tile = torch.empty(queries.shape[0], padded)
-        if isinstance(product, ScreenedProduct):
-            assert not fused.add_screened(product, operand, first_doc, count)
-            exact_scores(queries, chunk, tile)
-        else:
-            assert not fused.add_packed(product.packed_queries, dim, operand, first_doc, count)
-            product.score(0, queries.shape[0], operand, 0, padded, tile)
-        reference.add(tile[:rows, :count], 0, first_doc)
-        first_doc += count
-    for got, expected in zip(fused.result(), reference.result(), strict=True):
-        assert torch.equal(got, expected)
-    assert fused.uncertain_rows().numel() == 0
-
-
-@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
-@settings(max_examples=40, deadline=None)
-@given(**_ONE_PASS_CASES)
-def test_scoring_and_selecting_in_one_pass_equals_the_sort_merge(**case) -> None:  # type: ignore[no-untyped-def]
-    """add_packed (tk_product_scan): ties, rows and docs off the panels, pools compacted mid-chunk."""
-    _one_pass_equals_the_sort_merge(KernelProduct, **case)
-
-
-@pytest.mark.skipif(not kernel_product_available(), reason="the kernel's product needs AVX-512")
-def test_one_pass_flags_non_finite_scores_of_real_docs_only() -> None:
-    queries = torch.ones(16, 4)
-    product = KernelProduct(queries)
-    chunk = torch.ones(64, 4)
-    chunk[40:] = float("inf")  # padding past the 40 real docs
-    selector = ThresholdTopK(10, 5, threads=1)
-    assert not selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 0), 0, 40)
-    chunk[39, 2] = float("nan")
-    assert selector.add_packed(product.packed_queries, 4, product.prepare(chunk, 1), 40, 40)
-
-
-@pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
-@settings(max_examples=150, deadline=None)
-@given(**_ONE_PASS_CASES)
-def test_the_screened_pass_equals_the_sort_merge_on_exact_scores(**case) -> None:  # type: ignore[no-untyped-def]
-    """add_screened (tk_screen_scan) against every pair's exact score: whatever the estimates rule out must
-    not have been among the k best. Starting thresholds from the first chunk, pools compacted mid-chunk."""
-    _one_pass_equals_the_sort_merge(ScreenedProduct, **case)
-
-
-@pytest.mark.skipif(not screen_available(), reason="the screened product needs AVX-512 BF16")
-def test_the_screened_pass_flags_non_finite_scores_of_real_docs_only() -> None:
-    product = ScreenedProduct(torch.ones(16, 4))
-    chunk = torch.ones(64, 4)
-    chunk[40:] = float("inf")  # padding past the 40 real docs
-    selector = ThresholdTopK(10, 5, threads=1)
-    assert not selector.add_screened(product, product.prepare(chunk, 0), 0, 40)
-    chunk[39, 2] = float("nan")
-    assert selector.add_screened(product, product.prepare(chunk, 1), 40, 40)
-    big = torch.full((64, 4), 3e38)  # finite rows whose products overflow: scored exactly, so flagged
-    assert ThresholdTopK(10, 5, threads=1).add_screened(product, product.prepare(big, 0), 0, 64)
 
 
 def test_packed_keys_order_by_score_then_doc_and_unpack_exactly() -> None:

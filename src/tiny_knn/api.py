@@ -16,23 +16,23 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, engine, results, safety
+from .backend import available_bytes, default_budget_bytes, resolve
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
 from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, is_disk_full
+from .kernel import kernel_available
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import (
     DEFAULT_K,
+    DEPRECATED_PRECISIONS,
     INDEX_BYTES,
     PRECISIONS,
     SCORE_BYTES,
     Plan,
-    available_bytes,
-    default_budget_bytes,
     format_bytes,
     make_plan,
     parse_size,
 )
 from .sources import RowRange, Source, check_compatible, from_array, open_source
-from .topk import default_selection, kernel_available
 
 __version__ = "0.3.0"
 
@@ -76,9 +76,9 @@ def search(
         metric: "ip" (dot product, highest first), "cosine" (highest first) or "l2" (squared Euclidean
             distance, smallest first).
         exclude_self: queries and docs are the same rows (query i is doc i): leave each query's own row out.
-        precision: "exact" (the default: float32 products, for now on every device), "fp32", "bf16"
-            (products of rows rounded to bfloat16, every answer re-scored exactly and certified; ip and l2)
-            or "bf16-unsafe" (bfloat16 products returned as they are: fast on a GPU, not exact; ip, cosine).
+        precision: "exact" (the default: every score is tiny-knn's one exact score, see `compute_topk`), or
+            "bf16-unsafe" (bfloat16 products returned as they are: fast on a GPU, not exact; ip, cosine). "fp32"
+            and "bf16", older names, mean "exact" (with a TinyKnnWarning).
         device: "cpu" or "cuda"; default CUDA when available.
         max_memory, batch_size, chunk_size, progress: as for `compute_topk`.
 
@@ -144,9 +144,10 @@ def compute_topk(
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
-    Both files are streamed from disk (memory-mapped), so they may be far larger than RAM or GPU memory.
-    Results are exact float32 scores, best first; equal scores are ordered by ascending document index,
-    and the answer does not depend on batch or chunk sizes.
+    Both files are streamed from disk in chunks, so they may be far larger than RAM or GPU memory. Results are
+    exact float32 scores, best first; equal scores are ordered by ascending document index. On the CPU (with the
+    compiled kernel) every score is tiny-knn's one exact score (a fixed order of fused multiply-adds; for l2 a
+    float64 sum rounded once), so the answer is the same bytes whatever the CPU, threads, batches or chunks.
 
     Args:
         q_path: (Q, dim) float32/float16/bfloat16 queries: a `.pt`, `.npy`, `.safetensors`, `.fvecs`/`.bvecs`
@@ -167,7 +168,7 @@ def compute_topk(
             parquet and TREC formats in place of row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
         shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
-        precision: "exact" (default), "fp32", "bf16" or "bf16-unsafe", as for `search`.
+        precision: "exact" (default) or "bf16-unsafe", as for `search`.
 
     A run of several query batches keeps a checkpoint beside the output (`OUT.checkpoint/`, see
     checkpoint.py): if it is interrupted, calling again with the same inputs and options resumes after the
@@ -250,7 +251,7 @@ def compute_topk(
             "chunk_size": plan.doc_chunk_rows,
             "version": __version__,
             "metric": plan.metric,
-            "precision": precision,
+            "precision": plan.precision,
             "exclude_self": plan.exclude_self,
             **ids,
         }
@@ -555,17 +556,16 @@ def _plan(
             TinyKnnWarning,
             stacklevel=4,
         )
-    device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
+    backend = resolve(queries, docs, k, force_cpu=force_cpu, metric=metric, precision=precision, selection=selection)
+    device = backend.device
     if device == "cpu" and not kernel_available() and not os.environ.get("TINY_KNN_NO_KERNEL"):
         warnings.warn(
             "tiny-knn's compiled kernel is missing (no C compiler when it was installed, or built from older "
-            "source): the CPU search selects with torch.topk, about 10 times slower at k=2000; reinstall "
-            "tiny-knn with a C compiler present",
+            "source): the CPU search selects with torch.topk, about 10 times slower at k=2000, and its scores are "
+            "torch.mm's rather than tiny-knn's one exact score; reinstall tiny-knn with a C compiler present",
             TinyKnnWarning,
             stacklevel=4,
         )
-    if selection == "auto":
-        selection = default_selection(device, docs.rows)
     budget = max_memory if max_memory is not None else default_budget_bytes(device)
     there = available_bytes(device)
     if budget > there:
@@ -583,31 +583,40 @@ def _plan(
             k=k,
             device=device,
             budget_bytes=budget,
-            selection=selection,
+            selection=backend.selection,
+            estimator=backend.estimator,
+            estimator_choice=backend.choice,
             batch_rows=batch_size,
             chunk_rows=chunk_size,
             metric=metric,
             exclude_self=exclude_self,
             results_on_disk=results_on_disk,
             precision=precision,
-            threads=torch.get_num_threads(),
+            threads=backend.threads,
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None
 
 
 def _check_precision(precision: str, metric: str) -> str:
-    """The plan's precision for the requested one ("exact" is float32 products until the certified
-    bfloat16 path has been checked on a GPU); refuses combinations not built yet."""
-    chosen = "fp32" if precision == "exact" else precision
-    if chosen not in PRECISIONS:
-        raise InvalidInputError(f"precision={precision!r}: expected one of exact, {', '.join(PRECISIONS)}")
-    if (chosen, metric) in (("bf16", "cosine"), ("bf16-unsafe", "l2")):
-        raise InvalidInputError(
-            f"precision {chosen} with metric {metric} is not supported yet; "
-            + ("normalise the rows and use ip" if metric == "cosine" else "use precision bf16")
+    """The plan's precision for the requested one: "exact" (fp32 and bf16, older names, mean it now, with a
+    TinyKnnWarning), or "bf16-unsafe"; refuses combinations not built."""
+    if precision in DEPRECATED_PRECISIONS:
+        warnings.warn(
+            f"precision {precision!r} is now 'exact': every answer is tiny-knn's exact score, whichever product "
+            "estimated it (use --precision exact, the default)",
+            TinyKnnWarning,
+            stacklevel=5,
         )
-    return chosen
+        precision = "exact"
+    if precision not in PRECISIONS:
+        raise InvalidInputError(
+            f"precision={precision!r}: expected one of {', '.join(PRECISIONS)} (or, deprecated, "
+            f"{', '.join(DEPRECATED_PRECISIONS)})"
+        )
+    if (precision, metric) == ("bf16-unsafe", "l2"):
+        raise InvalidInputError("precision bf16-unsafe with metric l2 is not supported; use the default, exact")
+    return precision
 
 
 def _run(

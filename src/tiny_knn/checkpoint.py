@@ -37,6 +37,9 @@ from .sources import Source
 CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: the fingerprint holds a content sample of each input file
+# The version of tiny-knn's definition of an exact score (_kernels/tk.h): a checkpoint holds scores of one
+# definition, whichever estimator found them.
+SCORE_DEFINITION = 1
 # Everything tiny-knn writes in a checkpoint folder.
 CHECKPOINT_ENTRIES = frozenset({MANIFEST, MANIFEST + ".tmp", "scores.npy", "indices.npy"})
 # The content sample of a fingerprint: the head and tail of each input, and SAMPLE_BLOCKS blocks spread evenly
@@ -249,7 +252,8 @@ def fingerprint(queries: Source, docs: Source, plan: Plan, extra: tuple[str, ...
             "precision": plan.precision,
             "device": plan.device,
             "compute_dtype": str(plan.compute_dtype),
-            "product": plan.product,  # the kernel's and torch.mm's scores differ in the last bits
+            # The screened path's scores are exact, whatever the estimator; the path by keys has the products' own
+            "scores": f"exact {SCORE_DEFINITION}" if plan.estimator else "by keys",
         }
 
 

@@ -1,11 +1,11 @@
-"""Planning: a frozen Plan from shapes, dtype, device and memory budget. No I/O, no GPU needed; which
-product the CPU uses comes from product.default_product (the CPU's vendor and features, TINY_KNN_PRODUCT).
+"""Planning: a frozen Plan from shapes, the backend (device, estimator, selector, threads: backend.py resolves
+them) and the memory budget. Pure: no I/O, no hardware probing, no GPU needed.
 
-The engine multiplies queries by docs in tiles. Every tile is padded to a multiple of ROW_ALIGN query
-rows and COL_ALIGN doc rows (multiples of the kernel's panels). The kernel's own product gives each score
-the same bits whatever the tile; for torch.mm, measured on MKL, a float32 product computed in such aligned
-tiles is bit for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code paths
-and differ in the last bits. That is what makes results independent of batch and chunk sizes.
+The engine works in tiles padded to a multiple of ROW_ALIGN query rows and COL_ALIGN doc rows (multiples of the
+kernel's panels). On the screened path every score is exact whatever the tiles, threads or estimator. On the path
+by search keys (a GPU, or the CPU without the kernel), measured on MKL and cuBLAS, a float32 product computed in
+such aligned tiles is bit for bit the same whatever the tile's size, whereas ragged or tiny tiles take other code
+paths and differ in the last bits.
 """
 
 from __future__ import annotations
@@ -15,21 +15,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .product import default_product
-
 DEFAULT_K = 2000
 ROW_ALIGN = 16
 COL_ALIGN = 64
 # Tile shapes at the matrix-product floor on a 2-core AVX2 machine (benchmarks/RESULTS.md).
 CPU_QUERY_BLOCK_ROWS = 4096
-# With the threshold selector, every thread multiplies its own blocks of this many rows (single-threaded
-# products at the same rate) and scans each tile while it is still in cache (4 MiB at 1024 docs: L3). 1024 rows
-# beat 512 by 2-4% at k=10 (each product packs its doc chunk once for twice the rows) and 2048 (RESULTS.md).
+# On the screened path every thread estimates its own blocks of this many rows (single-threaded products at the
+# same rate) and screens each tile while it is still in cache (4 MiB at 1024 docs: L3). 1024 rows beat 512 by
+# 2-4% at k=10 (each product packs its doc chunk once for twice the rows) and 2048 (RESULTS.md).
 CPU_THREAD_BLOCK_ROWS = 1024
-# ... but only when every thread gets at least this many rows of the batch. With fewer, one product on all
-# threads covers the batch: per-thread blocks would leave cores idle. On 2 threads, per-thread blocks of
-# 16 and 32 rows still beat one product for the batch by 15-25% (benchmarks/RESULTS.md).
-FUSED_MIN_ROWS_PER_THREAD = ROW_ALIGN
 # Docs read from disk at a time. The threshold selector's threads meet once per chunk; each multiplies and
 # scans a chunk CPU_TILE_DOCS docs at a time (the tile that stays in cache; 512 docs slowed the products).
 CPU_DOC_CHUNK_ROWS = 4096
@@ -44,19 +38,16 @@ CUDA_DOC_CHUNK_ROWS = 65536
 THRESHOLD_SAMPLE_FRACTION = 0.01
 THRESHOLD_SAMPLE_MIN_RANK = 10.0
 THRESHOLD_SAMPLE_SIGMAS = 6.0
-# l2 keeps a few more candidates than it returns, so that most rows are certified at once (refine.py),
-# and re-scores them in gathers of about this many bytes of doc rows.
+# On the path by keys, l2 keeps a few more candidates than it returns, so that most rows are certified at once
+# (refine.py), and re-scores them in gathers of about this many bytes of doc rows.
 L2_EXTRA_CANDIDATES_MIN = 16
 L2_EXTRA_CANDIDATES_FRACTION = 1 / 8
 REFINE_GATHER_BYTES = 16 * 2**20
-# Measured at 4,096 x 200,000 x 384: at k=10, 95% of rows failed certification with 16 extra candidates, none
-# with 96; at k=1000 every row needs more than 500 (and is widened; benchmarks/RESULTS.md).
-BF16_EXTRA_CANDIDATES_MIN = 96
-BF16_EXTRA_CANDIDATES_FRACTION = 1 / 8
 REFINE_WIDENING = 4  # rows not certified are searched again with this many times the candidates
-# --precision: fp32 (exact products), bf16 (keys from rows rounded to bfloat16, every answer re-scored
-# exactly and certified, see refine.py), bf16-unsafe (keys from rounded rows, returned as they are).
-PRECISIONS = ("fp32", "bf16", "bf16-unsafe")
+# --precision: exact (tiny-knn's one exact score, _kernels/tk.h), or bf16-unsafe (keys from rows rounded to
+# bfloat16, returned as they are: not exact). fp32 and bf16, kept as names, now mean exact (DEPRECATED_PRECISIONS).
+PRECISIONS = ("exact", "bf16-unsafe")
+DEPRECATED_PRECISIONS = ("fp32", "bf16")
 # Share of the free memory taken when the user sets no budget.
 DEFAULT_BUDGET_FRACTION = 0.6
 SCORE_BYTES = 4
@@ -128,15 +119,21 @@ class Plan:
     metric: str = "ip"  # see metrics.py
     exclude_self: bool = False  # drop each query's own row (doc index == query index)
     search_k: int = 0  # candidates kept per query during the search (>= k); 0 means k
-    precision: str = "fp32"  # see PRECISIONS
-    fused: bool = False  # CPU: each selector thread multiplies its own rows, query_block_rows at a time
-    product: str = "torch"  # the matrix products: "screen" (AMD CPU, AVX-512 BF16), "kernel" (AMD CPU, AVX-512)
-    # or "torch" (torch.mm); see product.py
+    precision: str = "exact"  # see PRECISIONS
+    # The screen's estimator (estimators.py; the CPU with the compiled kernel), or None: the path by search keys
+    estimator: str | None = None
+    estimator_choice: str = ""  # how the estimator was chosen, in words (backend.py), for describe()
+    threads: int = 1  # the selector's threads (the screened path: each screens its own query rows)
+    # Tuning: docs per tile (a tiled estimator's, the threshold scan's on the path by keys), and the deviations of
+    # margin in a sampled starting threshold (see threshold_sample_rank); fields so that tests can vary them.
+    tile_docs: int = CPU_TILE_DOCS
+    sample_sigmas: float = THRESHOLD_SAMPLE_SIGMAS
 
     @property
     def refined(self) -> bool:
-        """True when the candidates are re-scored exactly and certified (refine.py)."""
-        return self.metric == "l2" or self.precision == "bf16"
+        """True when the candidates are re-scored exactly and certified after the search (refine.py): l2 on the
+        path by search keys."""
+        return self.metric == "l2" and self.estimator is None
 
     @property
     def candidates(self) -> int:
@@ -169,26 +166,18 @@ class Plan:
             ),
             f"{self.queries} queries x {self.docs} docs x {self.dim} dims, k={self.k}, metric {self.metric}"
             + (", excluding each query's own row" if self.exclude_self else "")
-            + (f", precision {self.precision}" if self.precision != "fp32" else "")
+            + (f", precision {self.precision}" if self.precision != "exact" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
-            f"rows{' per thread' if self.fused else ''}, doc chunk {self.doc_chunk_rows} rows, "
-            f"products by {_PRODUCT_NAMES[self.product]}",
+            f"rows{' per thread' if self.estimator else ''}, doc chunk {self.doc_chunk_rows} rows",
+            (
+                f"scores: exact (tiny-knn's one definition), screened by the {self.estimator} estimator"
+                + (f" ({self.estimator_choice})" if self.estimator_choice else "")
+                if self.estimator
+                else "scores: the products' own (by search keys" + (", re-scored exactly)" if self.refined else ")")
+            ),
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
-
-
-_PRODUCT_NAMES = {
-    "screen": "the AVX-512 BF16 screen (exact float32 scores for the pairs it cannot rule out)",
-    "kernel": "the AVX-512 kernel",
-    "torch": "torch.mm",
-}
-
-
-def fuse_products(rows: int, threads: int) -> bool:
-    """Whether the threshold selector's threads each multiply their own share of `rows` queries (and scan
-    their tiles at once), rather than one product on all threads per block (see topk.ThresholdTopK)."""
-    return threads <= 1 or rows >= threads * FUSED_MIN_ROWS_PER_THREAD
 
 
 def selection_state_bytes(k: int, selection: str) -> int:
@@ -212,19 +201,17 @@ def threshold_sample_docs(docs: int, k: int, selection: str) -> int:
     return sample
 
 
-def threshold_sample_rank(docs: int, k: int, sample: int) -> int:
-    """The rank within the sample whose score at least k docs beat, with a margin of SIGMAS deviations."""
+def threshold_sample_rank(docs: int, k: int, sample: int, sigmas: float = THRESHOLD_SAMPLE_SIGMAS) -> int:
+    """The rank within the sample whose score at least k docs beat, with a margin of `sigmas` deviations."""
     expected = k * sample / docs
-    return max(1, min(sample, int(expected + THRESHOLD_SAMPLE_SIGMAS * expected**0.5) + 1))
+    return max(1, min(sample, int(expected + sigmas * expected**0.5) + 1))
 
 
-def search_candidates(k: int, docs: int, metric: str, exclude_self: bool, precision: str = "fp32") -> int:
-    """Candidates to keep per query so as to return k: one more to drop the query itself, and where they
-    are re-scored (l2, bf16) a margin for rows whose keys are too close to tell apart."""
+def search_candidates(k: int, docs: int, metric: str, exclude_self: bool, refined: bool = False) -> int:
+    """Candidates to keep per query so as to return k: one more to drop the query itself, and where they are
+    re-scored after the search (l2 on the path by keys) a margin for rows whose keys are too close to tell apart."""
     wanted = k + int(exclude_self)
-    if precision == "bf16":  # bfloat16's error bound is wide: a wider margin saves a second pass
-        wanted += max(BF16_EXTRA_CANDIDATES_MIN, int(wanted * BF16_EXTRA_CANDIDATES_FRACTION))
-    elif metric == "l2":
+    if refined:
         wanted += max(L2_EXTRA_CANDIDATES_MIN, int(wanted * L2_EXTRA_CANDIDATES_FRACTION))
     return min(docs, wanted)
 
@@ -243,13 +230,14 @@ def estimate_bytes(
     refine: bool = False,
     results_on_disk: bool = False,
     threads: int = 1,
-    packed: bool = False,
+    screened: bool = False,
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
     for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings).
-    `packed`: the kernel's product also holds packed copies of the queries and of both doc buffers."""
+    `screened`: the estimator also holds its form of the queries and of both doc buffers (at most as large
+    again), and their factors."""
     candidates = candidates or k
-    copies = 2 if packed else 1
+    copies = 2 if screened else 1
     resident_queries = copies * round_up(batch_rows, ROW_ALIGN) * dim * 4
     state = batch_rows * selection_state_bytes(candidates, selection)
     if refine:
@@ -283,15 +271,18 @@ def make_plan(
     device: str,
     budget_bytes: int,
     selection: str,
+    estimator: str | None = None,
+    estimator_choice: str = "",
     batch_rows: int | None = None,
     chunk_rows: int | None = None,
     metric: str = "ip",
     exclude_self: bool = False,
     results_on_disk: bool = False,
-    precision: str = "fp32",
+    precision: str = "exact",
     threads: int = 1,
 ) -> Plan:
-    """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible.
+    """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible, for the backend
+    given (device, selection, estimator: None for the path by search keys; threads).
 
     Raises:
         ValueError: even the smallest blocks do not fit the budget (the message says what would).
@@ -299,16 +290,13 @@ def make_plan(
     if exclude_self and docs < 2:
         raise ValueError("excluding each query's own row needs at least 2 docs")
     k = min(k, docs - int(exclude_self))
-    candidates = search_candidates(k, docs, metric, exclude_self, precision)
+    refined = metric == "l2" and estimator is None
+    candidates = search_candidates(k, docs, metric, exclude_self, refined)
     cuda = device == "cuda"
-    product = default_product(device, queries, screenable=metric != "l2" and precision == "fp32")
-    if cuda:
-        block = CUDA_QUERY_BLOCK_ROWS
-    else:
-        block = CPU_THREAD_BLOCK_ROWS if selection == "threshold" else CPU_QUERY_BLOCK_ROWS
-    # The threshold selector's threads each multiply their own share of the rows (see fuse_products).
-    per_thread = selection == "threshold" and not cuda
-    sharing = threads if per_thread else 1
+    screened = estimator is not None
+    block = CUDA_QUERY_BLOCK_ROWS if cuda else CPU_THREAD_BLOCK_ROWS if screened else CPU_QUERY_BLOCK_ROWS
+    # On the screened path each thread estimates its own share of the rows.
+    sharing = threads if screened else 1
     block = min(block, round_up(-(-queries // sharing), ROW_ALIGN))
     chunk = round_up(chunk_rows, COL_ALIGN) if chunk_rows else CUDA_DOC_CHUNK_ROWS if cuda else CPU_DOC_CHUNK_ROWS
     chunk = min(chunk, round_up(docs, COL_ALIGN))
@@ -327,10 +315,10 @@ def make_plan(
             selection=selection,
             docs=docs,
             candidates=candidates,
-            refine=metric == "l2" or precision == "bf16",
+            refine=refined,
             results_on_disk=results_on_disk,
             threads=threads,
-            packed=product in ("kernel", "screen"),  # the screen's bfloat16 copies take half as much
+            screened=screened,
         )
 
     while True:
@@ -353,11 +341,7 @@ def make_plan(
         block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
         if not chunk_rows:
             chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
-    fused = per_thread and fuse_products(batch, threads)
-    if per_thread and not fused:
-        block = min(block * threads, round_up(batch, ROW_ALIGN))  # one product for the batch, within the estimate
-    else:
-        block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
+    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
     return Plan(
         device=device,
         compute_dtype=torch.float32,
@@ -376,21 +360,7 @@ def make_plan(
         exclude_self=exclude_self,
         search_k=candidates,
         precision=precision,
-        fused=fused,
-        product=product,
+        estimator=estimator,
+        estimator_choice=estimator_choice,
+        threads=threads,
     )
-
-
-def default_budget_bytes(device: str) -> int:
-    """What is free, times DEFAULT_BUDGET_FRACTION."""
-    return int(available_bytes(device) * DEFAULT_BUDGET_FRACTION)
-
-
-def available_bytes(device: str) -> int:
-    """What is free: CUDA's free memory, or available RAM."""
-    if device == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)

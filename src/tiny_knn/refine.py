@@ -1,4 +1,5 @@
-"""Refining: turn each query's candidates into its final answer.
+"""Refining, on the path by search keys (a GPU, or the CPU without the compiled kernel; engine.py): turn each
+query's candidates into its final answer. (The CPU's screened path scores exactly as it goes, and needs none.)
 
 - `l2`: the search key q·d − ½‖d‖² cancels badly for near neighbours (a query's own row may lose to a
   doc a little farther away), so each candidate is re-scored exactly: (q − d) is exact in float64 for
@@ -8,9 +9,6 @@
   on the key's rounding error, none of them can be nearer than the k-th answer. Rows that fail are
   searched again with more candidates (see engine.py), and rows that still fail (data far from the
   origin, where the bound is loose) get `exact_search`: every doc's exact score, streamed.
-- `--precision bf16`: the keys come from rows rounded to bfloat16, so every score is re-scored exactly
-  (q·d in float64, rounded once to float32) and certified the same way, with the bound widened by the
-  rounding of the rows.
 - `exclude_self`: each query's own row (doc index == query index) is dropped by index, not by position,
   from k + 1 candidates; if it is not among them, the last one is dropped.
 """
@@ -27,29 +25,22 @@ from .plan import REFINE_GATHER_BYTES
 from .sources import ArraySource, FileSource, Source
 from .topk import SortMergeTopK
 
-UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
-LANES = 8  # partial sums of an exact score, as in _select.c's tk_exact
+UNIT_ROUNDOFF = 2.0**-24
+LANES = 8  # partial sums of an exact score, as in _kernels/exact.c's tk_exact and tk_l2
 
 
-def key_error_bound(
-    query_norms: torch.Tensor, max_doc_norm: float, dim: int, metric: str = "l2", precision: str = "fp32"
-) -> torch.Tensor:
+def key_error_bound(query_norms: torch.Tensor, max_doc_norm: float, dim: int, metric: str = "l2") -> torch.Tensor:
     """Per query, a bound on |computed key − exact key| for every doc (float64).
 
     The dot product of dim float32 terms, in any order and with or without FMA, is within γ_dim·‖q‖‖d‖ of
-    the exact value (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). In bf16, rounding the
-    rows first moves q·d by at most (2u + u²)‖q‖‖d‖ (u = 2^-8), and the float32 sum of the rounded rows'
-    products (exact in float32) adds γ_dim·(1 + u)²‖q‖‖d‖. For l2, ½‖d‖² carries the same relative errors,
-    and the subtraction one more rounding. Doubled for the rounding of the norms themselves.
+    the exact value (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). For l2, ½‖d‖² carries the
+    same relative errors, and the subtraction one more rounding. Doubled for the rounding of the norms
+    themselves.
     """
-    gamma = (dim + 2) * UNIT_ROUNDOFF["fp32"] / (1 - (dim + 2) * UNIT_ROUNDOFF["fp32"])
-    rounding = 0.0
-    if precision != "fp32":
-        unit = UNIT_ROUNDOFF["bf16"]
-        rounding, gamma = 2 * unit + unit**2, gamma * (1 + unit) ** 2
+    gamma = (dim + 2) * UNIT_ROUNDOFF / (1 - (dim + 2) * UNIT_ROUNDOFF)
     q = query_norms.to(torch.float64)
     offset = 0.5 * max_doc_norm**2 if metric == "l2" else 0.0
-    return 2 * (rounding + gamma) * (q * max_doc_norm + offset)
+    return 2 * gamma * (q * max_doc_norm + offset)
 
 
 def refine(
@@ -60,7 +51,6 @@ def refine(
     max_doc_norm: float,
     keep: int,
     metric: str = "l2",
-    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact scores for the candidates, best first, and the rows not certified.
 
@@ -70,7 +60,6 @@ def refine(
         max_doc_norm: the largest ‖d‖ over all docs (an upper bound).
         keep: answers needed per row; the keep-th best candidate is the one certified.
         metric: "l2" (exact squared distances, nearest first) or "ip" (exact dot products, highest first).
-        precision: how the keys were computed ("fp32", or "bf16": from rows rounded to bfloat16).
 
     Returns:
         (scores float32 (rows, c), indices int64 (rows, c), uncertain rows int64 (n,)).
@@ -98,7 +87,7 @@ def refine(
     # to spare so that no left-out doc can round to the same float32 score.
     query_wide = query_rows.to(torch.float64)
     query_sq = (query_wide * query_wide).sum(dim=1)
-    bound = key_error_bound(query_sq.sqrt(), max_doc_norm, docs.dim, metric, precision)
+    bound = key_error_bound(query_sq.sqrt(), max_doc_norm, docs.dim, metric)
     ceiling = keys[:, -1].to(torch.float64) + bound
     kth = ordered[:, keep - 1]
     if nearest_first:  # exact key = (‖q‖² − distance) / 2

@@ -14,18 +14,16 @@ both are tested against, bit for bit.
 
 from __future__ import annotations
 
-import ctypes
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from . import gpu_survivors
+from .estimators import Estimator, Operand
 from .kernel import KERNEL, kernel_available
-from .plan import ROW_ALIGN, doc_tiles, round_up
-from .product import DOC_PANEL, QUERY_PANEL, ScreenedDocs, ScreenedProduct
+from .plan import ROW_ALIGN, round_up
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -45,11 +43,6 @@ FINALIZE_ROWS = 256
 HOST_STAGE_BYTES = 64 * 2**20
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
-
-
-# score(lo, hi, doc_lo, doc_hi, out): writes the scores of (padded) query rows lo..hi against (padded) docs
-# doc_lo..doc_hi of the current chunk into out.
-ScoreRows = Callable[[int, int, int, int, torch.Tensor], None]
 
 
 def pool_capacity(k: int) -> int:
@@ -112,7 +105,7 @@ class ThresholdTopK(RunningTopK):
             if self._threads > 1
             else None
         )
-        self._tiles: list[torch.Tensor] = []
+        self._scratch: list[list[torch.Tensor]] = []  # a buffer per thread, for estimators that write tiles
 
     @property
     def threads(self) -> int:
@@ -164,124 +157,24 @@ class ThresholdTopK(RunningTopK):
 
         self.survivors += sum(self._run(scan, self._row_ranges(0, rows)))
 
-    def add_products(
-        self, score: ScoreRows, first_doc: int, doc_count: int, padded_docs: int, block_rows: int, tile_docs: int
-    ) -> None:
-        """Scores all rows against a doc chunk and selects, each tile scanned while it is still in cache.
-
-        Each thread takes its own rows, `block_rows` (a multiple of ROW_ALIGN) at a time, and for each block
-        the chunk's docs `tile_docs` (a multiple of COL_ALIGN) at a time: `score(lo, hi, doc_lo, doc_hi,
-        tile)` writes padded query rows lo..hi against the chunk's (padded) docs doc_lo..doc_hi into a tile of
-        the thread's own, which is scanned at once; the chunk's first `doc_count` docs are real. Compared
-        with one product over all rows and then a scan, the scores never travel to memory and back; and the
-        threads wait for each other once per chunk, not once per tile.
-        """
+    def add_chunk(self, estimator: Estimator, queries: Operand, docs: Operand, first_doc: int, doc_count: int) -> bool:
+        """Screens every row against a chunk of docs with `estimator` (estimators.py): each thread its own rows,
+        whose pairs the estimates cannot rule out are scored exactly and offered to their pools. The chunk's first
+        `doc_count` docs are real. Returns True if any exact score was NaN or infinite."""
+        non_finite: list[bool] = []
+        ranges = self._row_ranges(0, self.rows)
+        while len(self._scratch) < len(ranges):  # grown here, not by racing threads
+            self._scratch.append([torch.empty(0, dtype=torch.float32)])
 
         def work(part: int, lo: int, hi: int) -> int:
-            width = min(tile_docs, padded_docs)
-            if self._tiles[part].numel() < block_rows * width:
-                self._tiles[part] = torch.empty(block_rows * width, dtype=torch.float32)
-            survivors = 0
-            for start in range(lo, hi, block_rows):
-                stop = min(start + block_rows, hi)
-                padded = round_up(stop - start, ROW_ALIGN)
-                for doc_lo, doc_hi, real in doc_tiles(doc_count, padded_docs, width):
-                    tile = self._tiles[part][: padded * (doc_hi - doc_lo)].view(padded, doc_hi - doc_lo)
-                    score(start, start + padded, doc_lo, doc_hi, tile)
-                    survivors += self._scan(tile, start, stop - start, real, first_doc + doc_lo)
-            return survivors
-
-        ranges = self._row_ranges(0, self.rows)
-        while len(self._tiles) < len(ranges):  # grown here, not by racing threads
-            self._tiles.append(torch.empty(0, dtype=torch.float32))
-        self.survivors += sum(self._run(work, ranges))
-
-    def add_packed(
-        self, packed_queries: torch.Tensor, dim: int, packed_docs: torch.Tensor, first_doc: int, doc_count: int
-    ) -> bool:
-        """Scores all rows against a doc chunk with the kernel's product and selects in the same pass: each
-        block of scores is compared with its rows' thresholds while still in registers (tk_product_scan), so no
-        tile is written. The operands are packed (product.KernelProduct); the chunk's first `doc_count` docs
-        are real. Returns True if any real score is NaN or infinite."""
-        if (
-            round_up(self.rows, QUERY_PANEL) * dim > packed_queries.numel()
-            or round_up(doc_count, DOC_PANEL) * dim > packed_docs.numel()
-        ):
-            raise ValueError(f"packed operands too small for {self.rows} rows by {doc_count} docs of {dim} dims")
-
-        def call(lo: int, hi: int, flag: int) -> int:
-            return int(
-                self._lib.tk_product_scan(
-                    packed_queries.data_ptr(),
-                    dim,
-                    lo,
-                    round_up(hi - lo, QUERY_PANEL),
-                    hi - lo,
-                    packed_docs.data_ptr(),
-                    round_up(doc_count, DOC_PANEL),
-                    doc_count,
-                    first_doc,
-                    *self._row_state(lo),
-                    flag,
-                )
+            scored, flagged = estimator.screen(
+                self._row_state, queries, lo, hi, docs, first_doc, doc_count, self._scratch[part]
             )
-
-        return self._add_fused(call, doc_count)
-
-    def add_screened(self, product: ScreenedProduct, docs: ScreenedDocs, first_doc: int, doc_count: int) -> bool:
-        """As add_packed, with the screened product (tk_screen_scan): every pair estimated in bfloat16, and
-        only those that may beat their row's threshold scored exactly. Returns True if any real score that
-        was computed exactly is NaN or infinite (the others are provably finite)."""
-        padded_docs = round_up(doc_count, DOC_PANEL)
-        if (
-            round_up(self.rows, QUERY_PANEL) > product.query_rows.shape[0]
-            or padded_docs > docs.rows.shape[0]
-            or padded_docs > docs.norms.numel()
-            or padded_docs * ((product.dim + 1) // 2) > docs.packed.numel()
-        ):
-            raise ValueError(f"screened operands too small for {self.rows} rows by {doc_count} docs")
-
-        def call(lo: int, hi: int, flag: int) -> int:
-            return int(
-                self._lib.tk_screen_scan(
-                    product.packed_queries.data_ptr(),
-                    product.query_a.data_ptr(),
-                    product.query_b.data_ptr(),
-                    product.query_rows.data_ptr(),
-                    product.query_rows.stride(0),
-                    product.dim,
-                    lo,
-                    round_up(hi - lo, QUERY_PANEL),
-                    hi - lo,
-                    docs.packed.data_ptr(),
-                    docs.norms.data_ptr(),
-                    docs.resid.data_ptr(),
-                    docs.rows.data_ptr(),
-                    docs.rows.stride(0),
-                    padded_docs,
-                    doc_count,
-                    first_doc,
-                    *self._row_state(lo),
-                    flag,
-                )
-            )
-
-        return self._add_fused(call, doc_count)
-
-    def _add_fused(self, call: Callable[[int, int, int], int], doc_count: int) -> bool:
-        """Runs call(lo, hi, address of a flag) for each thread's rows; returns True if any flag was set."""
-        non_finite: list[bool] = []
-
-        def work(_part: int, lo: int, hi: int) -> int:
-            flag = ctypes.c_int32(0)
-            survivors = call(lo, hi, ctypes.addressof(flag))
-            if survivors < 0:
-                raise ValueError(f"the kernel cannot score and select rows {lo}..{hi} by {doc_count} docs")
-            if flag.value:
+            if flagged:
                 non_finite.append(True)
-            return survivors
+            return scored
 
-        self.survivors += sum(self._run(work, self._row_ranges(0, self.rows)))
+        self.survivors += sum(self._run(work, ranges))
         return bool(non_finite)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
