@@ -7,12 +7,12 @@
 Contenders (all read the same .pt files, written once per run into --out):
 
   floor          the matrix products alone: every query times every doc with torch.mm into a preallocated
-                 tile, no selection, data already in memory. Timed for several block shapes, and, where it
-                 runs (AVX-512), with tiny-knn's own product ("kernel": its packing of each doc chunk
-                 included, as in the engine); the best median is the floor. It does not depend on k, so it
-                 is measured once per repeat. Where the screen runs (AVX-512 BF16), its bfloat16 estimates
-                 of every pair are timed too ("bf16 estimates"), for comparison: not float32 products, so
-                 never the floor.
+                 tile, no selection, data already in memory. Timed for several block shapes, and with each of
+                 tiny-knn's estimators that runs here ("estimates: NAME", preparation of each doc chunk
+                 included, as in the engine, and nothing scored exactly); the best float32 median (torch.mm's
+                 shapes, "estimates: kernel", "estimates: torch") is the floor. It does not depend on k, so it
+                 is measured once per repeat. The bfloat16 estimators' times ("estimates: screen",
+                 "estimates: torch-bf16") are shown for comparison: not float32 products, so never the floor.
   tiny-knn       compute_topk(queries.pt, docs.pt, k, force_cpu=True, out_path=...) in a Python process.
   tiny-knn-cli   `tiny-knn Q D --k K --cpu --quiet --output-path OUT` as a whole process.
   faiss          faiss_search.search(): torch.load both, IndexFlatIP, add, search, torch.save.
@@ -71,8 +71,10 @@ MODE = {
     "torch-topk": "in-process",
 }
 FAISS_OF_MODE = {"in-process": "faiss", "process": "faiss-process"}
-# The screen's bfloat16 estimates alone: timed with the floor, shown beside it, never taken as it
-SCREEN_ESTIMATES = "bf16 estimates"
+# Each estimator's estimates alone, timed with the floor ("estimates: NAME"); the float32 ones (kernel, torch) are
+# float32 products and may be the floor, the bfloat16 ones are shown beside it, never taken as it
+ESTIMATES = "estimates: {}"
+BF16_ESTIMATES = (ESTIMATES.format("screen"), ESTIMATES.format("torch-bf16"))
 FLOOR_SHAPES = ((4096, 512), (4096, 1024), (2048, 2048), (1024, 4096), (4096, 2048))
 NAIVE_CHUNK_ROWS = 16384
 SAMPLE_INTERVAL_S = 0.02
@@ -137,36 +139,32 @@ def floor_times(q_path: str, d_path: str, shapes: Sequence[tuple[int, int]]) -> 
                 block = queries[query_start : query_start + block_rows]
                 torch.mm(block, chunk_t, out=tile[: block.shape[0] * cols].view(block.shape[0], cols))
         times[f"{block_rows}x{chunk_rows}"] = time.perf_counter() - start
-    from tiny_knn.product import kernel_product_available, screen_available
+    from tiny_knn import estimators
 
-    if kernel_product_available():
-        times["kernel"] = kernel_floor(queries, docs)
-    if screen_available():
-        times[SCREEN_ESTIMATES] = screen_estimates(queries, docs)
+    for name in estimators.available():
+        times[ESTIMATES.format(name)] = estimates_only(name, queries, docs)
     return times
 
 
-def _prepared_chunks(product: Any, docs: Any, chunk_rows: int) -> Iterator[tuple[int, int, Any, int]]:
-    """(first doc, docs, operand, padded docs) per chunk: each chunk prepared by `product` (packed) on one
-    thread while the caller works on the one before, as in the engine."""
+def _prepared_chunks(estimator: Any, docs: Any, chunk_rows: int) -> Iterator[tuple[int, int, Any, int]]:
+    """(first doc, docs, operand, padded docs) per chunk: each chunk prepared by `estimator` on one thread while
+    the caller works on the one before, as in the engine."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from tiny_knn.product import DOC_PANEL
+    from tiny_knn.estimators import DOC_PANEL
 
     count = docs.shape[0]
-    chunk_buffer = torch.zeros((chunk_rows, docs.shape[1]))
+    chunk_buffers = [torch.zeros((chunk_rows, docs.shape[1])) for _ in range(2)]
 
     def pack(start: int, slot: int) -> tuple[int, int, Any, int]:
         stop = min(start + chunk_rows, count)
         padded = -(-(stop - start) // DOC_PANEL) * DOC_PANEL
-        rows_of_chunk = docs[start:stop]
-        if padded != stop - start:  # zero rows up to the panel
-            chunk_buffer[: stop - start] = rows_of_chunk
-            chunk_buffer[stop - start : padded] = 0
-            rows_of_chunk = chunk_buffer[:padded]
-        return start, stop - start, product.prepare(rows_of_chunk, slot), padded
+        buffer = chunk_buffers[slot]
+        buffer[: stop - start] = docs[start:stop]
+        buffer[stop - start : padded] = 0  # zero rows up to the panel
+        return start, stop - start, estimator.prepare(buffer[:padded], query=False, slot=slot), padded
 
     starts = range(0, count, chunk_rows)
     with ThreadPoolExecutor(1) as packer:
@@ -178,64 +176,27 @@ def _prepared_chunks(product: Any, docs: Any, chunk_rows: int) -> Iterator[tuple
             yield chunk
 
 
-def _padded_queries(queries: Any) -> Any:
+def estimates_only(name: str, queries: Any, docs: Any, chunk_rows: int = 4096) -> float:
+    """Seconds for estimator `name`'s estimates of every pair (preparation included, as in the engine), with
+    every threshold at +inf so that no pair is scored exactly or selected: its floor. For the float32
+    estimators ("kernel", "torch") these are float32 products; the bfloat16 ones are reported beside the floor,
+    never as the floor."""
     import torch
 
-    from tiny_knn.product import QUERY_PANEL
-
-    padded = torch.zeros((-(-queries.shape[0] // QUERY_PANEL) * QUERY_PANEL, queries.shape[1]))
-    padded[: queries.shape[0]] = queries
-    return padded
-
-
-def kernel_floor(
-    queries: Any, docs: Any, chunk_rows: int = 4096, block_rows: int = 1024, tile_docs: int = 1024
-) -> float:
-    """Seconds for tiny-knn's own product (product.KernelProduct) of all queries by all docs, laid out as the
-    engine does: each doc chunk packed on one thread while the chunk before is multiplied on all threads,
-    each thread its own share of the query rows, a block of rows by a tile of docs at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from tiny_knn.product import QUERY_PANEL, KernelProduct
-
-    threads = torch.get_num_threads()
-    padded_queries = _padded_queries(queries)
-    product = KernelProduct(padded_queries)
-    share = -(-padded_queries.shape[0] // threads // QUERY_PANEL) * QUERY_PANEL
-    tiles = [torch.empty(block_rows * tile_docs) for _ in range(threads)]
-
-    def work(part: int, operand: Any, padded: int) -> None:
-        for lo in range(part * share, min((part + 1) * share, padded_queries.shape[0]), block_rows):
-            hi = min(lo + block_rows, (part + 1) * share, padded_queries.shape[0])
-            for doc_lo in range(0, padded, tile_docs):
-                doc_hi = min(doc_lo + tile_docs, padded)
-                out = tiles[part][: (hi - lo) * (doc_hi - doc_lo)].view(hi - lo, doc_hi - doc_lo)
-                product.score(lo, hi, operand, doc_lo, doc_hi, out)
-
-    start_time = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for _, _, operand, padded in _prepared_chunks(product, docs, chunk_rows):
-            list(pool.map(work, range(threads), [operand] * threads, [padded] * threads))
-    return time.perf_counter() - start_time
-
-
-def screen_estimates(queries: Any, docs: Any, chunk_rows: int = 4096) -> float:
-    """Seconds for the screen's bfloat16 estimates of every pair (product.ScreenedProduct, packing included,
-    as in the engine), with every threshold at +inf so that no pair is scored exactly or selected. Reported
-    beside the floor, never as the floor: these are not float32 products."""
-    import torch
-
-    from tiny_knn.product import ScreenedProduct
+    from tiny_knn.engine import _matmul_precision
+    from tiny_knn.estimators import make_estimator
     from tiny_knn.topk import ThresholdTopK
 
-    product = ScreenedProduct(_padded_queries(queries))
+    estimator = make_estimator(name, "ip", queries.shape[1])
+    padded = torch.zeros((-(-queries.shape[0] // 16) * 16, queries.shape[1]))
+    padded[: queries.shape[0]] = queries
     selector = ThresholdTopK(queries.shape[0], 1, start_thresholds=torch.full((queries.shape[0],), float("inf")))
-    start_time = time.perf_counter()
-    for first, count, operand, _ in _prepared_chunks(product, docs, chunk_rows):
-        selector.add_screened(product, operand, first, count)
-    return time.perf_counter() - start_time
+    with _matmul_precision(estimator.matmul_precision):
+        start_time = time.perf_counter()
+        operand = estimator.prepare(padded, query=True)
+        for first, count, chunk, _ in _prepared_chunks(estimator, docs, chunk_rows):
+            selector.add_chunk(estimator, operand, chunk, first, count)
+        return time.perf_counter() - start_time
 
 
 def worker_main(spec_json: str) -> int:
@@ -554,8 +515,8 @@ def draw_chart(report: dict[str, Any], path: str) -> str | None:
             linestyle="--",
             label=f"floor (matrix products, {floor['best_shape']})",
         )
-        torch_shapes = {s: t for s, t in floor["median_s"].items() if s not in ("kernel", SCREEN_ESTIMATES)}
-        if floor["best_shape"] == "kernel" and torch_shapes:  # the torch.mm floor too, for comparison
+        torch_shapes = {s: t for s, t in floor["median_s"].items() if not s.startswith(ESTIMATES.format(""))}
+        if floor["best_shape"] not in torch_shapes and torch_shapes:  # the torch.mm floor too, for comparison
             best = min(torch_shapes, key=torch_shapes.get)
             axes.axhline(torch_shapes[best], color="gray", linestyle=":", label=f"torch.mm floor ({best})")
     axes.set_xscale("log")
@@ -679,7 +640,7 @@ def main(argv: Sequence[str]) -> int:
     if floor_runs:
         per_shape = {shape: [run["shapes"][shape] for run in floor_runs] for shape in floor_runs[0]["shapes"]}
         medians = {shape: median(times) for shape, times in per_shape.items()}
-        float32 = {shape: seconds for shape, seconds in medians.items() if shape != SCREEN_ESTIMATES}
+        float32 = {shape: seconds for shape, seconds in medians.items() if shape not in BF16_ESTIMATES}
         best_shape = min(float32, key=float32.get)
         report["floor"] = {
             "times_s": per_shape,
