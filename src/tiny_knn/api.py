@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import distributed, engine, results, safety
 from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
-from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, is_disk_full
+from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import (
     DEFAULT_K,
@@ -43,10 +43,6 @@ PROGRESS_POLL_S = 0.5
 
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
-
-
-class TinyKnnWarning(UserWarning):
-    """Something was adjusted rather than refused (for instance k clamped to the number of docs)."""
 
 
 def search(

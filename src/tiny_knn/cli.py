@@ -15,8 +15,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from .api import TinyKnnWarning, __version__, compute_topk, prepare
-from .errors import TinyKnnError, is_disk_full
+from .api import __version__, compute_topk, prepare
+from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
