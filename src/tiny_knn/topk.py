@@ -24,7 +24,7 @@ import torch
 
 from . import gpu_survivors
 from .kernel import KERNEL, kernel_available
-from .plan import ROW_ALIGN, doc_tiles, round_up
+from .plan import ROW_ALIGN, doc_tiles, gpu_pool_capacity, pool_capacity, round_up
 from .product import DOC_PANEL, QUERY_PANEL, ScreenedDocs, ScreenedProduct
 
 __all__ = [
@@ -50,11 +50,6 @@ MAX_KERNEL_DOCS = 2**32
 # score(lo, hi, doc_lo, doc_hi, out): writes the scores of (padded) query rows lo..hi against (padded) docs
 # doc_lo..doc_hi of the current chunk into out.
 ScoreRows = Callable[[int, int, int, int, torch.Tensor], None]
-
-
-def pool_capacity(k: int) -> int:
-    """Keys a query row can hold before compaction: at least k spare slots, so compaction is rare."""
-    return k + max(k, 256)
 
 
 _KERNEL = KERNEL
@@ -472,11 +467,6 @@ def tile_best_keys(scores: torch.Tensor, first_doc: int, k: int) -> torch.Tensor
         keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
         keys[tied, take] = _EMPTY
     return keys
-
-
-def gpu_pool_capacity(k: int) -> int:
-    """Keys a row of PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
-    return round_up(max(3 * k, k + 1024), 64)
 
 
 def _sorted_result(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
