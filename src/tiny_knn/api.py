@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, engine, results, safety
-from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
+from .checkpoint import Checkpoint, check_space, checkpoint_folder, fingerprint
 from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
 from .plan import (
@@ -32,6 +32,7 @@ from .plan import (
     parse_size,
 )
 from .sources import RowRange, Source, check_compatible, from_array, open_source
+from .store import MemoryStore, Store
 from .topk import default_selection, kernel_available
 
 __version__ = "0.3.0"
@@ -611,7 +612,7 @@ def _run(
     docs: Source,
     plan: Plan,
     progress: bool,
-    store: MemoryStore | None = None,
+    store: Store | None = None,
     shared: distributed.JobProgress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """engine.search, with a progress bar or, in a torchrun job, progress counted for the whole job (`shared`)."""

@@ -33,6 +33,7 @@ import torch
 from .errors import InvalidInputError, OutputError, output_error
 from .plan import Plan, format_bytes
 from .sources import Source
+from .store import MemoryStore
 
 CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST = "manifest.json"
@@ -46,29 +47,6 @@ SAMPLE_EDGE_BYTES = 64 * 1024
 SAMPLE_BLOCKS = 256
 SAMPLE_BLOCK_BYTES = 4096
 SAMPLE_READERS = 16
-
-
-class MemoryStore:
-    """Finished batches kept in memory: for `search()`, and for runs of a single batch, where a
-    checkpoint could only ever hold the final answer."""
-
-    def __init__(self, rows: int, k: int) -> None:
-        self.done_rows = 0
-        self.rows = rows
-        self.scores = torch.empty((rows, k), dtype=torch.float32)
-        self.indices = torch.empty((rows, k), dtype=torch.int64)
-
-    def save(self, start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
-        """Stores the finished rows [start, start + len(scores)); batches arrive in order."""
-        stop = start + scores.shape[0]
-        if type(self) is MemoryStore and start == 0 and stop == self.rows:
-            # One batch holds every row: keep its tensors rather than copy them (at k=2000 and 4096 queries,
-            # 98 MB of fresh pages and a copy).
-            self.scores, self.indices = scores.contiguous(), indices.contiguous()
-        else:
-            self.scores[start:stop] = scores
-            self.indices[start:stop] = indices
-        self.done_rows = stop
 
 
 class Checkpoint(MemoryStore):

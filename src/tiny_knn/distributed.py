@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import MemoryStore, allocate
+from .checkpoint import allocate
 from .plan import Plan
 from .refine import drop_self
+from .store import Store
 
 SHARD_MODES = ("auto", "docs", "queries")
 # Seconds any collective may wait for the other ranks (TINY_KNN_DIST_TIMEOUT overrides).
@@ -159,14 +160,15 @@ def from_leader(value: int, device: str) -> int:
     return int(tensor.item())
 
 
-class MergingStore(MemoryStore):
-    """For `docs` sharding: each finished batch of this rank's candidates (global doc numbers) goes to
-    rank 0, which merges every rank's into the overall top k and hands them to its own `store`."""
+class MergingStore:
+    """For `docs` sharding, the store.Store the engine saves to: each finished batch of this rank's
+    candidates (global doc numbers) goes to rank 0, which merges every rank's into the overall top k and hands
+    them to its own `store`."""
 
     def __init__(
         self,
         job: Job,
-        store: MemoryStore | None,
+        store: Store | None,
         *,
         done_rows: int,
         candidates: int,

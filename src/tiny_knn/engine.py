@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .checkpoint import MemoryStore
 from .metrics import prepare_docs, prepare_queries, round_to_bfloat16
 from .plan import (
     COL_ALIGN,
@@ -37,6 +36,7 @@ from .plan import (
 from .product import KernelProduct, Operand, ScreenedDocs, ScreenedProduct, TorchProduct, make_product
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
+from .store import MemoryStore, Store
 from .topk import RunningTopK, ThresholdTopK, make_running_topk
 
 ProgressCallback = Callable[[int], None]
@@ -50,7 +50,7 @@ def search(
     docs: Source,
     plan: Plan,
     on_docs_scored: ProgressCallback | None = None,
-    store: MemoryStore | None = None,
+    store: Store | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """Runs the plan. Returns (scores float32 (Q, k), indices int64 (Q, k), the plan actually used).
 
@@ -76,7 +76,7 @@ def _full_float32_products() -> Iterator[None]:
 
 
 def _search_batches(
-    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: MemoryStore
+    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: Store
 ) -> Plan:
     for batch_start in range(store.done_rows, queries.rows, plan.query_batch_rows):
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
