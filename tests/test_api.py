@@ -63,10 +63,10 @@ def test_k_larger_than_docs_is_clamped_with_a_warning(pair, tmp_path) -> None:  
 
 
 def test_a_missing_kernel_is_said_unless_turned_off(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tiny_knn import api
+    from tiny_knn import options
 
     paths = pair(torch.randn(3, 4), torch.randn(7, 4))
-    monkeypatch.setattr(api, "kernel_available", lambda: False)
+    monkeypatch.setattr(options, "kernel_available", lambda: False)
     with pytest.warns(TinyKnnWarning, match="compiled kernel is missing .* with a C compiler present"):
         compute_topk(*paths, k=2, force_cpu=True)
     monkeypatch.setenv("TINY_KNN_NO_KERNEL", "1")  # asked for: nothing to say

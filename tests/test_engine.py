@@ -11,6 +11,7 @@ from oracle import assert_exact
 from tiny_knn import engine
 from tiny_knn import plan as plan_module
 from tiny_knn.api import prepare
+from tiny_knn.options import SearchOptions
 from tiny_knn.sources import FileSource
 from tiny_knn.topk import kernel_available
 
@@ -25,7 +26,7 @@ def product_split(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 
 def run(q_path: str, d_path: str, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-    queries, docs, plan = prepare(q_path, d_path, k, force_cpu=True, **options)
+    queries, docs, plan = prepare(q_path, d_path, k, SearchOptions(force_cpu=True, **options))
     scores, indices, _ = engine.search(queries, docs, plan)
     return scores, indices
 
@@ -127,7 +128,7 @@ def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, monkeypatc
     generator = torch.Generator().manual_seed(5)
     queries, docs = torch.randn(50, 16, generator=generator), torch.randn(7000, 16, generator=generator)
     paths = pair(queries, docs)
-    queries_source, docs_source, plan = prepare(*paths, 1000, force_cpu=True, selection="threshold")
+    queries_source, docs_source, plan = prepare(*paths, 1000, SearchOptions(force_cpu=True, selection="threshold"))
     assert plan.threshold_sample_docs > 0
     scores, indices, _ = engine.search(queries_source, docs_source, plan)
     reference = run(*paths, 1000, selection="sort")
@@ -166,7 +167,9 @@ def test_threshold_tiles_stay_as_narrow_as_the_plan_counts(pair, monkeypatch, se
 
     monkeypatch.setattr(engine, "_score", score)
     queries, docs = torch.randn(20, 8), torch.randn(1000, 8)
-    _queries, _docs, plan = prepare(*pair(queries, docs), 7, force_cpu=True, chunk_size=1000, selection=selection)
+    _queries, _docs, plan = prepare(
+        *pair(queries, docs), 7, SearchOptions(force_cpu=True, chunk_size=1000, selection=selection)
+    )
     scores, indices = run(*pair(queries, docs), 7, chunk_size=1000, selection=selection)
     assert_exact(queries, docs, scores, indices)
     assert all(rows <= plan.query_block_rows for rows, _ in shapes)
@@ -191,7 +194,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     from tiny_knn.errors import InvalidInputError
 
     docs = torch.randn(1000, 8)
-    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     starts = []
     for start, count, rows, *_ in engine._host_chunks(source, plan, pinned=False, pieces=pieces):
         assert torch.equal(rows[:count], docs[start : start + count])  # buffers are reused: check each now
@@ -199,7 +202,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     assert starts == [0, 256, 512, 768]
     docs[600, 3] = float("nan")
     docs[700, 1] = float("inf")
-    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
         list(engine._host_chunks(source, plan, pinned=False, pieces=pieces))
 

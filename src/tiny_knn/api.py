@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, Protocol, Union
@@ -17,23 +16,13 @@ from tqdm import tqdm
 
 from . import distributed, engine, results, safety
 from .checkpoint import Checkpoint, check_space, checkpoint_folder, fingerprint
-from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, TinyKnnWarning, is_disk_full
-from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
-from .plan import (
-    DEFAULT_K,
-    INDEX_BYTES,
-    PRECISIONS,
-    SCORE_BYTES,
-    Plan,
-    available_bytes,
-    default_budget_bytes,
-    format_bytes,
-    make_plan,
-    parse_size,
-)
-from .sources import RowRange, Source, check_compatible, from_array, open_source
+from .errors import InputChangedError, InvalidInputError, is_disk_full
+from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
+from .metrics import DEFAULT_METRIC, higher_is_better
+from .options import SearchOptions, plan_search
+from .plan import DEFAULT_K, INDEX_BYTES, SCORE_BYTES, Plan
+from .sources import RowRange, Source, from_array, open_source
 from .store import MemoryStore, Store
-from .topk import default_selection, kernel_available
 
 __version__ = "0.3.0"
 
@@ -103,10 +92,7 @@ def search(
         )
     if device is not None and device not in ("cpu", "cuda"):
         raise InvalidInputError(f"device={device!r}: expected 'cpu' or 'cuda'")
-    plan = _plan(
-        query_source,
-        doc_source,
-        k,
+    options = SearchOptions(
         force_cpu=device == "cpu",
         max_memory=max_memory,
         batch_size=batch_size,
@@ -115,6 +101,7 @@ def search(
         exclude_self=exclude_self,
         precision=precision,
     )
+    plan = plan_search(query_source, doc_source, k, options)
     scores, indices, _ = _run(query_source, doc_source, plan, progress)
     return scores, indices
 
@@ -191,19 +178,17 @@ def compute_topk(
         [[2, 1], [0, 1], [0, 1]]
     """
     q_path, d_path = os.fspath(q_path), os.fspath(d_path)
-    queries, docs, plan = prepare(
-        q_path,
-        d_path,
-        k,
+    options = SearchOptions(
         force_cpu=force_cpu,
         max_memory=max_memory,
         batch_size=batch_size,
         chunk_size=chunk_size,
         metric=metric,
         exclude_self=exclude_self,
-        results_on_disk=True,
         precision=precision,
+        results_on_disk=True,
     )
+    queries, docs, plan = prepare(q_path, d_path, k, options)
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     results.check_format(target, fmt)
@@ -219,7 +204,6 @@ def compute_topk(
         if job is None:
             found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra)
         else:
-            sizes = (max_memory, batch_size, chunk_size)
             try:
                 distributed.join(job, plan.device)
                 # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
@@ -227,7 +211,7 @@ def compute_topk(
                 shared = distributed.JobProgress.connect() if progress else None
                 with _job_progress_bar(shared is not None and job.leader):
                     found = _search_together(
-                        job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared, extra
+                        job, queries, docs, plan, options, target, fmt, restart, progress, shard, shared, extra
                     )
             finally:
                 if job is not None and not job.leader:
@@ -330,17 +314,18 @@ def _search_together(
     queries: Source,
     docs: Source,
     plan: Plan,
+    options: SearchOptions,
     target: str,
     fmt: str,
     restart: bool,
     progress: bool,
     shard: str,
-    sizes: tuple[int | str | None, int | None, int | None],
     shared: distributed.JobProgress | None,
     extra: tuple[str, ...],
 ) -> Found | None:
-    """One rank of a torchrun job (see distributed.py), joined already. Returns the whole result on rank 0,
-    else None. With `shared`, the docs this rank scores are counted for the whole job's progress."""
+    """One rank of a torchrun job (see distributed.py), joined already: its share planned with the whole job's
+    `options`. Returns the whole result on rank 0, else None. With `shared`, the docs this rank scores are
+    counted for the whole job's progress."""
     mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
     if mode == "docs":
         if docs.rows < job.world:
@@ -349,9 +334,9 @@ def _search_together(
         my_docs = RowRange(docs, first, last)
         wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
         quiet_k = min(wanted, my_docs.rows)
-        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, sizes)
+        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False))
         batch = distributed.agree_min(mine.query_batch_rows, plan.device)
-        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, (sizes[0], batch, sizes[2]))
+        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False, batch_size=batch))
         plan = replace(plan, query_batch_rows=batch)
         store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
         if job.leader and store is None:
@@ -374,7 +359,7 @@ def _search_together(
         return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
     first, last = distributed.share(queries.rows, job)
     my_queries = RowRange(queries, first, last)
-    mine = _rank_plan(my_queries, docs, plan.k, plan, plan.exclude_self, sizes)
+    mine = plan_search(my_queries, docs, plan.k, options)
     rank_target = f"{target}.rank{job.rank}of{job.world}"
     with safety.OutputLock(rank_target):
         own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
@@ -396,31 +381,6 @@ def _search_together(
             own.remove()
         return None
     return collected[0], collected[1], plan, Finish()
-
-
-def _rank_plan(
-    queries: Source,
-    docs: Source,
-    k: int,
-    like: Plan,
-    exclude_self: bool,
-    sizes: tuple[int | str | None, int | None, int | None],
-) -> Plan:
-    """The plan for one rank's share, with the whole job's device and metric."""
-    max_memory, batch_size, chunk_size = sizes
-    return _plan(
-        queries,
-        docs,
-        k,
-        force_cpu=like.device == "cpu",
-        max_memory=max_memory,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        metric=like.metric,
-        exclude_self=exclude_self,
-        results_on_disk=True,
-        precision=like.precision,
-    )
 
 
 def _open_checkpoint(
@@ -455,44 +415,16 @@ def _open_checkpoint(
     return store
 
 
-def prepare(
-    q_path: str,
-    d_path: str,
-    k: int,
-    *,
-    force_cpu: bool = False,
-    max_memory: int | str | None = None,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
-    selection: str = "auto",
-    metric: str = DEFAULT_METRIC,
-    exclude_self: bool = False,
-    results_on_disk: bool = False,
-    precision: str = "exact",
-) -> tuple[Source, Source, Plan]:
+def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
     queries = open_source(q_path, "queries")
     docs = open_source(d_path, "docs")
-    if exclude_self and _identity(q_path) != _identity(d_path):
+    if options.exclude_self and _identity(q_path) != _identity(d_path):
         raise InvalidInputError(
             f"exclude_self: {queries.label()} and {docs.label()} differ; expected the same file for both "
             "(each query's own row is left out by index)"
         )
-    plan = _plan(
-        queries,
-        docs,
-        k,
-        force_cpu=force_cpu,
-        max_memory=max_memory,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        selection=selection,
-        metric=metric,
-        exclude_self=exclude_self,
-        results_on_disk=results_on_disk,
-        precision=precision,
-    )
-    return queries, docs, plan
+    return queries, docs, plan_search(queries, docs, k, options)
 
 
 def _identity(spec: str) -> str:
@@ -507,104 +439,6 @@ def _as_source(embeddings: Embeddings, role: str) -> Source:
     if isinstance(embeddings, (str, os.PathLike)):
         return open_source(embeddings, role)
     raise InvalidInputError(f"{role}: got a {type(embeddings).__name__}, expected a tensor, a numpy array or a path")
-
-
-def _plan(
-    queries: Source,
-    docs: Source,
-    k: int,
-    *,
-    force_cpu: bool,
-    max_memory: int | str | None,
-    batch_size: int | None,
-    chunk_size: int | None,
-    metric: str,
-    exclude_self: bool,
-    selection: str = "auto",
-    results_on_disk: bool = False,
-    precision: str = "exact",
-) -> Plan:
-    """Checks the options against both inputs, then plans."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidInputError(f"k={k!r}: expected a whole number >= 1")
-    if isinstance(max_memory, str):  # "512MB", as the command line takes it
-        try:
-            max_memory = parse_size(max_memory)
-        except ValueError as exc:
-            raise InvalidInputError(f"max_memory: {exc}") from None
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_memory", max_memory)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InvalidInputError(f"{name}={value!r}: expected a whole number >= 1")
-    try:
-        check_metric(metric)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from None
-    precision = _check_precision(precision, metric)
-    check_compatible(queries, docs)
-    available = docs.rows - int(exclude_self)
-    if exclude_self and available < 1:
-        raise InvalidInputError(f"exclude_self: {docs.label()} holds 1 row; nothing is left once it is excluded")
-    if k > available:
-        warnings.warn(
-            f"k={k} is more than the {available} docs in {docs.label()}"
-            + (" besides each query itself" if exclude_self else "")
-            + f"; returning k={available}",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not kernel_available() and not os.environ.get("TINY_KNN_NO_KERNEL"):
-        warnings.warn(
-            "tiny-knn's compiled kernel is missing (no C compiler when it was installed, or built from older "
-            "source): the CPU search selects with torch.topk, about 10 times slower at k=2000; reinstall "
-            "tiny-knn with a C compiler present",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    if selection == "auto":
-        selection = default_selection(device, docs.rows)
-    budget = max_memory if max_memory is not None else default_budget_bytes(device)
-    there = available_bytes(device)
-    if budget > there:
-        warnings.warn(
-            f"the memory budget ({format_bytes(budget)}) is more than the {format_bytes(there)} of "
-            f"{'GPU memory' if device == 'cuda' else 'RAM'} available; the run may swap or be killed",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    try:
-        return make_plan(
-            queries=queries.rows,
-            docs=docs.rows,
-            dim=queries.dim,
-            k=k,
-            device=device,
-            budget_bytes=budget,
-            selection=selection,
-            batch_rows=batch_size,
-            chunk_rows=chunk_size,
-            metric=metric,
-            exclude_self=exclude_self,
-            results_on_disk=results_on_disk,
-            precision=precision,
-            threads=torch.get_num_threads(),
-        )
-    except ValueError as exc:
-        raise MemoryBudgetError(str(exc)) from None
-
-
-def _check_precision(precision: str, metric: str) -> str:
-    """The plan's precision for the requested one ("exact" is float32 products until the certified
-    bfloat16 path has been checked on a GPU); refuses combinations not built yet."""
-    chosen = "fp32" if precision == "exact" else precision
-    if chosen not in PRECISIONS:
-        raise InvalidInputError(f"precision={precision!r}: expected one of exact, {', '.join(PRECISIONS)}")
-    if (chosen, metric) in (("bf16", "cosine"), ("bf16-unsafe", "l2")):
-        raise InvalidInputError(
-            f"precision {chosen} with metric {metric} is not supported yet; "
-            + ("normalise the rows and use ip" if metric == "cosine" else "use precision bf16")
-        )
-    return chosen
 
 
 def _run(

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from .api import __version__, compute_topk, prepare
 from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
+from .options import SearchOptions
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
 
@@ -160,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(), _sigterm_raises():
         warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
+        options = _search_options(args)
         if args.dry_run:
-            return _run_reporting_errors(lambda: _describe_plan(args))
+            return _run_reporting_errors(lambda: _describe_plan(args, options))
         return _run_reporting_errors(
             lambda: compute_topk(
                 args.queries,
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc_ids=args.doc_ids,
                 restart=args.restart,
                 shard=args.shard,
-                **_plan_options(args),
+                **options.compute_topk_keywords(),
             )
         )
 
@@ -190,22 +192,24 @@ def console_main() -> NoReturn:
     sys.exit(code)
 
 
-def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that shape the plan, as both compute_topk and prepare take them."""
-    return {
-        "force_cpu": args.cpu,
-        "max_memory": args.max_memory,
-        "batch_size": args.batch_size,
-        "chunk_size": args.chunk_size,
-        "metric": args.metric,
-        "exclude_self": args.exclude_self,
-        "precision": args.precision,
-    }
+def _search_options(args: argparse.Namespace) -> SearchOptions:
+    """The options that shape the plan, read from the command line once: the search and --dry-run take the
+    same (results on disk, as compute_topk keeps them)."""
+    return SearchOptions(
+        force_cpu=args.cpu,
+        max_memory=args.max_memory,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        metric=args.metric,
+        exclude_self=args.exclude_self,
+        precision=args.precision,
+        results_on_disk=True,
+    )
 
 
-def _describe_plan(args: argparse.Namespace) -> str:
+def _describe_plan(args: argparse.Namespace, options: SearchOptions) -> str:
     """The plan as text, without searching."""
-    queries, docs, plan = prepare(args.queries, args.docs, args.k, results_on_disk=True, **_plan_options(args))
+    queries, docs, plan = prepare(args.queries, args.docs, args.k, options)
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(
         [
