@@ -1,35 +1,25 @@
-"""The public entry points: check everything, plan, search, write. The CLI calls only these."""
+"""The public entry points: check everything, plan, search, write. The CLI calls only these; a torchrun job's
+search is distributed.search's."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import threading
-from collections.abc import Iterator
-from dataclasses import replace
-from typing import Any, Protocol, Union
+from typing import Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from . import distributed, engine, results, safety
-from .checkpoint import Checkpoint, check_space, checkpoint_folder, fingerprint
-from .errors import InputChangedError, InvalidInputError, is_disk_full
+from . import distributed, results, safety
+from .checkpoint import open_checkpoint, reporting_stops
+from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
 from .metrics import DEFAULT_METRIC, higher_is_better
 from .options import SearchOptions, plan_search
-from .plan import DEFAULT_K, INDEX_BYTES, SCORE_BYTES, Plan
-from .sources import RowRange, Source, from_array, open_source
-from .store import MemoryStore, Store
+from .plan import DEFAULT_K, Plan
+from .running import Found, run_search
+from .sources import Source, from_array, open_source
 
 __version__ = "0.3.0"
-
-# Progress notes (resuming, where an interrupted run's work is kept); the CLI prints them on stderr.
-log = logging.getLogger("tiny_knn")
-# Seconds between two readings of a torchrun job's progress on rank 0.
-PROGRESS_POLL_S = 0.5
 
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
@@ -102,7 +92,7 @@ def search(
         precision=precision,
     )
     plan = plan_search(query_source, doc_source, k, options)
-    scores, indices, _ = _run(query_source, doc_source, plan, progress)
+    scores, indices, _ = run_search(query_source, doc_source, plan, progress)
     return scores, indices
 
 
@@ -204,18 +194,7 @@ def compute_topk(
         if job is None:
             found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra)
         else:
-            try:
-                distributed.join(job, plan.device)
-                # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
-                # store cannot be reached, its own share).
-                shared = distributed.JobProgress.connect() if progress else None
-                with _job_progress_bar(shared is not None and job.leader):
-                    found = _search_together(
-                        job, queries, docs, plan, options, target, fmt, restart, progress, shard, shared, extra
-                    )
-            finally:
-                if job is not None and not job.leader:
-                    distributed.leave()
+            found = distributed.search(job, queries, docs, plan, options, target, fmt, restart, progress, shard, extra)
         if found is None:  # another rank of a torchrun job: rank 0 writes the output
             return target
         scores, indices, plan, store = found
@@ -236,7 +215,7 @@ def compute_topk(
             **ids,
         }
         try:
-            with _reporting_stops(store, queries.rows):
+            with reporting_stops(store, queries.rows):
                 safety.check_output_path(target, fmt, inputs)  # again: a long run leaves time for changes
                 results.write_output(target, fmt, result, higher_is_better(plan.metric))
             if store is not None:
@@ -245,14 +224,6 @@ def compute_topk(
             if job is not None:
                 distributed.leave()
     return target
-
-
-# The result, the plan used, and the checkpoint to delete once the output is written (if any).
-Found = tuple[torch.Tensor, torch.Tensor, Plan, "Removable | None"]
-
-
-class Removable(Protocol):
-    def remove(self) -> None: ...
 
 
 def _search_alone(
@@ -266,153 +237,10 @@ def _search_alone(
     extra: tuple[str, ...],
 ) -> Found:
     """One process: search with a checkpoint (when there are several batches)."""
-    store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
-    with _reporting_stops(store, queries.rows):
-        scores, indices, plan = _run(queries, docs, plan, progress, store)
-    return scores, indices, plan, store if isinstance(store, Checkpoint) else None
-
-
-@contextlib.contextmanager
-def _reporting_stops(store: object, rows: int) -> Iterator[None]:
-    """Says, when what runs inside stops, what became of the finished rows kept in the store's checkpoint (see
-    _report_stop)."""
-    try:
-        yield
-    except BaseException as exc:
-        kept = store.store if isinstance(store, distributed.MergingStore) else store
-        if isinstance(kept, Checkpoint):
-            _report_stop(kept, rows, exc)
-        raise
-
-
-def _report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
-    """The truth about a checkpoint once a run stopped: deleted where no run can ever resume it (an input
-    changed, or holds bad values that must be fixed first); else how many queries its manifest counts, and
-    what to do to continue."""
-    changed = checkpoint.inputs_changed() if isinstance(exc, InputChangedError) else ""
-    if changed or isinstance(exc, InvalidInputError):
-        checkpoint.remove()
-        why = f"its inputs changed: {changed}" if changed else "a run over the fixed inputs starts afresh"
-        log.warning(f"deleted the checkpoint '{checkpoint.folder}': {why}")
-        return
-    saved = checkpoint.saved_rows()
-    first = "free some space, then " if is_disk_full(exc) else ""
-    if saved < rows:
-        log.warning(
-            f"stopped: {saved} of {rows} queries are saved in '{checkpoint.folder}'; "
-            f"{first}run the same command again to continue"
-        )
-    else:
-        log.warning(
-            f"all {rows} queries are saved in '{checkpoint.folder}'; {first}run the same command again to write "
-            "the result"
-        )
-
-
-def _search_together(
-    job: distributed.Job,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    options: SearchOptions,
-    target: str,
-    fmt: str,
-    restart: bool,
-    progress: bool,
-    shard: str,
-    shared: distributed.JobProgress | None,
-    extra: tuple[str, ...],
-) -> Found | None:
-    """One rank of a torchrun job (see distributed.py), joined already: its share planned with the whole job's
-    `options`. Returns the whole result on rank 0, else None. With `shared`, the docs this rank scores are
-    counted for the whole job's progress."""
-    mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
-    if mode == "docs":
-        if docs.rows < job.world:
-            raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
-        first, last = distributed.share(docs.rows, job)
-        my_docs = RowRange(docs, first, last)
-        wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
-        quiet_k = min(wanted, my_docs.rows)
-        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False))
-        batch = distributed.agree_min(mine.query_batch_rows, plan.device)
-        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False, batch_size=batch))
-        plan = replace(plan, query_batch_rows=batch)
-        store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
-        if job.leader and store is None:
-            store = MemoryStore(queries.rows, plan.k)
-        done = distributed.from_leader(store.done_rows if store is not None else 0, plan.device)
-        merging = distributed.MergingStore(
-            job,
-            store,
-            done_rows=done,
-            candidates=wanted,
-            k=plan.k,
-            higher_is_better=higher_is_better(plan.metric),
-            exclude_self=plan.exclude_self,
-            device=plan.device,
-        )
-        with _reporting_stops(merging, queries.rows):
-            _run(queries, my_docs, mine, progress and job.leader, merging, shared)
-        if store is None:
-            return None
-        return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
-    first, last = distributed.share(queries.rows, job)
-    my_queries = RowRange(queries, first, last)
-    mine = plan_search(my_queries, docs, plan.k, options)
-    rank_target = f"{target}.rank{job.rank}of{job.world}"
-    with safety.OutputLock(rank_target):
-        own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
-        with _reporting_stops(own, my_queries.rows):
-            scores, indices, _ = _run(my_queries, docs, mine, progress and job.leader, own, shared)
-    folder = distributed.assembly_folder(target) if job.leader else ""
-    collected = distributed.collect_rows(job, scores, indices, queries.rows, folder, plan.device)
-
-    class Finish:
-        def remove(self) -> None:
-            if isinstance(own, Checkpoint):
-                own.remove()
-            distributed.remove_folder(folder)
-            distributed.barrier(plan.device)  # the others keep their checkpoints until the output is written
-
-    if collected is None:
-        distributed.barrier(plan.device)
-        if isinstance(own, Checkpoint):
-            own.remove()
-        return None
-    return collected[0], collected[1], plan, Finish()
-
-
-def _open_checkpoint(
-    target: str,
-    fmt: str,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    restart: bool,
-    extra: tuple[str, ...] = (),
-    count_output: bool = True,
-) -> MemoryStore | None:
-    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space. The
-    inputs' fingerprint (`extra`: more files the answer depends on, such as ids files) is taken only where a
-    checkpoint is made or resumed: it reads a sample of every input."""
-    folder = checkpoint_folder(target)
-    result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
-    output_bytes = result_bytes * (4 if fmt == "trec" else 1) if count_output else 0  # TREC: ~4x the binary
-    fresh = restart or not os.path.isdir(folder)
-    wanted = plan.doc_passes > 1
-    check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
-
-    def mark() -> dict[str, Any]:
-        marked = fingerprint(queries, docs, plan, extra)
-        if queries.first_row:
-            marked["first_query"] = queries.first_row  # one rank's share
-        return marked
-
-    store = Checkpoint.open(target, mark, queries.rows, plan.k, restart=restart, wanted=wanted)
-    if store is not None and store.done_rows:
-        log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
-    return store
+    store = open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
+    with reporting_stops(store, queries.rows):
+        scores, indices, plan = run_search(queries, docs, plan, progress, store)
+    return scores, indices, plan, store
 
 
 def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[Source, Source, Plan]:
@@ -439,59 +267,3 @@ def _as_source(embeddings: Embeddings, role: str) -> Source:
     if isinstance(embeddings, (str, os.PathLike)):
         return open_source(embeddings, role)
     raise InvalidInputError(f"{role}: got a {type(embeddings).__name__}, expected a tensor, a numpy array or a path")
-
-
-def _run(
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    progress: bool,
-    store: Store | None = None,
-    shared: distributed.JobProgress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, Plan]:
-    """engine.search, with a progress bar or, in a torchrun job, progress counted for the whole job (`shared`)."""
-    done = 0 if store is None else store.done_rows
-    total = docs.rows * -(-(queries.rows - done) // plan.query_batch_rows)
-    if shared is not None:
-        shared.expect(total)
-        return engine.search(queries, docs, plan, on_docs_scored=shared.scored, store=store)
-    if not progress:
-        return engine.search(queries, docs, plan, store=store)
-    with _progress_bar(total) as bar:
-        return engine.search(queries, docs, plan, on_docs_scored=bar.update, store=store)
-
-
-def _progress_bar(total: int) -> tqdm:
-    return tqdm(total=total, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _job_progress_bar(show: bool) -> Iterator[None]:
-    """With `show` (rank 0 of a torchrun job): a bar that follows the docs scored by every rank, read from
-    the job's store every PROGRESS_POLL_S seconds by a thread with a connection of its own (rank 0 may be
-    busy merging or waiting)."""
-    reader = distributed.JobProgress.connect() if show else None
-    if reader is None:
-        yield
-        return
-    stop = threading.Event()
-    with _progress_bar(0) as bar:
-
-        def update() -> None:
-            scored, expected = reader.read()
-            bar.total, bar.n = expected, scored
-            bar.refresh()
-
-        def follow() -> None:
-            with contextlib.suppress(RuntimeError):  # the store went away: the job is ending anyway
-                while not stop.wait(PROGRESS_POLL_S):
-                    update()
-                update()
-
-        thread = threading.Thread(target=follow, name="tiny-knn-progress", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
