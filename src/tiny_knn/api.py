@@ -14,7 +14,7 @@ from .checkpoint import open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
 from .metrics import DEFAULT_METRIC, higher_is_better
-from .options import SearchOptions, plan_search
+from .options import DEFAULT_PRECISION, SearchOptions, plan_search
 from .plan import DEFAULT_K, Plan
 from .running import Found, run_search
 from .sources import Source, from_array, open_source
@@ -32,7 +32,7 @@ def search(
     *,
     metric: str = DEFAULT_METRIC,
     exclude_self: bool = False,
-    precision: str = "exact",
+    precision: str = DEFAULT_PRECISION,
     device: str | None = None,
     max_memory: int | str | None = None,
     batch_size: int | None = None,
@@ -114,7 +114,7 @@ def compute_topk(
     doc_ids: str | os.PathLike[str] | None = None,
     restart: bool = False,
     shard: str = "auto",
-    precision: str = "exact",
+    precision: str = DEFAULT_PRECISION,
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 

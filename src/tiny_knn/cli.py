@@ -16,9 +16,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from .api import __version__, compute_topk, prepare
+from .distributed import SHARD_MODES
 from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
-from .options import SearchOptions
+from .options import DEFAULT_PRECISION, PRECISION_CHOICES, SearchOptions
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
 
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=("exact", "fp32", "bf16", "bf16-unsafe"),
-        default="exact",
+        choices=PRECISION_CHOICES,
+        default=DEFAULT_PRECISION,
         help="exact: float32 products (for now on every device); bf16: products of rows rounded to bfloat16, "
         "every answer re-scored exactly and certified (ip, l2); bf16-unsafe: bfloat16 products as they are, "
         "not exact (ip, cosine)",
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shard",
-        choices=("auto", "docs", "queries"),
+        choices=SHARD_MODES,
         default="auto",
         help="under torchrun: split the docs between ranks (each reads its share; rank 0 merges) or the queries "
         "(each reads all docs); auto weighs rank 0's merge against reading the docs on every rank",

@@ -20,6 +20,11 @@ from .plan import PRECISIONS, Plan, available_bytes, default_budget_bytes, forma
 from .sources import Source, check_compatible
 from .topk import default_selection, kernel_available
 
+# What a caller may ask for: "exact" (the default: answers exact whatever the device; for now the plan's
+# fp32, see _check_precision) or one of the plan's PRECISIONS by name.
+DEFAULT_PRECISION = "exact"
+PRECISION_CHOICES = (DEFAULT_PRECISION, *PRECISIONS)
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -31,7 +36,7 @@ class SearchOptions:
     chunk_size: int | None = None
     metric: str = DEFAULT_METRIC
     exclude_self: bool = False
-    precision: str = "exact"
+    precision: str = DEFAULT_PRECISION
     selection: str = "auto"  # the selector (topk.py): only tests and benchmarks pick one
     results_on_disk: bool = False  # several batches go to a checkpoint (compute_topk): one batch's are held
 
@@ -125,7 +130,7 @@ def _check_precision(precision: str, metric: str) -> str:
     bfloat16 path has been checked on a GPU); refuses combinations not built yet."""
     chosen = "fp32" if precision == "exact" else precision
     if chosen not in PRECISIONS:
-        raise InvalidInputError(f"precision={precision!r}: expected one of exact, {', '.join(PRECISIONS)}")
+        raise InvalidInputError(f"precision={precision!r}: expected one of {', '.join(PRECISION_CHOICES)}")
     if (chosen, metric) in (("bf16", "cosine"), ("bf16-unsafe", "l2")):
         raise InvalidInputError(
             f"precision {chosen} with metric {metric} is not supported yet; "
