@@ -151,95 +151,83 @@ def search(
     shard: str,
     extra: tuple[str, ...],
 ) -> Found | None:
-    """compute_topk's search on this rank of a torchrun job: joins the job, searches this rank's share with a
-    checkpoint (see the module docstring) and returns the whole result on rank 0, else None (having left the
-    job). Rank 0 leaves once it has written the output."""
+    """compute_topk's search on this rank of a torchrun job: joins the job, searches this rank's share (planned
+    with the whole job's `options`) with a checkpoint, and returns the whole result on rank 0, else None.
+    With `progress`, the docs every rank scores are counted for the whole job's bar on rank 0."""
+    with _joined(job, plan.device, progress) as shared:
+        mode = choose_shard(shard, plan, job.world, docs.nbytes)
+        if mode == "docs":
+            if docs.rows < job.world:
+                raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
+            first, last = share(docs.rows, job)
+            my_docs = RowRange(docs, first, last)
+            wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
+            quiet_k = min(wanted, my_docs.rows)
+            mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False))
+            batch = agree_min(mine.query_batch_rows, plan.device)
+            mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False, batch_size=batch))
+            plan = replace(plan, query_batch_rows=batch)
+            store: Store | None = (
+                open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
+            )
+            if job.leader and store is None:
+                store = MemoryStore(queries.rows, plan.k)
+            done = from_leader(store.done_rows if store is not None else 0, plan.device)
+            merging = MergingStore(
+                job,
+                store,
+                done_rows=done,
+                candidates=wanted,
+                k=plan.k,
+                higher_is_better=higher_is_better(plan.metric),
+                exclude_self=plan.exclude_self,
+                device=plan.device,
+            )
+            with reporting_stops(store, queries.rows):  # the merged rows' checkpoint, on rank 0
+                run_search(queries, my_docs, mine, progress and job.leader, merging, shared)
+            if store is None:
+                return None
+            return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
+        first, last = share(queries.rows, job)
+        my_queries = RowRange(queries, first, last)
+        mine = plan_search(my_queries, docs, plan.k, options)
+        rank_target = f"{target}.rank{job.rank}of{job.world}"
+        with safety.OutputLock(rank_target):
+            own = open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
+            with reporting_stops(own, my_queries.rows):
+                scores, indices, _ = run_search(my_queries, docs, mine, progress and job.leader, own, shared)
+        folder = assembly_folder(target) if job.leader else ""
+        collected = collect_rows(job, scores, indices, queries.rows, folder, plan.device)
+
+        class Finish:
+            def remove(self) -> None:
+                if isinstance(own, Checkpoint):
+                    own.remove()
+                remove_folder(folder)
+                barrier(plan.device)  # the others keep their checkpoints until the output is written
+
+        if collected is None:
+            barrier(plan.device)
+            if isinstance(own, Checkpoint):
+                own.remove()
+            return None
+        return collected[0], collected[1], plan, Finish()
+
+
+@contextlib.contextmanager
+def _joined(job: Job, device: str, progress: bool) -> Iterator[JobProgress | None]:
+    """In the job's process group while what runs inside does (then a rank other than 0 leaves; rank 0 leaves
+    once it has written the output), with the job's progress counter when `progress` is asked for."""
     try:
-        join(job, plan.device)
+        join(job, device)
         # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
         # store cannot be reached, its own share).
         shared = JobProgress.connect() if progress else None
         with _job_progress_bar(shared is not None and job.leader):
-            return _search_together(
-                job, queries, docs, plan, options, target, fmt, restart, progress, shard, shared, extra
-            )
+            yield shared
     finally:
         if not job.leader:
             leave()
-
-
-def _search_together(
-    job: Job,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    options: SearchOptions,
-    target: str,
-    fmt: str,
-    restart: bool,
-    progress: bool,
-    shard: str,
-    shared: JobProgress | None,
-    extra: tuple[str, ...],
-) -> Found | None:
-    """One rank of a torchrun job, joined already: its share planned with the whole job's `options`. Returns
-    the whole result on rank 0, else None. With `shared`, the docs this rank scores are counted for the whole
-    job's progress."""
-    mode = choose_shard(shard, plan, job.world, docs.nbytes)
-    if mode == "docs":
-        if docs.rows < job.world:
-            raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
-        first, last = share(docs.rows, job)
-        my_docs = RowRange(docs, first, last)
-        wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
-        quiet_k = min(wanted, my_docs.rows)
-        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False))
-        batch = agree_min(mine.query_batch_rows, plan.device)
-        mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False, batch_size=batch))
-        plan = replace(plan, query_batch_rows=batch)
-        store: Store | None = open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
-        if job.leader and store is None:
-            store = MemoryStore(queries.rows, plan.k)
-        done = from_leader(store.done_rows if store is not None else 0, plan.device)
-        merging = MergingStore(
-            job,
-            store,
-            done_rows=done,
-            candidates=wanted,
-            k=plan.k,
-            higher_is_better=higher_is_better(plan.metric),
-            exclude_self=plan.exclude_self,
-            device=plan.device,
-        )
-        with reporting_stops(store, queries.rows):  # the merged rows' checkpoint, on rank 0
-            run_search(queries, my_docs, mine, progress and job.leader, merging, shared)
-        if store is None:
-            return None
-        return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
-    first, last = share(queries.rows, job)
-    my_queries = RowRange(queries, first, last)
-    mine = plan_search(my_queries, docs, plan.k, options)
-    rank_target = f"{target}.rank{job.rank}of{job.world}"
-    with safety.OutputLock(rank_target):
-        own = open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
-        with reporting_stops(own, my_queries.rows):
-            scores, indices, _ = run_search(my_queries, docs, mine, progress and job.leader, own, shared)
-    folder = assembly_folder(target) if job.leader else ""
-    collected = collect_rows(job, scores, indices, queries.rows, folder, plan.device)
-
-    class Finish:
-        def remove(self) -> None:
-            if isinstance(own, Checkpoint):
-                own.remove()
-            remove_folder(folder)
-            barrier(plan.device)  # the others keep their checkpoints until the output is written
-
-    if collected is None:
-        barrier(plan.device)
-        if isinstance(own, Checkpoint):
-            own.remove()
-        return None
-    return collected[0], collected[1], plan, Finish()
 
 
 @contextlib.contextmanager
