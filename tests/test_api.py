@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import os
 import warnings
 
@@ -170,3 +171,14 @@ def test_the_installed_version_is_the_package_version() -> None:
     import tiny_knn
 
     assert version("tiny-knn") == tiny_knn.__version__
+
+
+def test_the_options_object_fits_compute_topk() -> None:
+    # The CLI hands compute_topk its SearchOptions by name, and the old TinyKnnWarning import still works.
+    from tiny_knn.api import TinyKnnWarning as moved
+    from tiny_knn.options import SearchOptions
+
+    keywords = SearchOptions().compute_topk_keywords()
+    assert set(keywords) < set(inspect.signature(compute_topk).parameters)
+    assert "selection" not in keywords and "results_on_disk" not in keywords
+    assert moved is TinyKnnWarning

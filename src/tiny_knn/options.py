@@ -20,8 +20,8 @@ from .plan import PRECISIONS, Plan, available_bytes, default_budget_bytes, forma
 from .sources import Source, check_compatible
 from .topk import default_selection, kernel_available
 
-# What a caller may ask for: "exact" (the default: answers exact whatever the device; for now the plan's
-# fp32, see _check_precision) or one of the plan's PRECISIONS by name.
+# What a caller may ask for: "exact" (the default; for now the plan's fp32 on every device, see
+# _check_precision) or one of the plan's PRECISIONS by name.
 DEFAULT_PRECISION = "exact"
 PRECISION_CHOICES = (DEFAULT_PRECISION, *PRECISIONS)
 
