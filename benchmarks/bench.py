@@ -359,10 +359,11 @@ def plan_for(q_path: str, d_path: str, k: int) -> dict[str, Any]:
     import warnings
 
     from tiny_knn.api import prepare
+    from tiny_knn.options import SearchOptions
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _queries, _docs, plan = prepare(q_path, d_path, k, force_cpu=True)
+        _queries, _docs, plan = prepare(q_path, d_path, k, SearchOptions(force_cpu=True))
     return {
         "describe": plan.describe(),
         "doc_passes": plan.doc_passes,

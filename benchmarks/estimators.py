@@ -112,13 +112,19 @@ def main() -> int:
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(),
         "command": " ".join(sys.argv),
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "config": {"queries": args.queries, "docs": args.docs, "dim": args.dim, "ks": ks, "runs": args.runs},
         "results": {},
     }
-    with open(os.path.join(cache, "estimators.json"), encoding="utf-8") as stream:
-        report["measured"] = json.load(stream)
+    verdicts = os.path.join(cache, "estimators.json")
+    if os.path.exists(verdicts):  # none where the search is too small to be worth measuring
+        with open(verdicts, encoding="utf-8") as stream:
+            report["measured"] = json.load(stream)
     for k in ks:
         medians = {name: statistics.median(seconds) for name, seconds in times[k].items()}
         forced = {name: medians[name] for name in estimators.available()}

@@ -163,6 +163,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
 
     from tiny_knn.api import prepare
+    from tiny_knn.options import SearchOptions
     from tiny_knn.plan import parse_size
 
     budget = parse_size(args.max_memory)
@@ -186,7 +187,8 @@ def main(argv: Sequence[str]) -> int:
             generated = child("generate", workdir, args.docs, args.dim, args.queries, interval=0.1).check()
             log(f"  {generated.wall_s:.1f} s")
 
-        _queries, _docs, plan = prepare(q_path, d_path, args.k, force_cpu=True, max_memory=budget, results_on_disk=True)
+        options = SearchOptions(force_cpu=True, max_memory=budget, results_on_disk=True)
+        _queries, _docs, plan = prepare(q_path, d_path, args.k, options)
         log("tiny-knn plan: " + "; ".join(plan.describe()))
 
         log("baseline: python + import torch, tiny_knn ...")

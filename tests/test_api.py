@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import os
 import warnings
 
@@ -63,10 +64,10 @@ def test_k_larger_than_docs_is_clamped_with_a_warning(pair, tmp_path) -> None:  
 
 
 def test_a_missing_kernel_is_said_unless_turned_off(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tiny_knn import api
+    from tiny_knn import options
 
     paths = pair(torch.randn(3, 4), torch.randn(7, 4))
-    monkeypatch.setattr(api, "kernel_available", lambda: False)
+    monkeypatch.setattr(options, "kernel_available", lambda: False)
     with pytest.warns(TinyKnnWarning, match="compiled kernel is missing .* with a C compiler present"):
         compute_topk(*paths, k=2, force_cpu=True)
     monkeypatch.setenv("TINY_KNN_NO_KERNEL", "1")  # asked for: nothing to say
@@ -170,3 +171,14 @@ def test_the_installed_version_is_the_package_version() -> None:
     import tiny_knn
 
     assert version("tiny-knn") == tiny_knn.__version__
+
+
+def test_the_options_object_fits_compute_topk() -> None:
+    # The CLI hands compute_topk its SearchOptions by name, and the old TinyKnnWarning import still works.
+    from tiny_knn.api import TinyKnnWarning as moved
+    from tiny_knn.options import SearchOptions
+
+    keywords = SearchOptions().compute_topk_keywords()
+    assert set(keywords) < set(inspect.signature(compute_topk).parameters)
+    assert "selection" not in keywords and "results_on_disk" not in keywords
+    assert moved is TinyKnnWarning

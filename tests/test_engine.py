@@ -13,6 +13,7 @@ from oracle import assert_exact
 from tiny_knn import engine, estimators
 from tiny_knn.api import prepare
 from tiny_knn.estimators import Tiled
+from tiny_knn.options import SearchOptions
 from tiny_knn.sources import FileSource
 from tiny_knn.topk import kernel_available
 
@@ -33,7 +34,7 @@ def estimator(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 
 def run(q_path: str, d_path: str, k: int, tile_docs: int | None = None, **options) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-    queries, docs, plan = prepare(q_path, d_path, k, force_cpu=True, **options)
+    queries, docs, plan = prepare(q_path, d_path, k, SearchOptions(force_cpu=True, **options))
     if tile_docs is not None:
         plan = replace(plan, tile_docs=tile_docs)
     scores, indices, _ = engine.search(queries, docs, plan)
@@ -141,7 +142,7 @@ def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, sigmas) ->
     generator = torch.Generator().manual_seed(5)
     queries, docs = torch.randn(50, 16, generator=generator), torch.randn(7000, 16, generator=generator)
     paths = pair(queries, docs)
-    queries_source, docs_source, plan = prepare(*paths, 1000, force_cpu=True, selection="threshold")
+    queries_source, docs_source, plan = prepare(*paths, 1000, SearchOptions(force_cpu=True, selection="threshold"))
     plan = replace(plan, sample_sigmas=sigmas)  # -100: every row must be redone
     assert plan.threshold_sample_docs > 0
     scores, indices, _ = engine.search(queries_source, docs_source, plan)
@@ -178,7 +179,7 @@ def test_tiles_of_estimates_stay_as_small_as_the_plan_counts(pair, monkeypatch) 
 
     monkeypatch.setattr(Tiled, "estimate", estimate)
     queries, docs = torch.randn(20, 8), torch.randn(1000, 8)
-    _queries, _docs, plan = prepare(*pair(queries, docs), 7, force_cpu=True, chunk_size=1000)
+    _queries, _docs, plan = prepare(*pair(queries, docs), 7, SearchOptions(force_cpu=True, chunk_size=1000))
     scores, indices = run(*pair(queries, docs), 7, tile_docs=64, chunk_size=1000)
     assert_exact(queries, docs, scores, indices)
     assert all(rows <= plan.query_block_rows for rows, _ in shapes)
@@ -200,7 +201,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     from tiny_knn.errors import InvalidInputError
 
     docs = torch.randn(1000, 8)
-    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     starts = []
     unprepared = lambda buffer, count, slot: (buffer, None, 0.0)  # noqa: E731
     for start, count, rows, *_ in engine._host_chunks(source, plan, unprepared, pieces=pieces):
@@ -209,7 +210,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     assert starts == [0, 256, 512, 768]
     docs[600, 3] = float("nan")
     docs[700, 1] = float("inf")
-    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, force_cpu=True, chunk_size=256)
+    _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
         list(engine._host_chunks(source, plan, unprepared, pieces=pieces))
 

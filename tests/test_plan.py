@@ -111,7 +111,7 @@ def test_screened_threads_estimate_their_own_rows() -> None:
 
 
 def test_the_gpu_pools_are_counted() -> None:
-    from tiny_knn.topk import gpu_pool_capacity
+    from tiny_knn.plan import gpu_pool_capacity
 
     sort = plan(device="cuda", selection="sort", budget_bytes=2**34)
     pool = plan(device="cuda", selection="pool", budget_bytes=2**34)

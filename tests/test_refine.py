@@ -48,11 +48,10 @@ def test_uncertified_rows_are_reported_and_exact_search_answers_them() -> None:
 
 def _by_keys(queries: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An l2 search on the path by search keys (as a GPU, or the CPU without the kernel, takes it)."""
-    from tiny_knn.api import _plan
+    from tiny_knn.options import SearchOptions, plan_search
 
     query_source, doc_source = from_array(queries, "queries"), from_array(docs, "docs")
-    plan = _plan(query_source, doc_source, k, force_cpu=True, max_memory=None, batch_size=None, chunk_size=None,
-                 metric="l2", exclude_self=False, selection="sort")  # fmt: skip
+    plan = plan_search(query_source, doc_source, k, SearchOptions(force_cpu=True, metric="l2", selection="sort"))
     assert plan.refined
     scores, indices, _ = engine.search(query_source, doc_source, plan)
     return scores, indices

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_knn import gpu_survivors
+from tiny_knn.plan import pool_capacity
 from tiny_knn.topk import (
     PackedTopK,
     PoolTopK,
@@ -21,7 +22,6 @@ from tiny_knn.topk import (
     ThresholdTopK,
     kernel_available,
     make_running_topk,
-    pool_capacity,
 )
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
@@ -130,7 +130,8 @@ POOL_CHECK = """
 import random, torch
 from test_topk import offer, tie_heavy_tiles
 from tiny_knn import gpu_survivors
-from tiny_knn.topk import _EMPTY, PoolTopK, SortMergeTopK, _pack, gpu_pool_capacity
+from tiny_knn.plan import gpu_pool_capacity
+from tiny_knn.topk import _EMPTY, PoolTopK, SortMergeTopK, _pack
 calls = {"pass": 0, "overflow": 0, "cut": 0}
 append = gpu_survivors.append_survivors
 def counted(scores, thresholds, first_doc, pool, fills):

@@ -18,8 +18,8 @@ Example:
     [[0], [1]]
 """
 
-from .api import Embeddings, TinyKnnWarning, __version__, compute_topk, search
-from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError
+from .api import Embeddings, __version__, compute_topk, search
+from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError, TinyKnnWarning
 
 __all__ = [
     "Embeddings",

@@ -1,52 +1,28 @@
-"""The public entry points: check everything, plan, search, write. The CLI calls only these."""
+"""The public entry points: check everything, plan, search, write. The CLI calls only these; a torchrun job's
+search is distributed.search's."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import threading
-import warnings
-from collections.abc import Iterator
-from dataclasses import replace
-from typing import Any, Protocol, Union
+from typing import Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from . import distributed, engine, results, safety
-from .backend import available_bytes, default_budget_bytes, resolve
-from .checkpoint import Checkpoint, MemoryStore, check_space, checkpoint_folder, fingerprint
-from .errors import InputChangedError, InvalidInputError, MemoryBudgetError, is_disk_full
-from .kernel import kernel_available
-from .metrics import DEFAULT_METRIC, check_metric, higher_is_better
-from .plan import (
-    DEFAULT_K,
-    DEPRECATED_PRECISIONS,
-    INDEX_BYTES,
-    PRECISIONS,
-    SCORE_BYTES,
-    Plan,
-    format_bytes,
-    make_plan,
-    parse_size,
-)
-from .sources import RowRange, Source, check_compatible, from_array, open_source
+from . import distributed, results, safety
+from .checkpoint import open_checkpoint, reporting_stops
+from .errors import InvalidInputError
+from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
+from .metrics import DEFAULT_METRIC, higher_is_better
+from .options import DEFAULT_PRECISION, SearchOptions, plan_search
+from .plan import DEFAULT_K, Plan
+from .running import Found, run_search
+from .sources import Source, from_array, open_source
 
 __version__ = "0.3.0"
 
-# Progress notes (resuming, where an interrupted run's work is kept); the CLI prints them on stderr.
-log = logging.getLogger("tiny_knn")
-# Seconds between two readings of a torchrun job's progress on rank 0.
-PROGRESS_POLL_S = 0.5
-
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
-
-
-class TinyKnnWarning(UserWarning):
-    """Something was adjusted rather than refused (for instance k clamped to the number of docs)."""
 
 
 def search(
@@ -56,7 +32,7 @@ def search(
     *,
     metric: str = DEFAULT_METRIC,
     exclude_self: bool = False,
-    precision: str = "exact",
+    precision: str = DEFAULT_PRECISION,
     device: str | None = None,
     max_memory: int | str | None = None,
     batch_size: int | None = None,
@@ -106,10 +82,7 @@ def search(
         )
     if device is not None and device not in ("cpu", "cuda"):
         raise InvalidInputError(f"device={device!r}: expected 'cpu' or 'cuda'")
-    plan = _plan(
-        query_source,
-        doc_source,
-        k,
+    options = SearchOptions(
         force_cpu=device == "cpu",
         max_memory=max_memory,
         batch_size=batch_size,
@@ -118,7 +91,8 @@ def search(
         exclude_self=exclude_self,
         precision=precision,
     )
-    scores, indices, _ = _run(query_source, doc_source, plan, progress)
+    plan = plan_search(query_source, doc_source, k, options)
+    scores, indices, _ = run_search(query_source, doc_source, plan, progress)
     return scores, indices
 
 
@@ -140,7 +114,7 @@ def compute_topk(
     doc_ids: str | os.PathLike[str] | None = None,
     restart: bool = False,
     shard: str = "auto",
-    precision: str = "exact",
+    precision: str = DEFAULT_PRECISION,
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -195,19 +169,17 @@ def compute_topk(
         [[2, 1], [0, 1], [0, 1]]
     """
     q_path, d_path = os.fspath(q_path), os.fspath(d_path)
-    queries, docs, plan = prepare(
-        q_path,
-        d_path,
-        k,
+    options = SearchOptions(
         force_cpu=force_cpu,
         max_memory=max_memory,
         batch_size=batch_size,
         chunk_size=chunk_size,
         metric=metric,
         exclude_self=exclude_self,
-        results_on_disk=True,
         precision=precision,
+        results_on_disk=True,
     )
+    queries, docs, plan = prepare(q_path, d_path, k, options)
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     results.check_format(target, fmt)
@@ -223,19 +195,7 @@ def compute_topk(
         if job is None:
             found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra)
         else:
-            sizes = (max_memory, batch_size, chunk_size)
-            try:
-                distributed.join(job, plan.device)
-                # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
-                # store cannot be reached, its own share).
-                shared = distributed.JobProgress.connect() if progress else None
-                with _job_progress_bar(shared is not None and job.leader):
-                    found = _search_together(
-                        job, queries, docs, plan, target, fmt, restart, progress, shard, sizes, shared, extra
-                    )
-            finally:
-                if job is not None and not job.leader:
-                    distributed.leave()
+            found = distributed.search(job, queries, docs, plan, options, target, fmt, restart, progress, shard, extra)
         if found is None:  # another rank of a torchrun job: rank 0 writes the output
             return target
         scores, indices, plan, store = found
@@ -256,7 +216,7 @@ def compute_topk(
             **ids,
         }
         try:
-            with _reporting_stops(store, queries.rows):
+            with reporting_stops(store, queries.rows):
                 safety.check_output_path(target, fmt, inputs)  # again: a long run leaves time for changes
                 results.write_output(target, fmt, result, higher_is_better(plan.metric))
             if store is not None:
@@ -265,14 +225,6 @@ def compute_topk(
             if job is not None:
                 distributed.leave()
     return target
-
-
-# The result, the plan used, and the checkpoint to delete once the output is written (if any).
-Found = tuple[torch.Tensor, torch.Tensor, Plan, "Removable | None"]
-
-
-class Removable(Protocol):
-    def remove(self) -> None: ...
 
 
 def _search_alone(
@@ -286,217 +238,22 @@ def _search_alone(
     extra: tuple[str, ...],
 ) -> Found:
     """One process: search with a checkpoint (when there are several batches)."""
-    store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
-    with _reporting_stops(store, queries.rows):
-        scores, indices, plan = _run(queries, docs, plan, progress, store)
-    return scores, indices, plan, store if isinstance(store, Checkpoint) else None
+    store = open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
+    with reporting_stops(store, queries.rows):
+        scores, indices, plan = run_search(queries, docs, plan, progress, store)
+    return scores, indices, plan, store
 
 
-@contextlib.contextmanager
-def _reporting_stops(store: object, rows: int) -> Iterator[None]:
-    """Says, when what runs inside stops, what became of the finished rows kept in the store's checkpoint (see
-    _report_stop)."""
-    try:
-        yield
-    except BaseException as exc:
-        kept = store.store if isinstance(store, distributed.MergingStore) else store
-        if isinstance(kept, Checkpoint):
-            _report_stop(kept, rows, exc)
-        raise
-
-
-def _report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
-    """The truth about a checkpoint once a run stopped: deleted where no run can ever resume it (an input
-    changed, or holds bad values that must be fixed first); else how many queries its manifest counts, and
-    what to do to continue."""
-    changed = checkpoint.inputs_changed() if isinstance(exc, InputChangedError) else ""
-    if changed or isinstance(exc, InvalidInputError):
-        checkpoint.remove()
-        why = f"its inputs changed: {changed}" if changed else "a run over the fixed inputs starts afresh"
-        log.warning(f"deleted the checkpoint '{checkpoint.folder}': {why}")
-        return
-    saved = checkpoint.saved_rows()
-    first = "free some space, then " if is_disk_full(exc) else ""
-    if saved < rows:
-        log.warning(
-            f"stopped: {saved} of {rows} queries are saved in '{checkpoint.folder}'; "
-            f"{first}run the same command again to continue"
-        )
-    else:
-        log.warning(
-            f"all {rows} queries are saved in '{checkpoint.folder}'; {first}run the same command again to write "
-            "the result"
-        )
-
-
-def _search_together(
-    job: distributed.Job,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    target: str,
-    fmt: str,
-    restart: bool,
-    progress: bool,
-    shard: str,
-    sizes: tuple[int | str | None, int | None, int | None],
-    shared: distributed.JobProgress | None,
-    extra: tuple[str, ...],
-) -> Found | None:
-    """One rank of a torchrun job (see distributed.py), joined already. Returns the whole result on rank 0,
-    else None. With `shared`, the docs this rank scores are counted for the whole job's progress."""
-    mode = distributed.choose_shard(shard, plan, job.world, docs.nbytes)
-    if mode == "docs":
-        if docs.rows < job.world:
-            raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
-        first, last = distributed.share(docs.rows, job)
-        my_docs = RowRange(docs, first, last)
-        wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
-        quiet_k = min(wanted, my_docs.rows)
-        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, sizes)
-        batch = distributed.agree_min(mine.query_batch_rows, plan.device)
-        mine = _rank_plan(queries, my_docs, quiet_k, plan, False, (sizes[0], batch, sizes[2]))
-        plan = replace(plan, query_batch_rows=batch)
-        store = _open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
-        if job.leader and store is None:
-            store = MemoryStore(queries.rows, plan.k)
-        done = distributed.from_leader(store.done_rows if store is not None else 0, plan.device)
-        merging = distributed.MergingStore(
-            job,
-            store,
-            done_rows=done,
-            candidates=wanted,
-            k=plan.k,
-            higher_is_better=higher_is_better(plan.metric),
-            exclude_self=plan.exclude_self,
-            device=plan.device,
-        )
-        with _reporting_stops(merging, queries.rows):
-            _run(queries, my_docs, mine, progress and job.leader, merging, shared)
-        if store is None:
-            return None
-        return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
-    first, last = distributed.share(queries.rows, job)
-    my_queries = RowRange(queries, first, last)
-    mine = _rank_plan(my_queries, docs, plan.k, plan, plan.exclude_self, sizes)
-    rank_target = f"{target}.rank{job.rank}of{job.world}"
-    with safety.OutputLock(rank_target):
-        own = _open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
-        with _reporting_stops(own, my_queries.rows):
-            scores, indices, _ = _run(my_queries, docs, mine, progress and job.leader, own, shared)
-    folder = distributed.assembly_folder(target) if job.leader else ""
-    collected = distributed.collect_rows(job, scores, indices, queries.rows, folder, plan.device)
-
-    class Finish:
-        def remove(self) -> None:
-            if isinstance(own, Checkpoint):
-                own.remove()
-            distributed.remove_folder(folder)
-            distributed.barrier(plan.device)  # the others keep their checkpoints until the output is written
-
-    if collected is None:
-        distributed.barrier(plan.device)
-        if isinstance(own, Checkpoint):
-            own.remove()
-        return None
-    return collected[0], collected[1], plan, Finish()
-
-
-def _rank_plan(
-    queries: Source,
-    docs: Source,
-    k: int,
-    like: Plan,
-    exclude_self: bool,
-    sizes: tuple[int | str | None, int | None, int | None],
-) -> Plan:
-    """The plan for one rank's share, with the whole job's device and metric."""
-    max_memory, batch_size, chunk_size = sizes
-    return _plan(
-        queries,
-        docs,
-        k,
-        force_cpu=like.device == "cpu",
-        max_memory=max_memory,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        metric=like.metric,
-        exclude_self=exclude_self,
-        results_on_disk=True,
-        precision=like.precision,
-    )
-
-
-def _open_checkpoint(
-    target: str,
-    fmt: str,
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    restart: bool,
-    extra: tuple[str, ...] = (),
-    count_output: bool = True,
-) -> MemoryStore | None:
-    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space. The
-    inputs' fingerprint (`extra`: more files the answer depends on, such as ids files) is taken only where a
-    checkpoint is made or resumed: it reads a sample of every input."""
-    folder = checkpoint_folder(target)
-    result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
-    output_bytes = result_bytes * (4 if fmt == "trec" else 1) if count_output else 0  # TREC: ~4x the binary
-    fresh = restart or not os.path.isdir(folder)
-    wanted = plan.doc_passes > 1
-    check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
-
-    def mark() -> dict[str, Any]:
-        marked = fingerprint(queries, docs, plan, extra)
-        if queries.first_row:
-            marked["first_query"] = queries.first_row  # one rank's share
-        return marked
-
-    store = Checkpoint.open(target, mark, queries.rows, plan.k, restart=restart, wanted=wanted)
-    if store is not None and store.done_rows:
-        log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
-    return store
-
-
-def prepare(
-    q_path: str,
-    d_path: str,
-    k: int,
-    *,
-    force_cpu: bool = False,
-    max_memory: int | str | None = None,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
-    selection: str = "auto",
-    metric: str = DEFAULT_METRIC,
-    exclude_self: bool = False,
-    results_on_disk: bool = False,
-    precision: str = "exact",
-) -> tuple[Source, Source, Plan]:
+def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
     queries = open_source(q_path, "queries")
     docs = open_source(d_path, "docs")
-    if exclude_self and _identity(q_path) != _identity(d_path):
+    if options.exclude_self and _identity(q_path) != _identity(d_path):
         raise InvalidInputError(
             f"exclude_self: {queries.label()} and {docs.label()} differ; expected the same file for both "
             "(each query's own row is left out by index)"
         )
-    plan = _plan(
-        queries,
-        docs,
-        k,
-        force_cpu=force_cpu,
-        max_memory=max_memory,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        selection=selection,
-        metric=metric,
-        exclude_self=exclude_self,
-        results_on_disk=results_on_disk,
-        precision=precision,
-    )
-    return queries, docs, plan
+    return queries, docs, plan_search(queries, docs, k, options)
 
 
 def _identity(spec: str) -> str:
@@ -511,165 +268,3 @@ def _as_source(embeddings: Embeddings, role: str) -> Source:
     if isinstance(embeddings, (str, os.PathLike)):
         return open_source(embeddings, role)
     raise InvalidInputError(f"{role}: got a {type(embeddings).__name__}, expected a tensor, a numpy array or a path")
-
-
-def _plan(
-    queries: Source,
-    docs: Source,
-    k: int,
-    *,
-    force_cpu: bool,
-    max_memory: int | str | None,
-    batch_size: int | None,
-    chunk_size: int | None,
-    metric: str,
-    exclude_self: bool,
-    selection: str = "auto",
-    results_on_disk: bool = False,
-    precision: str = "exact",
-) -> Plan:
-    """Checks the options against both inputs, then plans."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidInputError(f"k={k!r}: expected a whole number >= 1")
-    if isinstance(max_memory, str):  # "512MB", as the command line takes it
-        try:
-            max_memory = parse_size(max_memory)
-        except ValueError as exc:
-            raise InvalidInputError(f"max_memory: {exc}") from None
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_memory", max_memory)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InvalidInputError(f"{name}={value!r}: expected a whole number >= 1")
-    try:
-        check_metric(metric)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from None
-    precision = _check_precision(precision, metric)
-    check_compatible(queries, docs)
-    available = docs.rows - int(exclude_self)
-    if exclude_self and available < 1:
-        raise InvalidInputError(f"exclude_self: {docs.label()} holds 1 row; nothing is left once it is excluded")
-    if k > available:
-        warnings.warn(
-            f"k={k} is more than the {available} docs in {docs.label()}"
-            + (" besides each query itself" if exclude_self else "")
-            + f"; returning k={available}",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    backend = resolve(queries, docs, k, force_cpu=force_cpu, metric=metric, precision=precision, selection=selection)
-    device = backend.device
-    if device == "cpu" and not kernel_available() and not os.environ.get("TINY_KNN_NO_KERNEL"):
-        warnings.warn(
-            "tiny-knn's compiled kernel is missing (no C compiler when it was installed, or built from older "
-            "source): the CPU search selects with torch.topk, about 10 times slower at k=2000, and its scores are "
-            "torch.mm's rather than tiny-knn's one exact score; reinstall tiny-knn with a C compiler present",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    budget = max_memory if max_memory is not None else default_budget_bytes(device)
-    there = available_bytes(device)
-    if budget > there:
-        warnings.warn(
-            f"the memory budget ({format_bytes(budget)}) is more than the {format_bytes(there)} of "
-            f"{'GPU memory' if device == 'cuda' else 'RAM'} available; the run may swap or be killed",
-            TinyKnnWarning,
-            stacklevel=4,
-        )
-    try:
-        return make_plan(
-            queries=queries.rows,
-            docs=docs.rows,
-            dim=queries.dim,
-            k=k,
-            device=device,
-            budget_bytes=budget,
-            selection=backend.selection,
-            estimator=backend.estimator,
-            estimator_choice=backend.choice,
-            batch_rows=batch_size,
-            chunk_rows=chunk_size,
-            metric=metric,
-            exclude_self=exclude_self,
-            results_on_disk=results_on_disk,
-            precision=precision,
-            threads=backend.threads,
-        )
-    except ValueError as exc:
-        raise MemoryBudgetError(str(exc)) from None
-
-
-def _check_precision(precision: str, metric: str) -> str:
-    """The plan's precision for the requested one: "exact" (fp32 and bf16, older names, mean it now, with a
-    TinyKnnWarning), or "bf16-unsafe"; refuses combinations not built."""
-    if precision in DEPRECATED_PRECISIONS:
-        warnings.warn(
-            f"precision {precision!r} is now 'exact': every answer is tiny-knn's exact score, whichever product "
-            "estimated it (use --precision exact, the default)",
-            TinyKnnWarning,
-            stacklevel=5,
-        )
-        precision = "exact"
-    if precision not in PRECISIONS:
-        raise InvalidInputError(
-            f"precision={precision!r}: expected one of {', '.join(PRECISIONS)} (or, deprecated, "
-            f"{', '.join(DEPRECATED_PRECISIONS)})"
-        )
-    if (precision, metric) == ("bf16-unsafe", "l2"):
-        raise InvalidInputError("precision bf16-unsafe with metric l2 is not supported; use the default, exact")
-    return precision
-
-
-def _run(
-    queries: Source,
-    docs: Source,
-    plan: Plan,
-    progress: bool,
-    store: MemoryStore | None = None,
-    shared: distributed.JobProgress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, Plan]:
-    """engine.search, with a progress bar or, in a torchrun job, progress counted for the whole job (`shared`)."""
-    done = 0 if store is None else store.done_rows
-    total = docs.rows * -(-(queries.rows - done) // plan.query_batch_rows)
-    if shared is not None:
-        shared.expect(total)
-        return engine.search(queries, docs, plan, on_docs_scored=shared.scored, store=store)
-    if not progress:
-        return engine.search(queries, docs, plan, store=store)
-    with _progress_bar(total) as bar:
-        return engine.search(queries, docs, plan, on_docs_scored=bar.update, store=store)
-
-
-def _progress_bar(total: int) -> tqdm:
-    return tqdm(total=total, unit="docs", unit_scale=True, desc="tiny-knn", dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _job_progress_bar(show: bool) -> Iterator[None]:
-    """With `show` (rank 0 of a torchrun job): a bar that follows the docs scored by every rank, read from
-    the job's store every PROGRESS_POLL_S seconds by a thread with a connection of its own (rank 0 may be
-    busy merging or waiting)."""
-    reader = distributed.JobProgress.connect() if show else None
-    if reader is None:
-        yield
-        return
-    stop = threading.Event()
-    with _progress_bar(0) as bar:
-
-        def update() -> None:
-            scored, expected = reader.read()
-            bar.total, bar.n = expected, scored
-            bar.refresh()
-
-        def follow() -> None:
-            with contextlib.suppress(RuntimeError):  # the store went away: the job is ending anyway
-                while not stop.wait(PROGRESS_POLL_S):
-                    update()
-                update()
-
-        thread = threading.Thread(target=follow, name="tiny-knn-progress", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()

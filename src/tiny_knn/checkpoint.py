@@ -14,6 +14,9 @@ those may differ between the run and its resumption.
 
 A folder there that tiny-knn did not make (other files in it, a manifest it cannot read) is refused, never
 deleted, even with --restart.
+
+A run opens its checkpoint with `open_checkpoint` (disk space checked first); `reporting_stops` says, when the
+run stops, what became of it.
 """
 
 from __future__ import annotations
@@ -21,18 +24,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, OutputError, output_error
-from .plan import Plan, format_bytes
+from .errors import InputChangedError, InvalidInputError, OutputError, is_disk_full, output_error
+from .plan import INDEX_BYTES, SCORE_BYTES, Plan, format_bytes
 from .sources import Source
+from .store import MemoryStore
 
 CHECKPOINT_SUFFIX = ".checkpoint"
 MANIFEST = "manifest.json"
@@ -50,28 +55,8 @@ SAMPLE_BLOCKS = 256
 SAMPLE_BLOCK_BYTES = 4096
 SAMPLE_READERS = 16
 
-
-class MemoryStore:
-    """Finished batches kept in memory: for `search()`, and for runs of a single batch, where a
-    checkpoint could only ever hold the final answer."""
-
-    def __init__(self, rows: int, k: int) -> None:
-        self.done_rows = 0
-        self.rows = rows
-        self.scores = torch.empty((rows, k), dtype=torch.float32)
-        self.indices = torch.empty((rows, k), dtype=torch.int64)
-
-    def save(self, start: int, scores: torch.Tensor, indices: torch.Tensor) -> None:
-        """Stores the finished rows [start, start + len(scores)); batches arrive in order."""
-        stop = start + scores.shape[0]
-        if type(self) is MemoryStore and start == 0 and stop == self.rows:
-            # One batch holds every row: keep its tensors rather than copy them (at k=2000 and 4096 queries,
-            # 98 MB of fresh pages and a copy).
-            self.scores, self.indices = scores.contiguous(), indices.contiguous()
-        else:
-            self.scores[start:stop] = scores
-            self.indices[start:stop] = indices
-        self.done_rows = stop
+# Progress notes (resuming, where an interrupted run's work is kept); the CLI prints them on stderr.
+log = logging.getLogger("tiny_knn")
 
 
 class Checkpoint(MemoryStore):
@@ -199,6 +184,74 @@ class Checkpoint(MemoryStore):
 
 
 _ARRAYS = (("scores.npy", np.float32), ("indices.npy", np.int64))
+
+
+def open_checkpoint(
+    target: str,
+    fmt: str,
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    restart: bool,
+    extra: tuple[str, ...] = (),
+    count_output: bool = True,
+) -> Checkpoint | None:
+    """Resumes or creates the run's checkpoint (none for a single batch), after checking disk space. The
+    inputs' fingerprint (`extra`: more files the answer depends on, such as ids files) is taken only where a
+    checkpoint is made or resumed: it reads a sample of every input."""
+    folder = checkpoint_folder(target)
+    result_bytes = queries.rows * plan.k * (SCORE_BYTES + INDEX_BYTES)
+    output_bytes = result_bytes * (4 if fmt == "trec" else 1) if count_output else 0  # TREC: ~4x the binary
+    fresh = restart or not os.path.isdir(folder)
+    wanted = plan.doc_passes > 1
+    check_space(os.path.dirname(os.path.abspath(target)), output_bytes + (result_bytes if fresh and wanted else 0))
+
+    def mark() -> dict[str, Any]:
+        marked = fingerprint(queries, docs, plan, extra)
+        if queries.first_row:
+            marked["first_query"] = queries.first_row  # one rank's share
+        return marked
+
+    store = Checkpoint.open(target, mark, queries.rows, plan.k, restart=restart, wanted=wanted)
+    if store is not None and store.done_rows:
+        log.info(f"resuming from '{store.folder}': {store.done_rows} of {queries.rows} queries already done")
+    return store
+
+
+@contextlib.contextmanager
+def reporting_stops(store: object, rows: int) -> Iterator[None]:
+    """Says, when what runs inside stops, what became of the finished rows kept in the store's checkpoint (see
+    _report_stop)."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(store, Checkpoint):
+            _report_stop(store, rows, exc)
+        raise
+
+
+def _report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
+    """The truth about a checkpoint once a run stopped: deleted where no run can ever resume it (an input
+    changed, or holds bad values that must be fixed first); else how many queries its manifest counts, and
+    what to do to continue."""
+    changed = checkpoint.inputs_changed() if isinstance(exc, InputChangedError) else ""
+    if changed or isinstance(exc, InvalidInputError):
+        checkpoint.remove()
+        why = f"its inputs changed: {changed}" if changed else "a run over the fixed inputs starts afresh"
+        log.warning(f"deleted the checkpoint '{checkpoint.folder}': {why}")
+        return
+    saved = checkpoint.saved_rows()
+    first = "free some space, then " if is_disk_full(exc) else ""
+    if saved < rows:
+        log.warning(
+            f"stopped: {saved} of {rows} queries are saved in '{checkpoint.folder}'; "
+            f"{first}run the same command again to continue"
+        )
+    else:
+        log.warning(
+            f"all {rows} queries are saved in '{checkpoint.folder}'; {first}run the same command again to write "
+            "the result"
+        )
 
 
 def existing_manifest(folder: str) -> dict[str, Any] | None:

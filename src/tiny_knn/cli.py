@@ -15,9 +15,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from .api import TinyKnnWarning, __version__, compute_topk, prepare
-from .errors import TinyKnnError, is_disk_full
+from .api import __version__, compute_topk, prepare
+from .distributed import SHARD_MODES
+from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
+from .options import DEFAULT_PRECISION, PRECISION_CHOICES, SearchOptions
 from .plan import DEFAULT_K, format_bytes, parse_size
 from .results import FORMATS
 
@@ -95,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=("exact", "fp32", "bf16", "bf16-unsafe"),
-        default="exact",
+        choices=PRECISION_CHOICES,
+        default=DEFAULT_PRECISION,
         help="exact: float32 products (for now on every device); bf16: products of rows rounded to bfloat16, "
         "every answer re-scored exactly and certified (ip, l2); bf16-unsafe: bfloat16 products as they are, "
         "not exact (ip, cosine)",
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shard",
-        choices=("auto", "docs", "queries"),
+        choices=SHARD_MODES,
         default="auto",
         help="under torchrun: split the docs between ranks (each reads its share; rank 0 merges) or the queries "
         "(each reads all docs); auto weighs rank 0's merge against reading the docs on every rank",
@@ -160,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(), _sigterm_raises():
         warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
+        options = _search_options(args)
         if args.dry_run:
-            return _run_reporting_errors(lambda: _describe_plan(args))
+            return _run_reporting_errors(lambda: _describe_plan(args, options))
         return _run_reporting_errors(
             lambda: compute_topk(
                 args.queries,
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc_ids=args.doc_ids,
                 restart=args.restart,
                 shard=args.shard,
-                **_plan_options(args),
+                **options.compute_topk_keywords(),
             )
         )
 
@@ -190,22 +193,24 @@ def console_main() -> NoReturn:
     sys.exit(code)
 
 
-def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that shape the plan, as both compute_topk and prepare take them."""
-    return {
-        "force_cpu": args.cpu,
-        "max_memory": args.max_memory,
-        "batch_size": args.batch_size,
-        "chunk_size": args.chunk_size,
-        "metric": args.metric,
-        "exclude_self": args.exclude_self,
-        "precision": args.precision,
-    }
+def _search_options(args: argparse.Namespace) -> SearchOptions:
+    """The options that shape the plan, read from the command line once: the search and --dry-run take the
+    same (results on disk, as compute_topk keeps them)."""
+    return SearchOptions(
+        force_cpu=args.cpu,
+        max_memory=args.max_memory,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        metric=args.metric,
+        exclude_self=args.exclude_self,
+        precision=args.precision,
+        results_on_disk=True,
+    )
 
 
-def _describe_plan(args: argparse.Namespace) -> str:
+def _describe_plan(args: argparse.Namespace, options: SearchOptions) -> str:
     """The plan as text, without searching."""
-    queries, docs, plan = prepare(args.queries, args.docs, args.k, results_on_disk=True, **_plan_options(args))
+    queries, docs, plan = prepare(args.queries, args.docs, args.k, options)
     read = format_bytes(docs.nbytes * plan.doc_passes)
     return "\n".join(
         [

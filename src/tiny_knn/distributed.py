@@ -18,23 +18,36 @@ aligned tiles whatever rows a process holds (see plan.py), and merging exact per
 rank's share resumes after an interruption (docs: rank 0's merged rows; queries: each rank's own).
 A rank that fails exits, torchrun stops the others, and every collective has a timeout, so the job never
 hangs.
+
+compute_topk hands its search to `search` on every rank: it joins the job, plans the rank's share from the
+job's options, and returns the whole result on rank 0, which writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import MemoryStore, allocate
+from . import safety
+from .checkpoint import Checkpoint, allocate, open_checkpoint, reporting_stops
+from .errors import InvalidInputError
+from .metrics import higher_is_better
+from .options import SearchOptions, plan_search
 from .plan import Plan
 from .refine import drop_self
+from .running import Found, progress_bar, run_search
+from .sources import RowRange, Source
+from .store import MemoryStore, Store
 
 SHARD_MODES = ("auto", "docs", "queries")
 # Seconds any collective may wait for the other ranks (TINY_KNN_DIST_TIMEOUT overrides).
@@ -47,6 +60,8 @@ READ_BYTES_PER_S = 1e10
 PROGRESS_TIMEOUT_S = 30
 # Rows per message when rank 0 collects a query-sharded result.
 COLLECT_ROWS = 4096
+# Seconds between two readings of a torchrun job's progress on rank 0.
+PROGRESS_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,130 @@ class JobProgress:
         return self._store.add("scored", 0), self._store.add("expected", 0)
 
 
+def search(
+    job: Job,
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    options: SearchOptions,
+    target: str,
+    fmt: str,
+    restart: bool,
+    progress: bool,
+    shard: str,
+    extra: tuple[str, ...],
+) -> Found | None:
+    """compute_topk's search on this rank of a torchrun job: joins the job, searches this rank's share (planned
+    with the whole job's `options`) with a checkpoint, and returns the whole result on rank 0, else None.
+    With `progress`, the docs every rank scores are counted for the whole job's bar on rank 0."""
+    with _joined(job, plan.device, progress) as shared:
+        mode = choose_shard(shard, plan, job.world, docs.nbytes)
+        if mode == "docs":
+            if docs.rows < job.world:
+                raise InvalidInputError(f"{docs.label()}: {docs.rows} docs for {job.world} ranks; use --shard queries")
+            first, last = share(docs.rows, job)
+            my_docs = RowRange(docs, first, last)
+            wanted = plan.k + int(plan.exclude_self)  # the query's own row is dropped after the merge
+            quiet_k = min(wanted, my_docs.rows)
+            mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False))
+            batch = agree_min(mine.query_batch_rows, plan.device)
+            mine = plan_search(queries, my_docs, quiet_k, replace(options, exclude_self=False, batch_size=batch))
+            plan = replace(plan, query_batch_rows=batch)
+            store: Store | None = (
+                open_checkpoint(target, fmt, queries, docs, plan, restart, extra) if job.leader else None
+            )
+            if job.leader and store is None:
+                store = MemoryStore(queries.rows, plan.k)
+            done = from_leader(store.done_rows if store is not None else 0, plan.device)
+            merging = MergingStore(
+                job,
+                store,
+                done_rows=done,
+                candidates=wanted,
+                k=plan.k,
+                higher_is_better=higher_is_better(plan.metric),
+                exclude_self=plan.exclude_self,
+                device=plan.device,
+            )
+            with reporting_stops(store, queries.rows):  # the merged rows' checkpoint, on rank 0
+                run_search(queries, my_docs, mine, progress and job.leader, merging, shared)
+            if store is None:
+                return None
+            return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
+        first, last = share(queries.rows, job)
+        my_queries = RowRange(queries, first, last)
+        mine = plan_search(my_queries, docs, plan.k, options)
+        rank_target = f"{target}.rank{job.rank}of{job.world}"
+        with safety.OutputLock(rank_target):
+            own = open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
+            with reporting_stops(own, my_queries.rows):
+                scores, indices, _ = run_search(my_queries, docs, mine, progress and job.leader, own, shared)
+        folder = assembly_folder(target) if job.leader else ""
+        collected = collect_rows(job, scores, indices, queries.rows, folder, plan.device)
+
+        class Finish:
+            def remove(self) -> None:
+                if isinstance(own, Checkpoint):
+                    own.remove()
+                remove_folder(folder)
+                barrier(plan.device)  # the others keep their checkpoints until the output is written
+
+        if collected is None:
+            barrier(plan.device)
+            if isinstance(own, Checkpoint):
+                own.remove()
+            return None
+        return collected[0], collected[1], plan, Finish()
+
+
+@contextlib.contextmanager
+def _joined(job: Job, device: str, progress: bool) -> Iterator[JobProgress | None]:
+    """In the job's process group while what runs inside does (then a rank other than 0 leaves; rank 0 leaves
+    once it has written the output), with the job's progress counter when `progress` is asked for."""
+    try:
+        join(job, device)
+        # Every rank counts the docs it scores in the job's store; rank 0 shows the total (or, where the
+        # store cannot be reached, its own share).
+        shared = JobProgress.connect() if progress else None
+        with _job_progress_bar(shared is not None and job.leader):
+            yield shared
+    finally:
+        if not job.leader:
+            leave()
+
+
+@contextlib.contextmanager
+def _job_progress_bar(show: bool) -> Iterator[None]:
+    """With `show` (rank 0 of a torchrun job): a bar that follows the docs scored by every rank, read from
+    the job's store every PROGRESS_POLL_S seconds by a thread with a connection of its own (rank 0 may be
+    busy merging or waiting)."""
+    reader = JobProgress.connect() if show else None
+    if reader is None:
+        yield
+        return
+    stop = threading.Event()
+    with progress_bar(0) as bar:
+
+        def update() -> None:
+            scored, expected = reader.read()
+            bar.total, bar.n = expected, scored
+            bar.refresh()
+
+        def follow() -> None:
+            with contextlib.suppress(RuntimeError):  # the store went away: the job is ending anyway
+                while not stop.wait(PROGRESS_POLL_S):
+                    update()
+                update()
+
+        thread = threading.Thread(target=follow, name="tiny-knn-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
 def share(rows: int, job: Job) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of `rows`, as even as can be."""
     return rows * job.rank // job.world, rows * (job.rank + 1) // job.world
@@ -159,14 +298,15 @@ def from_leader(value: int, device: str) -> int:
     return int(tensor.item())
 
 
-class MergingStore(MemoryStore):
-    """For `docs` sharding: each finished batch of this rank's candidates (global doc numbers) goes to
-    rank 0, which merges every rank's into the overall top k and hands them to its own `store`."""
+class MergingStore:
+    """For `docs` sharding, the store.Store the engine saves to: each finished batch of this rank's
+    candidates (global doc numbers) goes to rank 0, which merges every rank's into the overall top k and hands
+    them to its own `store`."""
 
     def __init__(
         self,
         job: Job,
-        store: MemoryStore | None,
+        store: Store | None,
         *,
         done_rows: int,
         candidates: int,

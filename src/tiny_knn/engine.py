@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import MemoryStore
 from .estimators import Estimator, Operand, make_estimator
 from .kernel import KERNEL
 from .metrics import normalize, prepare_docs, round_to_bfloat16
@@ -40,6 +39,7 @@ from .plan import (
 )
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
+from .store import MemoryStore, Store
 from .topk import RunningTopK, SortMergeTopK, ThresholdTopK, make_running_topk
 
 ProgressCallback = Callable[[int], None]
@@ -53,7 +53,7 @@ def search(
     docs: Source,
     plan: Plan,
     on_docs_scored: ProgressCallback | None = None,
-    store: MemoryStore | None = None,
+    store: Store | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """Runs the plan. Returns (scores float32 (Q, k), indices int64 (Q, k), the plan actually used).
 
@@ -81,7 +81,7 @@ def _matmul_precision(precision: str) -> Iterator[None]:
 
 
 def _search_batches(
-    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: MemoryStore
+    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: Store
 ) -> Plan:
     for batch_start in range(store.done_rows, queries.rows, plan.query_batch_rows):
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)

@@ -1,4 +1,5 @@
-"""The errors tiny-knn raises on purpose. Each names the file, what was found and what was expected.
+"""The errors tiny-knn raises on purpose, and its one warning. Each error names the file, what was found and
+what was expected.
 
 Every class is also a built-in exception (ValueError or OSError), so callers can catch either. The CLI
 turns any TinyKnnError into one line on stderr and exit code 2.
@@ -31,6 +32,10 @@ class OutputError(TinyKnnError, OSError):
 
 class MemoryBudgetError(TinyKnnError, ValueError):
     """The memory budget is too small for even the smallest plan."""
+
+
+class TinyKnnWarning(UserWarning):
+    """Something was adjusted rather than refused (for instance k clamped to the number of docs)."""
 
 
 def first_sentence(exc: BaseException) -> str:

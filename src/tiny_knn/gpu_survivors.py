@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import first_sentence
+from .errors import TinyKnnWarning, first_sentence
 
 BLOCK_COLS = 2048  # scores one program reads
 
@@ -52,8 +52,6 @@ def _trial(device: str) -> bool:
         trouble = f"it kept {int(fills[0])} of 1 score in a trial"
     except Exception as exc:  # whatever Triton raises while compiling or launching
         trouble = f"{type(exc).__name__}: {first_sentence(exc)}"
-    from .api import TinyKnnWarning  # here: api imports this module
-
     message = f"tiny-knn: the Triton selection kernel does not run here ({trouble}); selecting with torch.topk"
     warnings.warn(message, TinyKnnWarning, stacklevel=4)
     return False

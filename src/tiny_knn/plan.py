@@ -180,15 +180,23 @@ class Plan:
         ]
 
 
+# The selectors' pools are sized here, where their memory is counted; topk.py allocates them.
+def pool_capacity(k: int) -> int:
+    """Keys a query row of topk.ThresholdTopK can hold before compaction: at least k spare slots, so
+    compaction is rare."""
+    return k + max(k, 256)
+
+
+def gpu_pool_capacity(k: int) -> int:
+    """Keys a row of topk.PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
+    return round_up(max(3 * k, k + 1024), 64)
+
+
 def selection_state_bytes(k: int, selection: str) -> int:
     """Bytes of running top-k state per query row."""
     if selection == "threshold":
-        from .topk import pool_capacity
-
         return pool_capacity(k) * INDEX_BYTES + 8
     if selection == "pool":
-        from .topk import gpu_pool_capacity
-
         return gpu_pool_capacity(k) * INDEX_BYTES + 8
     return k * (SCORE_BYTES + INDEX_BYTES)
 

@@ -23,7 +23,7 @@ import torch
 from . import gpu_survivors
 from .estimators import Estimator, Operand
 from .kernel import KERNEL, kernel_available
-from .plan import ROW_ALIGN, round_up
+from .plan import ROW_ALIGN, gpu_pool_capacity, pool_capacity, round_up
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -43,11 +43,6 @@ FINALIZE_ROWS = 256
 HOST_STAGE_BYTES = 64 * 2**20
 # Docs are packed with their score into one 64-bit key, which leaves 32 bits for the doc index.
 MAX_KERNEL_DOCS = 2**32
-
-
-def pool_capacity(k: int) -> int:
-    """Keys a query row can hold before compaction: at least k spare slots, so compaction is rare."""
-    return k + max(k, 256)
 
 
 _KERNEL = KERNEL
@@ -365,11 +360,6 @@ def tile_best_keys(scores: torch.Tensor, first_doc: int, k: int) -> torch.Tensor
         keys[tied, :take] = torch.topk(every, take, dim=1, largest=False, sorted=False).values
         keys[tied, take] = _EMPTY
     return keys
-
-
-def gpu_pool_capacity(k: int) -> int:
-    """Keys a row of PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
-    return round_up(max(3 * k, k + 1024), 64)
 
 
 def _sorted_result(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
