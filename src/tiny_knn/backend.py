@@ -5,12 +5,12 @@ answers (plan.make_plan stays pure).
 On the CPU with the compiled kernel every exact search is screened (engine.py), and the estimator changes only the
 speed, never the answer. Which estimator is fastest depends on the CPU (its instructions, its BLAS), the threads,
 the dims, the metric and k, so it is measured rather than guessed from a vendor's name: each estimator that runs
-here screens a small sample of the real data (SAMPLE_QUERIES x SAMPLE_DOCS, twice: the first run warms up), and
-the fastest is used. The verdict is kept in the user's cache folder (TINY_KNN_CACHE_DIR, else
+here screens a small sample of the real data (SAMPLE_ROWS_PER_THREAD queries a thread by two tiles of docs, the
+first to warm up), and the fastest is used. The verdict is kept in the user's cache folder (TINY_KNN_CACHE_DIR, else
 $XDG_CACHE_HOME/tiny-knn, else ~/.cache/tiny-knn), keyed by what changes the winner: the CPU model, torch's
 version, the threads, dim, metric, a k bucket and few against many queries. A search too small for the
 measurement to pay for itself (MEASURE_MIN_PAIRS) takes the cached verdict, else the first estimator in
-ESTIMATORS' order that runs here. TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces one; one that cannot run
+UNMEASURED_ORDER that runs here. TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces one; one that cannot run
 is an error, never a silent fallback.
 """
 
@@ -37,14 +37,21 @@ from .plan import COL_ALIGN, DEFAULT_BUDGET_FRACTION, ROW_ALIGN, round_up
 from .sources import Source
 from .topk import MAX_KERNEL_DOCS, ThresholdTopK, default_selection
 
-# The sample an estimator is timed on, and how many times (the first warms up: oneDNN builds its kernels on a
-# shape's first use, in about 3 ms).
-SAMPLE_QUERIES = 128
-SAMPLE_DOCS = 2048
-SAMPLE_RUNS = 2
-# Measure only searches of at least this many (query, doc) pairs: then the measurement, every estimator that runs
-# here timed twice on SAMPLE_QUERIES x SAMPLE_DOCS, costs well under 1% of the search.
-MEASURE_MIN_PAIRS = 100 * SAMPLE_RUNS * len(ESTIMATORS) * SAMPLE_QUERIES * SAMPLE_DOCS
+# The sample the estimators are timed on: enough query rows that each thread's products are of a realistic shape
+# (with 64 or 128 rows a thread, bfloat16 products looked no faster than float32 ones that took 1.5 times as long
+# over a whole search: oneDNN's cost per call is paid for few rows; benchmarks/RESULTS.md), against two tiles of
+# docs. The first tile warms up (oneDNN builds its kernels on a shape's first use; the rows' thresholds start from
+# it, which costs about 10 us a row once per search, but most of a tile's time); only the second is timed, and
+# only its screening, not the preparation of its rows, which a search does on its reader thread meanwhile.
+SAMPLE_ROWS_PER_THREAD = 512
+SAMPLE_DOCS = 1024
+# Measure only searches of at least this many (query, doc) pairs: then the measurement, once per CPU model and
+# kind of search (the verdict is cached), costs at most about 2% of the first such search.
+MEASURE_MIN_PAIRS = 50 * len(ESTIMATORS) * 2 * (2 * SAMPLE_ROWS_PER_THREAD * SAMPLE_DOCS)
+# Searches too small to measure for, and not measured before, take the first of these that runs here: the float32
+# estimators, whose speed varies least across CPUs (a bfloat16 one is fast only where the CPU has the instructions
+# for it: on an Intel Xeon, VDPBF16PS ran at half MKL's float32 rate, oneDNN's AMX path at 4 times it).
+UNMEASURED_ORDER = ("kernel", "torch", "torch-bf16", "screen")
 FEW_QUERIES = 64  # fewer queries than this are a different case for the estimators (few rows per thread)
 CACHE_FILE = "estimators.json"
 
@@ -127,24 +134,30 @@ def _choose(queries: Source, docs: Source, k: int, metric: str, threads: int) ->
     if isinstance(cached, dict) and cached.get("chosen") in names:
         return cached["chosen"], f"measured earlier: {_timings(cached.get('measured', {}))}", {}
     if queries.rows * docs.rows < MEASURE_MIN_PAIRS:
-        return names[0], "the first that runs here: the search is too small to be worth measuring", {}
+        first = next(name for name in UNMEASURED_ORDER if name in names)
+        return first, "not measured: the search is too small to be worth it", {}
     measured = measure(names, queries, docs, k, metric, threads)
     chosen = min(measured, key=measured.__getitem__)
     _write_cache(key, {"chosen": chosen, "measured": measured, "date": datetime.now(timezone.utc).isoformat()})
-    return chosen, f"measured on {SAMPLE_QUERIES} x {SAMPLE_DOCS} of the data: {_timings(measured)}", measured
+    sample = f"{min(queries.rows, threads * SAMPLE_ROWS_PER_THREAD)} x {min(docs.rows, 2 * SAMPLE_DOCS)}"
+    return chosen, f"measured on {sample} of the data: {_timings(measured)}", measured
 
 
 def measure(names: list[str], queries: Source, docs: Source, k: int, metric: str, threads: int) -> dict[str, float]:
-    """Seconds each estimator takes to screen the first SAMPLE_QUERIES queries against the first SAMPLE_DOCS docs
-    (the best of SAMPLE_RUNS), keeping k scaled to the sample's share of the docs."""
-    query_rows, doc_rows = min(queries.rows, SAMPLE_QUERIES), min(docs.rows, SAMPLE_DOCS)
+    """Seconds each estimator takes to screen SAMPLE_ROWS_PER_THREAD queries per thread against SAMPLE_DOCS docs,
+    after a first tile of as many (see SAMPLE_ROWS_PER_THREAD), keeping k scaled to the sample's share of the
+    docs."""
+    query_rows, doc_rows = min(queries.rows, threads * SAMPLE_ROWS_PER_THREAD), min(docs.rows, 2 * SAMPLE_DOCS)
     sample_queries = torch.zeros((round_up(query_rows, ROW_ALIGN), queries.dim))
-    sample_docs = torch.zeros((round_up(doc_rows, COL_ALIGN), docs.dim))
     queries.read_into(0, query_rows, sample_queries)
-    docs.read_into(0, doc_rows, sample_docs)
+    warm, timed = min(doc_rows, SAMPLE_DOCS), doc_rows - min(doc_rows, SAMPLE_DOCS)
+    tiles = [torch.zeros((round_up(count, COL_ALIGN), docs.dim)) for count in (warm, timed)]
+    docs.read_into(0, warm, tiles[0])
+    docs.read_into(warm, doc_rows, tiles[1])
     if metric == "cosine":
         normalize(sample_queries[:query_rows])
-        normalize(sample_docs[:doc_rows])
+        normalize(tiles[0][:warm])
+        normalize(tiles[1][:timed])
     sample_k = max(1, min(doc_rows, round(k * doc_rows / docs.rows)))
     seconds = {}
     for name in names:
@@ -152,22 +165,16 @@ def measure(names: list[str], queries: Source, docs: Source, k: int, metric: str
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(estimator.matmul_precision)
         try:
-            best = math.inf
-            for _ in range(SAMPLE_RUNS):
-                selector = ThresholdTopK(query_rows, sample_k, threads=threads)
-                started = time.perf_counter()
-                selector.add_chunk(
-                    estimator,
-                    estimator.prepare(sample_queries, query=True),
-                    estimator.prepare(sample_docs, query=False, slot=0),
-                    0,
-                    doc_rows,
-                )
-                best = min(best, time.perf_counter() - started)
-                selector.result()  # and its threads end
+            selector = ThresholdTopK(query_rows, sample_k, threads=threads)
+            operand = estimator.prepare(sample_queries, query=True)
+            selector.add_chunk(estimator, operand, estimator.prepare(tiles[0], query=False, slot=0), 0, warm)
+            second = estimator.prepare(tiles[1], query=False, slot=1)
+            started = time.perf_counter()
+            selector.add_chunk(estimator, operand, second, warm, timed)
+            seconds[name] = time.perf_counter() - started
+            selector.result()  # and its threads end
         finally:
             torch.set_float32_matmul_precision(previous)
-        seconds[name] = best
     return seconds
 
 

@@ -129,6 +129,30 @@ __attribute__((target("avx512f,avx512bw"))) static void tk_row_bf16_avx512(const
 }
 #endif
 
+/* The sum of a row's squares in double (all a float32 estimator's factors need). */
+static double tk_row_squares(const float *src, int64_t dim)
+{
+    double sum = 0.0;
+    for (int64_t d = 0; d < dim; d++) sum += (double)src[d] * (double)src[d];
+    return sum;
+}
+
+#ifdef TK_X86
+TK_AVX512 static double tk_row_squares_avx512(const float *src, int64_t dim)
+{
+    __m512d low = _mm512_setzero_pd(), high = low;
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+        __m512 x = _mm512_loadu_ps(src + d);
+        __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+        __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+        low = _mm512_fmadd_pd(a, a, low);
+        high = _mm512_fmadd_pd(b, b, high);
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(low, high)) + tk_row_squares(src + d, dim - d);
+}
+#endif
+
 /* Prepares rows [0, rows) of x (row_stride floats apart) for the screen (see the bound above):
  * - first[i], second[i]: for queries (TK_QUERY) a_q and b_q, for docs n_d and r_d, of a bfloat16 estimator
  *   (TK_BF16) or a float32 one;
@@ -148,10 +172,17 @@ void tk_prepare_rows(const float *x, int64_t row_stride, int64_t rows, int64_t d
         uint32_t *words = packed ? packed + (i / panel) * panel * pairs + i % panel : NULL;
         float *values = rounded ? rounded + i * rounded_stride : NULL;
         double sums[3] = {0.0, 0.0, 0.0};
+        if (!bf16 && !words && !values) { /* a float32 estimator's: the squares alone */
 #ifdef TK_X86
-        if (tk_cpu() & TK_HAS_AVX512BW) tk_row_bf16_avx512(src, dim, panel, words, values, sums);
-        else
+            sums[0] = (tk_cpu() & TK_HAS_AVX512) ? tk_row_squares_avx512(src, dim) : tk_row_squares(src, dim);
+#else
+            sums[0] = tk_row_squares(src, dim);
 #endif
+        }
+#ifdef TK_X86
+        else if (tk_cpu() & TK_HAS_AVX512BW) tk_row_bf16_avx512(src, dim, panel, words, values, sums);
+#endif
+        else
             tk_row_bf16(src, 0, dim, panel, words, values, sums);
         double size = sqrt(bf16 && sums[1] > sums[0] ? sums[1] : sums[0]), moved = bf16 ? sqrt(sums[2]) : 0.0;
         int huge = !(size < ldexp(1.0, 60)); /* NaN too */
@@ -260,10 +291,18 @@ TK_AVX512 static inline __m512 tk_lowest(float bound, float a, float b, const fl
                 }                                                                                                   \
             }                                                                                                       \
             if (!count) continue;                                                                                   \
-            for (int64_t c = 0; c < count; c++) {                                                                   \
+            for (int64_t c = 0; c < count;) {                                                                       \
                 const float *query = queries + (row_lo + r0 + (codes[c] >> 5)) * query_stride;                      \
+                if (!l2 && c + 4 <= count && codes[c] >> 5 == codes[c + 3] >> 5) { /* four of one row */           \
+                    const float *four[4];                                                                           \
+                    for (int f = 0; f < 4; f++) four[f] = doc_rows + (codes[c + f] & 31) * doc_stride;              \
+                    tk_dot4_avx512(query, four, dim, exact + c);                                                    \
+                    c += 4;                                                                                         \
+                    continue;                                                                                       \
+                }                                                                                                   \
                 const float *doc = doc_rows + (codes[c] & 31) * doc_stride;                                         \
                 exact[c] = l2 ? -tk_l2(query, doc, dim) : tk_dot_avx512(query, doc, dim);                           \
+                c++;                                                                                                \
             }                                                                                                       \
             for (int64_t c = 0; c < count;) {                                                                       \
                 int64_t row = r0 + (codes[c] >> 5);                                                                 \
@@ -464,26 +503,6 @@ static void tk_tile_bounds(tk_tile_row *row)
     row->coarse = tk_round_down(coarse - ldexp(fabs((double)row->key_bound) + slack, -50));
 }
 
-/* Column c passed the coarse test: its own bound, then its exact score, offered to the pool. Returns 1 if it
- * was offered. */
-static int tk_tile_candidate(tk_tile_row *row, int64_t c)
-{
-    double estimate = (double)row->estimates[c], half = row->halves ? (double)row->halves[c] : 0.0;
-    double slack = (double)row->a * row->norms[c] + (double)row->b * row->resid[c];
-    double margin = ldexp(fabs((double)row->key_bound) + slack + fabs(estimate) + half, -50);
-    if (estimate - half < (double)row->key_bound - slack - margin) return 0; /* NaN passes */
-    const float *doc = row->docs + c * row->doc_stride;
-    float score = row->l2 ? -tk_l2(row->query, doc, row->dim) : tk_dot(row->query, doc, row->dim);
-    row->bad |= !isfinite(score);
-    float before = *row->threshold;
-    if (score > before) {
-        *row->threshold = tk_push(row->pool, row->capacity, row->fill, row->k, before, score,
-                                  (uint32_t)(row->first_doc + c));
-        if (*row->threshold != before) tk_tile_bounds(row);
-    }
-    return 1;
-}
-
 /* Estimates to compare with the coarse bound: for l2, estimate - h_d (rounded to nearest: rounding is monotone,
  * so a pair above the coarse bound stays at or above it). */
 static inline float tk_tile_value(const tk_tile_row *row, int64_t c)
@@ -491,47 +510,125 @@ static inline float tk_tile_value(const tk_tile_row *row, int64_t c)
     return row->halves ? row->estimates[c] - row->halves[c] : row->estimates[c];
 }
 
-static int64_t tk_tile_scan_scalar(tk_tile_row *row, int64_t from, int64_t cols)
+/* 1. The coarse test: the columns of [from, cols) at or above the coarse bound (NaN too), appended to found. */
+static int64_t tk_tile_coarse_scalar(const tk_tile_row *row, int64_t from, int64_t cols, int32_t *found)
 {
-    int64_t offered = 0;
+    int64_t count = 0;
     for (int64_t c = from; c < cols; c++)
-        if (!(tk_tile_value(row, c) < row->coarse)) offered += tk_tile_candidate(row, c);
-    return offered;
+        if (!(tk_tile_value(row, c) < row->coarse)) found[count++] = (int32_t)c;
+    return count;
 }
 
 #ifdef TK_X86
-__attribute__((target("avx2"))) static int64_t tk_tile_scan_avx2(tk_tile_row *row, int64_t cols)
+__attribute__((target("avx2"))) static int64_t tk_tile_coarse_avx2(const tk_tile_row *row, int64_t cols,
+                                                                    int32_t *found)
 {
-    int64_t offered = 0, j = 0;
+    int64_t count = 0, j = 0;
     for (; j + 8 <= cols; j += 8) {
         __m256 values = _mm256_loadu_ps(row->estimates + j);
         if (row->halves) values = _mm256_sub_ps(values, _mm256_loadu_ps(row->halves + j));
         unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(values, _mm256_set1_ps(row->coarse), _CMP_NLT_UQ));
         while (mask) {
-            int bit = __builtin_ctz(mask);
+            found[count++] = (int32_t)(j + __builtin_ctz(mask));
             mask &= mask - 1;
-            offered += tk_tile_candidate(row, j + bit);
         }
     }
-    return offered + tk_tile_scan_scalar(row, j, cols);
+    return count + tk_tile_coarse_scalar(row, j, cols, found + count);
 }
 
-TK_AVX512 static int64_t tk_tile_scan_avx512(tk_tile_row *row, int64_t cols)
+TK_AVX512 static int64_t tk_tile_coarse_avx512(const tk_tile_row *row, int64_t cols, int32_t *found)
 {
-    int64_t offered = 0, j = 0;
+    int64_t count = 0, j = 0;
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; j + 16 <= cols; j += 16) {
         __m512 values = _mm512_loadu_ps(row->estimates + j);
         if (row->halves) values = _mm512_sub_ps(values, _mm512_loadu_ps(row->halves + j));
-        unsigned mask = _mm512_cmp_ps_mask(values, _mm512_set1_ps(row->coarse), _CMP_NLT_UQ);
-        while (mask) {
-            int bit = __builtin_ctz(mask);
-            mask &= mask - 1;
-            offered += tk_tile_candidate(row, j + bit);
-        }
+        __mmask16 mask = _mm512_cmp_ps_mask(values, _mm512_set1_ps(row->coarse), _CMP_NLT_UQ);
+        if (!mask) continue;
+        _mm512_mask_compressstoreu_epi32(found + count, mask, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)j)));
+        count += __builtin_popcount(mask);
     }
-    return offered + tk_tile_scan_scalar(row, j, cols);
+    return count + tk_tile_coarse_scalar(row, j, cols, found + count);
 }
 #endif
+
+/* 2. Each column's own bound, in double with a margin for double's rounding: keeps, in order, the columns whose
+ * estimate may belong to the k best. */
+static int64_t tk_tile_fine(const tk_tile_row *row, const int32_t *found, int64_t count, int32_t *kept)
+{
+    int64_t left = 0;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t c = found[i];
+        double estimate = (double)row->estimates[c], half = row->halves ? (double)row->halves[c] : 0.0;
+        double slack = (double)row->a * row->norms[c] + (double)row->b * row->resid[c];
+        double margin = ldexp(fabs((double)row->key_bound) + slack + fabs(estimate) + half, -50);
+        if (!(estimate - half < (double)row->key_bound - slack - margin)) kept[left++] = (int32_t)c; /* NaN passes */
+    }
+    return left;
+}
+
+/* 3. Their exact scores, in one loop of independent dot products (they overlap). */
+static void tk_tile_exact(const tk_tile_row *row, const int32_t *kept, int64_t count, float *exact)
+{
+    for (int64_t i = 0; i < count; i++) {
+        const float *doc = row->docs + kept[i] * row->doc_stride;
+        exact[i] = row->l2 ? -tk_l2(row->query, doc, row->dim) : tk_dot(row->query, doc, row->dim);
+    }
+}
+
+#ifdef TK_X86
+TK_AVX512 static void tk_tile_exact_avx512(const tk_tile_row *row, const int32_t *kept, int64_t count, float *exact)
+{
+    if (row->l2) {
+        tk_tile_exact(row, kept, count, exact);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        const float *docs[4];
+        for (int r = 0; r < 4; r++) docs[r] = row->docs + kept[i + r] * row->doc_stride;
+        tk_dot4_avx512(row->query, docs, row->dim, exact + i);
+    }
+    for (; i < count; i++) exact[i] = tk_dot_avx512(row->query, row->docs + kept[i] * row->doc_stride, row->dim);
+}
+#endif
+
+/* Screens one row of the tile: the coarse test, then, TK_TILE_BATCH candidates at a time, their own bounds (against
+ * the threshold as it is then: offering exact scores raises it), their exact scores and their offer to the pool,
+ * in doc order. Returns the pairs scored exactly. */
+#define TK_TILE_BATCH 32
+static int64_t tk_tile_screen_row(tk_tile_row *row, int64_t cols, int32_t *found, float *exact)
+{
+    int64_t count, scored = 0;
+#ifdef TK_X86
+    if (tk_cpu() & TK_HAS_AVX512) count = tk_tile_coarse_avx512(row, cols, found);
+    else if (tk_cpu() & TK_HAS_AVX2_FMA) count = tk_tile_coarse_avx2(row, cols, found);
+    else
+#endif
+        count = tk_tile_coarse_scalar(row, 0, cols, found);
+    for (int64_t start = 0; start < count; start += TK_TILE_BATCH) {
+        int32_t *batch = found + start;
+        int64_t kept = tk_tile_fine(row, batch, count - start < TK_TILE_BATCH ? count - start : TK_TILE_BATCH, batch);
+#ifdef TK_X86
+        if (tk_cpu() & TK_HAS_AVX512) tk_tile_exact_avx512(row, batch, kept, exact);
+        else
+#endif
+            tk_tile_exact(row, batch, kept, exact);
+        float threshold = *row->threshold;
+        for (int64_t i = 0; i < kept; i++) {
+            row->bad |= !isfinite(exact[i]);
+            if (exact[i] > threshold)
+                threshold = tk_push(row->pool, row->capacity, row->fill, row->k, threshold, exact[i],
+                                    (uint32_t)(row->first_doc + batch[i]));
+        }
+        if (threshold != *row->threshold) {
+            *row->threshold = threshold;
+            tk_tile_bounds(row);
+        }
+        scored += kept;
+    }
+    return scored;
+}
 
 /* The starting threshold of an inner-product row that has none, from the tile (see TK_SEED): the k-th best
  * lower bound on an exact score among its cols >= k docs, just below it. */
@@ -568,6 +665,12 @@ int64_t tk_screen_tile(int32_t metric, const float *estimates, int64_t estimate_
     }
     if (norm_max != norm_max || resid_max != resid_max) norm_max = resid_max = INFINITY;
     uint64_t *keys = NULL;
+    int32_t *found = malloc((size_t)(cols > 0 ? cols : 1) * (sizeof(int32_t) + sizeof(float)));
+    if (!found) {
+        tk_ieee_end(saved);
+        return -1;
+    }
+    float *exact = (float *)(found + cols);
     int64_t offered = 0;
     int bad = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -578,14 +681,10 @@ int64_t tk_screen_tile(int32_t metric, const float *estimates, int64_t estimate_
         if (!metric && cols >= k && thresholds[r] == -INFINITY && (keys || (keys = malloc(cols * sizeof *keys))))
             tk_tile_seed(&row, cols, keys);
         tk_tile_bounds(&row);
-#ifdef TK_X86
-        if (tk_cpu() & TK_HAS_AVX512) offered += tk_tile_scan_avx512(&row, cols);
-        else if (tk_cpu() & TK_HAS_AVX2_FMA) offered += tk_tile_scan_avx2(&row, cols);
-        else
-#endif
-            offered += tk_tile_scan_scalar(&row, 0, cols);
+        offered += tk_tile_screen_row(&row, cols, found, exact);
         bad |= row.bad;
     }
+    free(found);
     free(keys);
     if (bad) *non_finite = 1;
     tk_ieee_end(saved);
