@@ -82,10 +82,16 @@ def test_a_checkpoint_for_other_inputs_or_options_is_refused(inputs, tmp_path, m
 
 
 def test_a_checkpoint_killed_before_its_first_manifest_is_started_afresh(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its manifest is the first thing written: killed before it, the folder holds its temporary file at most."""
     (tmp_path / "out.pt.checkpoint").mkdir()
-    (tmp_path / "out.pt.checkpoint" / "scores.npy").write_bytes(b"half")
+    (tmp_path / "out.pt.checkpoint" / "manifest.json.tmp").write_bytes(b'{"fingerpr')
     compute_topk(*inputs, k=5, force_cpu=True, out_path=str(tmp_path / "out.pt"), batch_size=30)
     assert sorted(os.listdir(tmp_path)) == ["docs.pt", "out.pt", "queries.pt"]
+    (tmp_path / "out.pt.checkpoint").mkdir()
+    (tmp_path / "out.pt.checkpoint" / "scores.npy").write_bytes(b"half")  # arrays come after the manifest
+    with pytest.raises(OutputError, match=r"holds files tiny-knn did not write \(scores.npy\)"):
+        compute_topk(*inputs, k=5, force_cpu=True, out_path=str(tmp_path / "out.pt"), batch_size=30)
+    assert (tmp_path / "out.pt.checkpoint" / "scores.npy").read_bytes() == b"half"
 
 
 def test_a_single_batch_needs_no_checkpoint(inputs, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

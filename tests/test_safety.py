@@ -340,14 +340,14 @@ def fill(folder: Path) -> None:
             stream.write(b"\0" * 65536)
 
 
-@pytest.mark.parametrize("when", ["checkpoint", "result"])
-def test_a_disk_that_fills_during_a_run_on_a_real_tmpfs(inputs, tmp_path, small_disk, when) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("when", "fmt"), [("checkpoint", "pt"), ("result", "pt"), ("result", "npy")])
+def test_a_disk_that_fills_during_a_run_on_a_real_tmpfs(inputs, tmp_path, small_disk, when, fmt) -> None:  # type: ignore[no-untyped-def]
     """The output folder is a small tmpfs, filled while the run waits at its pause: during a multi-batch run (the
     checkpoint's next manifest cannot be written) or a single batch (the result cannot be written). One line,
     exit 2, no temporary file, and a count of saved queries that the manifest really holds."""
     queries, docs = inputs
     batches = ["--batch-size", 20] if when == "checkpoint" else []
-    argv = [queries, docs, "--k", 5, "--cpu", "--output-path", small_disk / "out.pt", *batches]
+    argv = [queries, docs, "--k", 5, "--cpu", "--output-path", small_disk / "out.pt", "--format", fmt, *batches]
     pause = tmp_path / "pause"
     process = tiny_knn(*argv, env={"TINY_KNN_TEST_PAUSE": str(pause)})
     with paused(pause, process):
@@ -355,6 +355,7 @@ def test_a_disk_that_fills_during_a_run_on_a_real_tmpfs(inputs, tmp_path, small_
     code, _, err = finished(process)
     assert code == 2
     the_error(err, r"(checkpoint|output path) '.*': (cannot be written|writing failed): No space left on device")
+    assert "free some space" in err or when == "result"
     left = sorted(os.listdir(small_disk))
     if when == "checkpoint":
         assert "stopped: 0 of 60 queries are saved in" in err and "free some space, then run the same" in err
@@ -366,7 +367,10 @@ def test_a_disk_that_fills_during_a_run_on_a_real_tmpfs(inputs, tmp_path, small_
     code, _, err = run(*argv)
     assert code == 0, err
     reference = compute_topk(queries, docs, k=5, force_cpu=True, out_path=str(tmp_path / "reference.pt"))
-    assert torch.equal(torch.load(small_disk / "out.pt")["indices"], torch.load(reference)["indices"])
+    if fmt == "npy":
+        assert np.array_equal(np.load(small_disk / "out.pt" / "indices.npy"), torch.load(reference)["indices"].numpy())
+    else:
+        assert torch.equal(torch.load(small_disk / "out.pt")["indices"], torch.load(reference)["indices"])
 
 
 def test_bad_data_found_mid_run_says_what_to_fix(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -522,3 +526,168 @@ def test_disk_full_injected_at_every_point(inputs, tmp_path, monkeypatch, capsys
             told = f"all {Q_ROWS} queries are saved" if saved == Q_ROWS else f"stopped: {saved} of {Q_ROWS} queries"
             assert told in err, err
             assert not any(name.endswith(".tmp") for name in os.listdir(folder / "r.pt.checkpoint"))
+
+
+# ---- Found by a review of the above (each failed before its fix).
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "contents", "dangling", "folder"])
+def test_a_lock_path_that_is_not_a_tiny_knn_lock_is_refused_and_left_alone(inputs, tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    lock = tmp_path / "out.pt.lock"
+    (tmp_path / "notes.txt").write_text("precious")
+    if kind == "symlink":
+        lock.symlink_to(tmp_path / "notes.txt")
+    elif kind == "hardlink":
+        os.link(tmp_path / "notes.txt", lock)
+    elif kind == "contents":
+        lock.write_text("my own data")
+    elif kind == "dangling":
+        lock.symlink_to(tmp_path / "somewhere")
+    else:
+        lock.mkdir()
+    before = snapshot(tmp_path)
+    code, _, err = run(queries, docs, "--k", 5, "--cpu", "--quiet", "--output-path", tmp_path / "out.pt")
+    assert code == 2
+    the_error(err, r"lock file '.*out.pt.lock' exists and is not a tiny-knn lock")
+    assert snapshot(tmp_path) == before and not (tmp_path / "somewhere").exists()
+
+
+def test_a_rank_lock_never_follows_a_link(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Under torchrun each rank locks OUT.rankNofM.lock; a link there (to an input, say) is refused, untouched."""
+    (tmp_path / "D.pt").write_text("docs")
+    (tmp_path / "r.pt.rank1of2.lock").symlink_to(tmp_path / "D.pt")
+    with pytest.raises(OutputError, match="is not a tiny-knn lock"), OutputLock(str(tmp_path / "r.pt.rank1of2")):
+        pass
+    assert (tmp_path / "D.pt").read_text() == "docs"
+
+
+def test_a_lock_left_by_another_user_is_taken_read_only(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "out.pt.lock").write_text("123\n")
+    real_open = os.open
+
+    def refused(path, flags, *args):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    with OutputLock(str(tmp_path / "out.pt")):
+        pass
+
+
+@pytest.mark.parametrize("name", ["r.pt.lock", "r.pt.checkpoint"])
+def test_outputs_may_not_take_the_names_of_locks_and_checkpoints(inputs, tmp_path, name) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    code, _, err = run(queries, docs, "--k", 5, "--cpu", "--quiet", "--output-path", tmp_path / name)
+    assert code == 2
+    the_error(err, r"ends in \.(lock|checkpoint), the name tiny-knn gives its")
+
+
+def test_a_folder_output_with_a_trailing_separator_is_one_output_with_its_twin(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    argv = [queries, docs, "--k", 5, "--cpu", "--quiet", "--format", "npy", "--batch-size", 20]
+    pause = tmp_path / "pause"
+    first = tiny_knn(*argv, "--output-path", f"{tmp_path / 'res'}/", env={"TINY_KNN_TEST_PAUSE": str(pause)})
+    with paused(pause, first):
+        code, _, err = run(*argv, "--output-path", tmp_path / "res")
+        assert code == 2
+        the_error(err, r"another tiny-knn run \(pid \d+\) is writing")
+    while first.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            pause.unlink()
+        time.sleep(0.01)
+    code, _, err = finished(first)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "res")) == ["indices.npy", "meta.json", "scores.npy"]
+
+
+@pytest.mark.parametrize("damage", ["cut-array", "missing-array", "rows-past-the-end"])
+def test_a_damaged_checkpoint_is_refused_not_resumed(inputs, tmp_path, damage) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    argv = [queries, docs, "--k", 5, "--cpu", "--quiet", "--batch-size", 20, "--output-path", tmp_path / "out.pt"]
+    pause = tmp_path / "pause"
+    process = tiny_knn(*argv, env={"TINY_KNN_TEST_PAUSE": str(pause)})
+    with paused(pause, process):
+        pass
+    with paused(pause, process):  # one batch saved
+        process.kill()
+    process.communicate()
+    folder = tmp_path / "out.pt.checkpoint"
+    if damage == "cut-array":
+        os.truncate(folder / "scores.npy", 5000)
+    elif damage == "missing-array":
+        os.unlink(folder / "indices.npy")
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "done_rows": 10**6}))
+    code, _, err = run(*argv)
+    assert code == 2
+    the_error(err, r"checkpoint '.*out.pt.checkpoint': damaged .*; delete the folder to start afresh")
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("then", ["removed", "a folder", "a fifo"])
+def test_an_input_cut_and_then_replaced_is_still_one_clean_error(inputs, tmp_path, then) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    pause = tmp_path / "pause"
+    process = tiny_knn(queries, docs, "--k", 5, "--cpu", "--batch-size", 20, "--chunk-size", 256, "--output-path",
+                       tmp_path / "out.pt", env={"TINY_KNN_TEST_PAUSE": str(pause)})  # fmt: skip
+    with paused(pause, process):
+        os.truncate(docs, 1000)
+        os.unlink(docs)
+        if then == "a folder":
+            docs.mkdir()
+        elif then == "a fifo":
+            os.mkfifo(docs)
+    code, _, err = finished(process)
+    assert code == 2
+    the_error(err, r"docs file '.*' changed while it was being read")
+    assert "deleted the checkpoint" in err and not (tmp_path / "out.pt.checkpoint").exists()
+
+
+def test_a_shard_glob_is_guarded_whatever_the_spelling_of_its_folder(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries, _ = inputs
+    (tmp_path / "shards").mkdir()
+    for part in range(2):
+        torch.save(torch.randn(100, DIM), tmp_path / "shards" / f"emb_{part}.pt")
+    (tmp_path / "link").symlink_to(tmp_path / "shards")
+    before = snapshot(tmp_path)
+    for pattern, output in (("link/emb_*.pt", "shards/emb_9.pt"), ("shards/emb_*.pt", "link/emb_9.pt")):
+        code, _, err = run(
+            queries, tmp_path / pattern, "--k", 5, "--cpu", "--quiet", "--output-path", tmp_path / output
+        )
+        assert code == 2
+        the_error(err, "matches the input shard pattern")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_shard_folder_is_guarded_through_a_bind_mount(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries, _ = inputs
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "bound").mkdir()
+    torch.save(torch.randn(100, DIM), tmp_path / "shards" / "emb_0.pt")
+    mounted = subprocess.run(
+        ["mount", "--bind", str(tmp_path / "shards"), str(tmp_path / "bound")], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no bind mount can be made here ({mounted.stderr.decode().strip()})")
+    try:
+        code, _, err = run(queries, tmp_path / "shards", "--k", 5, "--cpu", "--quiet", "--output-path",
+                           tmp_path / "bound" / "res.pt")  # fmt: skip
+        assert code == 2
+        the_error(err, "lies inside the input shard folder")
+        assert os.listdir(tmp_path / "shards") == ["emb_0.pt"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(tmp_path / "bound")], check=True)
+
+
+def test_a_full_stdout_is_one_line_and_the_result_stays(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries, docs = inputs
+    argv = [sys.executable, "-m", "tiny_knn", str(queries), str(docs), "--k", "5", "--cpu", "--quiet",
+            "--output-path", str(tmp_path / "out.pt")]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2
+    the_error(done.stderr, r"the result was written to .*out.pt, but its path could not be printed")
+    assert (tmp_path / "out.pt").exists()

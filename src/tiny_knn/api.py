@@ -181,7 +181,9 @@ def compute_topk(
     )
     queries, docs, plan = prepare(q_path, d_path, k, options)
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
-    target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
+    target = safety.output_path(
+        os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
+    )
     results.check_format(target, fmt)
     id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
     inputs = safety.Inputs.of([queries, docs], [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()])

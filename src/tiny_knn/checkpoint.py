@@ -22,11 +22,13 @@ run stops, what became of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -81,6 +83,9 @@ class Checkpoint(MemoryStore):
         try:
             self._arrays: list[np.memmap] = [self._array(name, dtype, (rows, k)) for name, dtype in _ARRAYS]
         except OSError as exc:
+            if done_rows:  # resuming: an array is missing or unreadable
+                raise OutputError(f"checkpoint '{folder}': damaged ({exc.strerror or exc}); delete the folder to "
+                                  "start afresh") from None  # fmt: skip
             raise output_error(f"checkpoint '{folder}': cannot be created: {exc.strerror or exc}", exc) from None
         except ValueError as exc:  # an array damaged or of another shape
             raise OutputError(f"checkpoint '{folder}': damaged ({exc}); delete the folder to start afresh") from None
@@ -90,10 +95,22 @@ class Checkpoint(MemoryStore):
     def _array(self, name: str, dtype: type, shape: tuple[int, int]) -> np.memmap:
         path = self._path(name)
         if self.done_rows:
-            array = np.lib.format.open_memmap(path, mode="r+")
-            if array.shape != shape or array.dtype != dtype:
-                raise ValueError(f"{name} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}")
-            return array
+            if self.done_rows > shape[0]:
+                raise ValueError(f"the manifest counts {self.done_rows} queries of {shape[0]}")
+            with open(path, "rb") as stream:  # the header, then the exact size: a cut file would map zeros
+                version = np.lib.format.read_magic(stream)
+                if version not in ((1, 0), (2, 0)):  # tiny-knn's arrays take version 1.0
+                    raise ValueError(f"{name} is a .npy file of version {version}")
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                found_shape, fortran, found_dtype = read_header(stream)
+                expected = stream.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+                size = os.fstat(stream.fileno()).st_size
+            if found_shape != shape or found_dtype != dtype or fortran or size != expected:
+                wanted = f"{np.dtype(dtype)} {shape} in {expected}"
+                raise ValueError(f"{name} holds {found_dtype} {found_shape} in {size} bytes, expected {wanted}")
+            return np.lib.format.open_memmap(path, mode="r+")
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         allocate(path)
         return array
@@ -119,7 +136,10 @@ class Checkpoint(MemoryStore):
         folder = checkpoint_folder(output_path)
         manifest = existing_manifest(folder)
         if manifest is not None and (restart or not manifest):
-            shutil.rmtree(folder)  # discarded, or killed before its first manifest: nothing in it counts
+            try:  # discarded, or killed before its first manifest: nothing in it counts
+                shutil.rmtree(folder)
+            except OSError as exc:
+                raise output_error(f"checkpoint '{folder}': cannot be deleted: {exc.strerror or exc}", exc) from None
             manifest = None
         if manifest is None and not wanted:
             return None
@@ -152,8 +172,12 @@ class Checkpoint(MemoryStore):
         self._write_manifest()
 
     def inputs_changed(self) -> str:
-        """'' while the inputs still match the checkpoint's fingerprint, else how they differ."""
-        return difference(self.fingerprint, self._fingerprint_now())
+        """'' while the inputs still match the checkpoint's fingerprint, else how they differ (an input gone, or
+        no longer a regular file, differs)."""
+        try:
+            return difference(self.fingerprint, self._fingerprint_now())
+        except OSError as exc:
+            return f"an input cannot be read any more ({exc.strerror or exc}: '{exc.filename}')"
 
     def saved_rows(self) -> int:
         """The queries whose results the manifest on disk counts (what a resumed run will skip)."""
@@ -269,7 +293,11 @@ def existing_manifest(folder: str) -> dict[str, Any] | None:
             "remove it or choose another --output-path"
         )
     entries = set(os.listdir(folder))
-    strangers = sorted(entries - CHECKPOINT_ENTRIES)
+    # Only regular files of tiny-knn's names; before its manifest, tiny-knn writes nothing but the manifest's
+    # temporary file (the arrays come after it), so a folder without a manifest holds that at most.
+    strangers = sorted(name for name in entries if name not in CHECKPOINT_ENTRIES or not _regular(folder, name))
+    if MANIFEST not in entries:
+        strangers += sorted(entries - {MANIFEST + ".tmp"} - set(strangers))
     if strangers:
         raise OutputError(
             f"checkpoint folder '{folder}' holds files tiny-knn did not write ({', '.join(strangers[:5])}); "
@@ -284,6 +312,10 @@ def existing_manifest(folder: str) -> dict[str, Any] | None:
             "or choose another --output-path"
         )
     return manifest
+
+
+def _regular(folder: str, name: str) -> bool:
+    return stat.S_ISREG(os.lstat(os.path.join(folder, name)).st_mode)
 
 
 def checkpoint_folder(output_path: str) -> str:
@@ -326,8 +358,9 @@ def describe(source: Source, readers: ThreadPoolExecutor) -> dict[str, Any]:
     paths = source.files()
     sizes = [os.path.getsize(path) for path in paths]
     total = max(1, sum(sizes))
+    spec = os.path.realpath(source.path) if os.path.exists(source.path) else source.path  # a file's any spelling
     return {
-        "spec": source.path,
+        "spec": spec,
         "rows": source.rows,
         "dim": source.dim,
         "dtype": str(source.dtype),
@@ -346,6 +379,8 @@ def _describe_file(path: str, readers: ThreadPoolExecutor, blocks: int = SAMPLE_
 def content_sample(path: str, readers: ThreadPoolExecutor, blocks: int = SAMPLE_BLOCKS) -> str:
     """A hash of the file's size, head, tail and `blocks` blocks of SAMPLE_BLOCK_BYTES spread evenly between
     them (the whole file when that is about as much), the blocks read in parallel by `readers`."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would wait for a writer
+        raise OSError(errno.EINVAL, "not a regular file", path)
     with open(path, "rb") as stream:
         descriptor = stream.fileno()
         size = os.fstat(descriptor).st_size

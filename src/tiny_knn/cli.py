@@ -241,7 +241,12 @@ def _run_reporting_errors(run) -> int:  # type: ignore[no-untyped-def]
     except Exception as exc:
         return _unexpected(exc)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 speaks for the job
-        print(path)
+        try:
+            print(path, flush=True)
+        except OSError as exc:  # stdout full or closed: the result is written all the same
+            print(f"tiny-knn: error: the result was written to {path}, but its path could not be printed "
+                  f"({exc.strerror or exc})", file=sys.stderr)  # fmt: skip
+            return EXIT_BAD_INPUT
     return EXIT_OK
 
 

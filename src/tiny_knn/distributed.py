@@ -356,8 +356,9 @@ def merge(scores: torch.Tensor, indices: torch.Tensor, higher_is_better: bool) -
 def collect_rows(
     job: Job, share_scores: torch.Tensor, share_indices: torch.Tensor, rows: int, folder: str, device: str
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For `queries` sharding: rank 0 receives every rank's rows into memory-mapped arrays under `folder`
-    (so the output's size never sets anyone's memory); other ranks send theirs and get None."""
+    """For `queries` sharding: rank 0 receives every rank's rows into memory-mapped arrays made under `folder` and
+    then unlinked (so the output's size never sets anyone's memory, and nothing is left behind); other ranks send
+    theirs and get None."""
     k = share_scores.shape[1]
     if not job.leader:
         for start in range(0, share_scores.shape[0], COLLECT_ROWS):
@@ -368,6 +369,9 @@ def collect_rows(
     for name, stored in (("scores.npy", np.float32), ("indices.npy", np.int64)):
         arrays.append(np.lib.format.open_memmap(os.path.join(folder, name), mode="w+", dtype=stored, shape=(rows, k)))
         allocate(os.path.join(folder, name))  # a full disk shows here, not as SIGBUS on a write to the mapping
+    # The mappings outlive their names: removed now, the folder is never left behind, whatever happens next
+    # (on a system that refuses to remove open files, it is removed once the output is written).
+    remove_folder(folder)
     scores, indices = arrays
     scores[: share_scores.shape[0]] = share_scores.numpy()
     indices[: share_indices.shape[0]] = share_indices.numpy()

@@ -244,8 +244,9 @@ class _DirectWriter:
 
 
 class _RecordingWriter:
-    """The file torch.save writes into through the page cache: a failed write (a full disk) is kept in `error`
-    for the caller to raise, since torch.save reports it as a RuntimeError of its own ("unexpected pos")."""
+    """A file torch.save or numpy.save writes into through the page cache: a failed write (a full disk) is kept
+    in `error` for the caller to raise, with its errno: torch.save reports it as a RuntimeError of its own
+    ("unexpected pos"), numpy as an OSError without one ("N requested and M written")."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
@@ -315,7 +316,11 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
         os.chmod(temporary, 0o777 & ~_umask())
         for name in ("indices", "scores"):
             with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
-                np.save(stream, result[name].numpy())
+                recording = _RecordingWriter(stream)  # numpy's own file writes report a full disk without errno
+                np.save(cast(IO[bytes], recording), result[name].numpy())
+                if recording.error is not None:
+                    raise recording.error
+                stream.flush()
                 os.fsync(stream.fileno())
         meta = {"kind": "topk", **metadata(result)}
         for role in ("query", "doc"):

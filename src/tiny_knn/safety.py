@@ -17,11 +17,12 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import checkpoint_folder
+from .checkpoint import CHECKPOINT_SUFFIX, checkpoint_folder
 from .errors import OutputError
 from .sources import Source
 
@@ -61,8 +62,13 @@ class Inputs:
 def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str = "topk") -> None:
     """Raises OutputError unless an output of format `fmt` may be written at `path` (see the module docstring),
     and its checkpoint and lock beside it harm nothing either."""
+    for suffix, what in ((LOCK_SUFFIX, "lock files"), (CHECKPOINT_SUFFIX, "checkpoints")):
+        if path.endswith(suffix):
+            raise OutputError(
+                f"output path '{path}' ends in {suffix}, the name tiny-knn gives its {what}; choose another name"
+            )
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if not os.path.isdir(parent) or not os.path.isdir(os.path.dirname(path) or "."):  # also 'file.pt/..'
         raise OutputError(f"output path '{path}': folder '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output path '{path}': folder '{parent}' is not writable")
@@ -75,8 +81,14 @@ def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str =
         _check_regular(path, "output path")
     for beside, what in ((path + LOCK_SUFFIX, "lock file"), (checkpoint_folder(path), "checkpoint")):
         _check_not_among_inputs(beside, inputs, what)
-        if os.path.lexists(beside) and what == "lock file":
-            _check_regular(beside, what)
+    check_lock_file(path + LOCK_SUFFIX)
+
+
+def output_path(path: str) -> str:
+    """The output path as tiny-knn names it and the files beside it: without trailing separators (so that `res/`
+    and `res` share one lock and one checkpoint)."""
+    stripped = path.rstrip(os.sep)
+    return stripped or path
 
 
 def _is_pattern(spec: str) -> bool:
@@ -99,7 +111,7 @@ def _check_not_among_inputs(path: str, inputs: Inputs, what: str = "output path"
                 f"{what} '{path}' lies inside the input shard folder '{folder}'; choose a path outside it"
             )
     for pattern in inputs.patterns:
-        if fnmatch.fnmatch(os.path.abspath(path), os.path.abspath(pattern)):
+        if _matches(path, pattern):
             raise OutputError(f"{what} '{path}' matches the input shard pattern '{pattern}'; choose another name")
 
 
@@ -155,14 +167,60 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies below it (real paths: links resolved)."""
-    real, real_folder = os.path.realpath(path), os.path.realpath(folder)
-    return real == real_folder or real.startswith(real_folder.rstrip(os.sep) + os.sep)
+    """Whether `path` is `folder` or lies below it, by identity (device and inode) of the folder and of each folder
+    above the path (links resolved), so that another spelling, a link or a bind mount of the folder is caught."""
+    target = _identity(folder)
+    if target is None:
+        return False
+    here = os.path.realpath(path)
+    while True:
+        if _identity(here) == target:
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """Whether `path` would be one of a glob's shards: its name matches the pattern's last part, in the pattern's
+    folder (compared by identity where that folder has no wildcards; by the real paths' text otherwise)."""
+    folder, name = os.path.split(os.path.abspath(pattern))
+    if not fnmatch.fnmatch(os.path.basename(path), name):
+        return False
+    if _is_pattern(folder):
+        return fnmatch.fnmatch(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.realpath(folder))
+    return _identity(os.path.dirname(os.path.abspath(path))) == _identity(folder)
+
+
+def check_lock_file(path: str) -> None:
+    """Refuses a lock path holding something other than a tiny-knn lock file: a link (symbolic or hard), a
+    folder or device, or a file with more in it than a pid. A lock is opened, written and deleted: never one
+    that is not tiny-knn's."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"lock file '{path}': {exc.strerror or exc}") from None
+    ours = stat.S_ISREG(status.st_mode) and status.st_nlink == 1 and status.st_size <= 32
+    if ours:
+        try:
+            with open(path, "rb") as stream:
+                ours = re.fullmatch(rb"[0-9]*\n?", stream.read(33)) is not None
+        except OSError:
+            ours = False
+    if not ours:
+        raise OutputError(
+            f"lock file '{path}' exists and is not a tiny-knn lock (a link, a folder, or a file with other "
+            "contents); remove it or choose another --output-path"
+        )
 
 
 class OutputLock:
     """An exclusive lock on `OUT.lock` for the whole run (see the module docstring). The file holds the pid of
-    the run that holds it, for the message another run gets."""
+    the run that holds it, for the message another run gets. Only a tiny-knn lock file is ever opened (never
+    through a link), written or deleted; one left by another user is locked read-only."""
 
     def __init__(self, output_path: str) -> None:
         self.output_path = output_path
@@ -173,10 +231,8 @@ class OutputLock:
         if fcntl is None:
             return self
         while True:
-            try:
-                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-            except OSError as exc:
-                raise OutputError(f"lock file '{self.path}': cannot be created: {exc.strerror or exc}") from None
+            check_lock_file(self.path)
+            descriptor = self._open()
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -192,16 +248,29 @@ class OutputLock:
                 break
             os.close(descriptor)
         self._descriptor = descriptor
-        with contextlib.suppress(OSError):  # the pid is only for messages
+        with contextlib.suppress(OSError):  # the pid is only for messages (and a read-only lock has none)
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         return self
 
+    def _open(self) -> int:
+        flags = os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(self.path, os.O_RDWR | flags, 0o666)
+        except PermissionError:  # left by another user's run: a read-only descriptor takes the lock as well
+            try:
+                return os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                raise OutputError(f"lock file '{self.path}': cannot be opened: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise OutputError(f"lock file '{self.path}': cannot be created: {exc.strerror or exc}") from None
+
     def __exit__(self, *exc_info: object) -> None:
         if self._descriptor is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # while still held: no other run can hold a lock on this file meanwhile
+        if _identity(self.path) == _descriptor_identity(self._descriptor):  # still ours: not replaced meanwhile
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still held: no other run can hold a lock on this file meanwhile
         os.close(self._descriptor)
         self._descriptor = None
 
