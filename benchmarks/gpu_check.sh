@@ -85,7 +85,7 @@ EOF
 
 step gpu.py "$@"
 timeout 300 python3 benchmarks/gpu.py --out "$WORK/bench" --json "$OUT/gpu.json" "$@" 2>&1 | tail -25
-step "CPU: the kernel's product against torch.mm"
+step "CPU: the estimators on the host"
 bash benchmarks/cpu_check.sh
 rm -rf "$WORK"
 step done

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from capabilities import needs_kernel, required
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_exact
@@ -29,7 +30,9 @@ def estimator(request, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     and one that writes tiles (torch.mm's). The threshold selector's searches are screened by it; the "sort"
     selector's take the path by search keys."""
     if request.param == "fused" and not FUSED:
-        pytest.skip("no fused estimator runs on this CPU")
+        if required("kernel") or required("screen"):
+            pytest.fail("TINY_KNN_REQUIRE names a fused estimator, and none runs on this CPU")
+        pytest.skip("no fused estimator runs on this CPU (set TINY_KNN_REQUIRE=kernel to make this a failure)")
     monkeypatch.setenv("TINY_KNN_PRODUCT", FUSED[0] if request.param == "fused" else "torch")
 
 
@@ -136,7 +139,7 @@ class _nothing:
         return None
 
 
-@pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
+@needs_kernel
 @pytest.mark.parametrize("sigmas", [4.0, 0.0, -100.0])
 def test_sampled_start_threshold_stays_exact_even_when_too_high(pair, sigmas) -> None:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(5)

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from capabilities import needs_kernel
 from oracle import assert_exact, brute_force
 
 from tiny_knn import engine, refine
 from tiny_knn.errors import InputChangedError
-from tiny_knn.kernel import KERNEL, kernel_available
 from tiny_knn.refine import _exact_scores
 from tiny_knn.sources import from_array, open_source
 
@@ -90,7 +90,7 @@ def test_drop_self_by_index_not_by_position() -> None:
     assert not (kept == torch.arange(3)[:, None]).any()
 
 
-@pytest.mark.skipif(not kernel_available(), reason="C kernel not built")
+@needs_kernel
 @pytest.mark.parametrize("squared", [True, False])
 @pytest.mark.parametrize("dim", [1, 7, 8, 13, 384])
 def test_exact_scores_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch, dim, squared) -> None:  # type: ignore[no-untyped-def]
@@ -112,11 +112,10 @@ def test_exact_scores_same_bits_from_kernel_numpy_and_gathered_rows(monkeypatch,
     assert ((in_place - exact).abs() <= 1e-14 * magnitude ** (2 if squared else 1)).all()
 
 
+@needs_kernel
 def test_a_docs_file_cut_under_the_kernels_mapping_is_a_clean_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The C kernel re-scores candidates from the docs file's memory map; a file cut under it would raise SIGBUS
     on the next read, which the kernel catches (its guard) and reports as the file having changed."""
-    if KERNEL is None:
-        pytest.skip("the compiled kernel is not built (TINY_KNN_NO_KERNEL)")
     torch.save(torch.randn(50_000, 64), tmp_path / "d.pt")
     docs = open_source(str(tmp_path / "d.pt"), "docs")
     queries, candidates = torch.randn(4, 64), torch.randint(0, 50_000, (4, 100))

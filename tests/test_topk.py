@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from capabilities import needs_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +21,10 @@ from tiny_knn.topk import (
     PoolTopK,
     SortMergeTopK,
     ThresholdTopK,
-    kernel_available,
     make_running_topk,
 )
 
-pytestmark = pytest.mark.skipif(not kernel_available(), reason="C selection kernel not built")
+pytestmark = needs_kernel
 
 
 def offer(selectors, tiles, row_splits=(0,)):  # type: ignore[no-untyped-def]

@@ -139,6 +139,7 @@ def _choose(queries: Source, docs: Source, k: int, metric: str, threads: int) ->
     measured = measure(names, queries, docs, k, metric, threads)
     chosen = min(measured, key=measured.__getitem__)
     _write_cache(key, {"chosen": chosen, "measured": measured, "date": datetime.now(timezone.utc).isoformat()})
+    # (kept in cache_path() for the next search of this kind)
     sample = f"{min(queries.rows, threads * SAMPLE_ROWS_PER_THREAD)} x {min(docs.rows, 2 * SAMPLE_DOCS)}"
     return chosen, f"measured on {sample} of the data: {_timings(measured)}", measured
 

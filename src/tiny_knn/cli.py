@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT stops at once. Other command: 'tiny-knn demo --help' "
         "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
         "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
-        "TINY_KNN_PRODUCT=screen|kernel|torch picks the CPU's matrix product (default on AMD: tiny-knn's bfloat16 "
-        "screen with exact float32 re-scoring where AVX-512 BF16 runs, else its float32 AVX-512 kernel; torch.mm "
-        "elsewhere); TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
+        "TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator (which product picks the pairs "
+        "to score exactly; never the answer): by default each is timed on a sample of the data at the first search "
+        "of its kind and the fastest is kept in ~/.cache/tiny-knn (TINY_KNN_CACHE_DIR), as --dry-run shows; "
+        "TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
         "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
         "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
         formatter_class=_HelpFormatter,
@@ -99,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISION_CHOICES,
         default=DEFAULT_PRECISION,
-        help="exact: float32 products (for now on every device); bf16: products of rows rounded to bfloat16, "
-        "every answer re-scored exactly and certified (ip, l2); bf16-unsafe: bfloat16 products as they are, "
-        "not exact (ip, cosine)",
+        help="exact: every score is tiny-knn's one exact score (on the CPU: the same bytes on every machine, "
+        "whatever product estimated it); bf16-unsafe: bfloat16 products as they are, not exact (ip, cosine); "
+        "fp32 and bf16, older names, mean exact",
     )
     parser.add_argument(
         "--exclude-self",
