@@ -28,6 +28,9 @@ def files(tmp_path_factory):  # type: ignore[no-untyped-def]
     docs = torch.randn(1001, 16, generator=generator)
     docs[500:520] = docs[0]  # ties across the two ranks' shares
     torch.save(docs, folder / "d.pt")
+    # Excluded pairs in both ranks' shares; query 3 loses its first 600 docs (more than k, across the split)
+    pairs = [f"{q} {d}" for q in range(37) for d in (0, 505, 1000, 7 * q)] + [f"3 {d}" for d in range(600)]
+    (folder / "pairs.txt").write_text("\n".join(pairs) + "\n")
     return folder
 
 
@@ -41,15 +44,20 @@ def run_two_ranks(arguments: list[str]) -> subprocess.CompletedProcess[str]:
     [
         ("docs", "q.pt", {"k": 30, "batch_size": 8}),  # several batches: merged per batch, checkpointed
         ("queries", "d.pt", {"k": 12, "batch_size": 200, "metric": "l2", "exclude_self": True}),
+        ("docs", "q.pt", {"k": 30, "batch_size": 16, "exclude_pairs": "pairs.txt"}),
+        ("queries", "q.pt", {"k": 12, "batch_size": 8, "metric": "l2", "exclude_pairs": "pairs.txt"}),
     ],
 )
 def test_two_ranks_give_the_bytes_of_one_process(monkeypatch, files, shard, queries, options) -> None:  # type: ignore[no-untyped-def]
     # The product by name, for this process and the ranks alike (conftest's choice does not reach the ranks)
     monkeypatch.setenv("TINY_KNN_PRODUCT", "screen")
     q_path, d_path = str(files / queries), str(files / "d.pt")
+    if "exclude_pairs" in options:
+        options = {**options, "exclude_pairs": str(files / options["exclude_pairs"])}
     reference = torch.load(compute_topk(q_path, d_path, force_cpu=True, out_path=str(files / "one.pt"), **options))
     flags = ["--k", str(options["k"]), "--batch-size", str(options["batch_size"]), "--cpu", "--quiet"]
     flags += ["--metric", options.get("metric", "ip")] + (["--exclude-self"] if options.get("exclude_self") else [])
+    flags += ["--exclude-pairs", options["exclude_pairs"]] if "exclude_pairs" in options else []
     done = run_two_ranks([q_path, d_path, *flags, "--shard", shard, "--output-path", str(files / f"{shard}.pt")])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(files / f"{shard}.pt")  # printed once, by rank 0

@@ -4,6 +4,7 @@ search is distributed.search's."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -13,6 +14,7 @@ from . import distributed, results, safety
 from .checkpoint import open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
+from .exclusions import Exclusions, exclusions_from_array, read_exclusions
 from .metrics import DEFAULT_METRIC, higher_is_better
 from .options import DEFAULT_PRECISION, SearchOptions, plan_search
 from .plan import DEFAULT_K, Plan
@@ -23,6 +25,8 @@ __version__ = "0.3.0"
 
 # What search() takes: a tensor or array in memory, or the spec of embeddings on disk.
 Embeddings = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
+# Excluded pairs: an (n, 2) array of (query row, doc row), or the path of a pairs or qrels file (exclusions.py).
+Pairs = Union[torch.Tensor, np.ndarray, str, "os.PathLike[str]"]
 
 
 def search(
@@ -38,6 +42,7 @@ def search(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    exclude_pairs: Pairs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finds the `k` best docs of every query, in memory: nothing is written to disk.
 
@@ -57,9 +62,12 @@ def search(
             and "bf16", older names, mean "exact" (with a TinyKnnWarning).
         device: "cpu" or "cuda"; default CUDA when available.
         max_memory, batch_size, chunk_size, progress: as for `compute_topk`.
+        exclude_pairs: (query row, doc row) pairs never returned: an (n, 2) integer array, or a file as for
+            `compute_topk` (by row numbers).
 
     Returns:
-        (scores float32 (Q, k), indices int64 (Q, k)), best first, on the CPU.
+        (scores float32 (Q, k), indices int64 (Q, k)), best first, on the CPU. A query left with fewer than k
+        docs by exclude_pairs is padded with index -1 (score -inf; +inf for l2).
 
     Example:
         >>> import torch
@@ -91,8 +99,15 @@ def search(
         exclude_self=exclude_self,
         precision=precision,
     )
+    excluded = None
+    if exclude_pairs is not None:
+        excluded = (
+            exclusions_from_array(exclude_pairs, query_source.rows, doc_source.rows)
+            if isinstance(exclude_pairs, (torch.Tensor, np.ndarray))
+            else read_exclusions(os.fspath(exclude_pairs), query_source.rows, doc_source.rows)
+        )
     plan = plan_search(query_source, doc_source, k, options)
-    scores, indices, _ = run_search(query_source, doc_source, plan, progress)
+    scores, indices, _ = run_search(query_source, doc_source, plan, progress, excluded=excluded)
     return scores, indices
 
 
@@ -115,6 +130,7 @@ def compute_topk(
     restart: bool = False,
     shard: str = "auto",
     precision: str = DEFAULT_PRECISION,
+    exclude_pairs: str | os.PathLike[str] | None = None,
 ) -> str:
     """Finds, for every query, the `k` documents with the highest dot product, and saves them.
 
@@ -143,6 +159,10 @@ def compute_topk(
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
         shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
         precision: "exact" (default) or "bf16-unsafe", as for `search`.
+        exclude_pairs: a file of (query, doc) pairs never returned (hard-negative mining's positives): one pair a
+            line, `QUERY DOC` (row numbers, or ids where query_ids / doc_ids are given), or TREC qrels lines
+            (`qid iteration docid relevance`: every pair listed, whatever its relevance). A query left with
+            fewer than k docs is padded with index -1 (score -inf; +inf for l2).
 
     A run of several query batches keeps a checkpoint beside the output (`OUT.checkpoint/`, see
     checkpoint.py): if it is interrupted, calling again with the same inputs and options resumes after the
@@ -179,25 +199,30 @@ def compute_topk(
         precision=precision,
         results_on_disk=True,
     )
-    queries, docs, plan = prepare(q_path, d_path, k, options)
+    id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
+    pairs_path = None if exclude_pairs is None else os.fspath(exclude_pairs)
+    prepared = prepare_search(q_path, d_path, k, options, id_paths, pairs_path)
+    queries, docs, plan, ids, excluded = prepared.queries, prepared.docs, prepared.plan, prepared.ids, prepared.excluded
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = safety.output_path(
         os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     )
     results.check_format(target, fmt)
-    id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
-    inputs = safety.Inputs.of([queries, docs], [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()])
+    others = [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()]
+    if pairs_path is not None:
+        others.append((f"exclude-pairs file '{pairs_path}'", pairs_path))
+    inputs = safety.Inputs.of([queries, docs], others)
     safety.check_output_path(target, fmt, inputs)
-    rows = {"query": queries.rows, "doc": docs.rows}
-    ids = {f"{role}_ids": results.read_ids(path, rows[role], role) for role, path in id_paths.items()}
     job = distributed.current_job()
-    extra = tuple(id_paths.values())
+    extra = tuple(path for _, path in others)
     with safety.held(safety.OutputLock(target) if job is None or job.leader else None):
         found: Found | None
         if job is None:
-            found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra)
+            found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra, excluded)
         else:
-            found = distributed.search(job, queries, docs, plan, options, target, fmt, restart, progress, shard, extra)
+            found = distributed.search(
+                job, queries, docs, plan, options, target, fmt, restart, progress, shard, extra, excluded
+            )
         if found is None:  # another rank of a torchrun job: rank 0 writes the output
             return target
         scores, indices, plan, store = found
@@ -216,6 +241,7 @@ def compute_topk(
             "precision": plan.precision,
             "exclude_self": plan.exclude_self,
             **ids,
+            **({"exclude_pairs": pairs_path} if pairs_path is not None else {}),
         }
         try:
             with reporting_stops(store, queries.rows):
@@ -238,16 +264,42 @@ def _search_alone(
     restart: bool,
     progress: bool,
     extra: tuple[str, ...],
+    excluded: Exclusions | None,
 ) -> Found:
     """One process: search with a checkpoint (when there are several batches)."""
     store = open_checkpoint(target, fmt, queries, docs, plan, restart, extra)
     with reporting_stops(store, queries.rows):
-        scores, indices, plan = run_search(queries, docs, plan, progress, store)
+        scores, indices, plan = run_search(queries, docs, plan, progress, store, excluded=excluded)
     return scores, indices, plan, store
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A search ready to run: both inputs open, the ids and excluded pairs read, the plan made."""
+
+    queries: Source
+    docs: Source
+    plan: Plan
+    ids: dict[str, list[str]]  # "query_ids" and "doc_ids", where given
+    excluded: Exclusions | None
 
 
 def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
+    prepared = prepare_search(q_path, d_path, k, options)
+    return prepared.queries, prepared.docs, prepared.plan
+
+
+def prepare_search(
+    q_path: str,
+    d_path: str,
+    k: int,
+    options: SearchOptions,
+    id_paths: dict[str, str] | None = None,
+    exclude_pairs: str | None = None,
+) -> Prepared:
+    """Opens and checks both input files, the ids files ({"query": path, "doc": path}), the excluded pairs and
+    the options, then plans. Does no search work."""
     queries = open_source(q_path, "queries")
     docs = open_source(d_path, "docs")
     if options.exclude_self and _identity(q_path) != _identity(d_path):
@@ -255,7 +307,12 @@ def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[S
             f"exclude_self: {queries.label()} and {docs.label()} differ; expected the same file for both "
             "(each query's own row is left out by index)"
         )
-    return queries, docs, plan_search(queries, docs, k, options)
+    rows = {"query": queries.rows, "doc": docs.rows}
+    ids = {f"{role}_ids": results.read_ids(path, rows[role], role) for role, path in (id_paths or {}).items()}
+    excluded = None
+    if exclude_pairs is not None:
+        excluded = read_exclusions(exclude_pairs, queries.rows, docs.rows, ids.get("query_ids"), ids.get("doc_ids"))
+    return Prepared(queries, docs, plan_search(queries, docs, k, options), ids, excluded)
 
 
 def _identity(spec: str) -> str:

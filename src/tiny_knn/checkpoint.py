@@ -408,7 +408,7 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str:
                 detail = _file_change(old[key]["files"], value["files"]) if changed == ["files"] else ""
                 return f"the {key} '{value['spec']}': " + (detail or ", ".join(changed) + " differ")
             if key == "extra":
-                return "the ids files differ"
+                return "the ids or exclude-pairs files differ"
             return f"{key} was {old.get(key)!r}, now {value!r}"
     return ""
 

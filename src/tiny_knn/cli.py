@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from .api import __version__, compute_topk, prepare
+from .api import __version__, compute_topk, prepare_search
 from .distributed import SHARD_MODES
 from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
 from .metrics import DEFAULT_METRIC, METRICS
@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-ids", metavar="FILE", help="one id per query row; recorded and used by parquet/trec")
     parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row; recorded and used by parquet/trec")
     parser.add_argument(
+        "--exclude-pairs",
+        metavar="FILE",
+        help="(query, doc) pairs never returned, e.g. hard-negative mining's positives: one 'QUERY DOC' pair a line "
+        "(row numbers, or ids with --query-ids/--doc-ids), or TREC qrels lines 'qid iteration docid relevance' "
+        "(every pair listed, whatever its relevance); a query left with fewer than k docs is padded with doc -1",
+    )
+    parser.add_argument(
         "--max-memory",
         type=_size,
         metavar="SIZE",
@@ -178,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 doc_ids=args.doc_ids,
                 restart=args.restart,
                 shard=args.shard,
+                exclude_pairs=args.exclude_pairs,
                 **options.compute_topk_keywords(),
             )
         )
@@ -211,11 +219,17 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
 
 def _describe_plan(args: argparse.Namespace, options: SearchOptions) -> str:
     """The plan as text, without searching."""
-    queries, docs, plan = prepare(args.queries, args.docs, args.k, options)
+    id_paths = {role: path for role, path in (("query", args.query_ids), ("doc", args.doc_ids)) if path is not None}
+    prepared = prepare_search(args.queries, args.docs, args.k, options, id_paths, args.exclude_pairs)
+    queries, docs, plan, excluded = prepared.queries, prepared.docs, prepared.plan, prepared.excluded
     read = format_bytes(docs.nbytes * plan.doc_passes)
+    pairs = []
+    if excluded is not None:
+        pairs = [f"excluded: {excluded.docs.size} pairs, at most {excluded.widest()} for one query"]
     return "\n".join(
         [
             *plan.describe(),
+            *pairs,
             f"reads: queries {format_bytes(queries.nbytes)} once, docs {format_bytes(docs.nbytes)} "
             f"x {plan.doc_passes} pass(es) = {read}",
         ]

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from . import safety
 from .checkpoint import Checkpoint, allocate, open_checkpoint, reporting_stops
 from .errors import InvalidInputError
+from .exclusions import Exclusions
 from .metrics import higher_is_better
 from .options import SearchOptions, plan_search
 from .plan import Plan
@@ -150,9 +151,11 @@ def search(
     progress: bool,
     shard: str,
     extra: tuple[str, ...],
+    excluded: Exclusions | None = None,
 ) -> Found | None:
     """compute_topk's search on this rank of a torchrun job: joins the job, searches this rank's share (planned
-    with the whole job's `options`) with a checkpoint, and returns the whole result on rank 0, else None.
+    with the whole job's `options`, leaving out the `excluded` pairs) with a checkpoint, and returns the whole
+    result on rank 0, else None.
     With `progress`, the docs every rank scores are counted for the whole job's bar on rank 0."""
     with _joined(job, plan.device, progress) as shared:
         mode = choose_shard(shard, plan, job.world, docs.nbytes)
@@ -184,7 +187,7 @@ def search(
                 device=plan.device,
             )
             with reporting_stops(store, queries.rows):  # the merged rows' checkpoint, on rank 0
-                run_search(queries, my_docs, mine, progress and job.leader, merging, shared)
+                run_search(queries, my_docs, mine, progress and job.leader, merging, shared, excluded)
             if store is None:
                 return None
             return store.scores, store.indices, plan, store if isinstance(store, Checkpoint) else None
@@ -195,7 +198,7 @@ def search(
         with safety.OutputLock(rank_target):
             own = open_checkpoint(rank_target, "pt", my_queries, docs, mine, restart, extra, count_output=False)
             with reporting_stops(own, my_queries.rows):
-                scores, indices, _ = run_search(my_queries, docs, mine, progress and job.leader, own, shared)
+                scores, indices, _ = run_search(my_queries, docs, mine, progress and job.leader, own, shared, excluded)
         folder = assembly_folder(target) if job.leader else ""
         collected = collect_rows(job, scores, indices, queries.rows, folder, plan.device)
 

@@ -9,6 +9,10 @@ doc) pair of each chunk to the running top-k, by one of two paths (chosen by the
   block x doc chunk) tile, whose values are the keys selected; for l2 the candidates are then re-scored exactly
   and certified (refine.py).
 
+Excluded pairs (exclusions.py) are never offered to the screened path's selection; on the path by keys their
+products are set to -inf before the selection sees them, so they take no place from another doc. A query left
+with fewer than k docs is padded with index -1 (score -inf; +inf for l2).
+
 A background thread reads the next doc chunk from disk (page cache) while the current one is scored, and on the
 screened path prepares it for the estimator. The engine knows nothing of file formats: a Source hands it rows.
 """
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from .estimators import Estimator, Operand, make_estimator
+from .exclusions import Exclusions, drop_excluded, mask_excluded
 from .kernel import KERNEL
 from .metrics import normalize, prepare_docs, round_to_bfloat16
 from .plan import (
@@ -54,8 +59,11 @@ def search(
     plan: Plan,
     on_docs_scored: ProgressCallback | None = None,
     store: Store | None = None,
+    excluded: Exclusions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """Runs the plan. Returns (scores float32 (Q, k), indices int64 (Q, k), the plan actually used).
+
+    `excluded`: pairs left out, by the whole query file's rows and doc file's rows.
 
     Each finished query batch is handed to `store` (default: kept in memory); the search starts after the
     rows the store already holds, which is how a checkpoint resumes. On CUDA, running out of device
@@ -63,7 +71,7 @@ def search(
     """
     store = store if store is not None else MemoryStore(queries.rows, plan.k)
     with _matmul_precision("medium" if plan.estimator == "torch-bf16" else "highest"):
-        plan = _search_batches(queries, docs, plan, on_docs_scored, store)
+        plan = _search_batches(queries, docs, plan, on_docs_scored, store, excluded)
     return store.scores, store.indices, plan
 
 
@@ -81,14 +89,19 @@ def _matmul_precision(precision: str) -> Iterator[None]:
 
 
 def _search_batches(
-    queries: Source, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None, store: Store
+    queries: Source,
+    docs: Source,
+    plan: Plan,
+    on_docs_scored: ProgressCallback | None,
+    store: Store,
+    excluded: Exclusions | None,
 ) -> Plan:
     for batch_start in range(store.done_rows, queries.rows, plan.query_batch_rows):
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
         while True:
             try:
                 batch_scores, batch_indices = _search_batch(
-                    queries, docs, batch_start, batch_stop, plan, on_docs_scored
+                    queries, docs, batch_start, batch_stop, plan, on_docs_scored, excluded
                 )
                 break
             except torch.cuda.OutOfMemoryError:
@@ -108,6 +121,7 @@ def _search_batch(
     batch_stop: int,
     plan: Plan,
     on_docs_scored: ProgressCallback | None,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows = batch_stop - batch_start
     # Zero rows pad the last block up to the alignment; their scores are never offered.
@@ -115,12 +129,15 @@ def _search_batch(
     queries.read_into(batch_start, batch_stop, host_queries)
     if plan.metric == "cosine":
         normalize(host_queries[:rows])
+    if excluded is not None:  # this batch's, by the docs' own rows (a share's from 0)
+        batch_rows = np.arange(batch_start, batch_stop, dtype=np.int64) + queries.first_row
+        excluded = excluded.rows(batch_rows, docs.first_row, docs.rows)
     if plan.estimator is not None:
-        scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored)
+        scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
     else:
-        scores, indices = _search_by_keys(host_queries, rows, docs, plan, on_docs_scored)
+        scores, indices = _search_by_keys(host_queries, rows, docs, plan, on_docs_scored, excluded)
     if docs.first_row:
-        indices += docs.first_row  # a share of the docs: global doc numbers from here on
+        indices[indices >= 0] += docs.first_row  # a share of the docs: global doc numbers from here on
     if plan.exclude_self:
         return drop_self(scores, indices, queries.first_row + batch_start, plan.k)
     return scores[:, : plan.k], indices[:, : plan.k]
@@ -130,20 +147,28 @@ def _search_batch(
 
 
 def _search_screened(
-    host_queries: torch.Tensor, rows: int, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None
+    host_queries: torch.Tensor,
+    rows: int,
+    docs: Source,
+    plan: Plan,
+    on_docs_scored: ProgressCallback | None,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact answer for `rows` query rows (host_queries, zero-padded), with the plan's estimator."""
+    """The exact answer for `rows` query rows (host_queries, zero-padded), with the plan's estimator, leaving out
+    the `excluded` pairs."""
     assert plan.estimator is not None
     estimator = make_estimator(plan.estimator, plan.metric, docs.dim, plan.query_block_rows, plan.tile_docs)
     queries = estimator.prepare(host_queries, query=True)
-    start_thresholds = _sampled_thresholds(queries, rows, docs, plan, estimator) if plan.threshold_sample_docs else None
-    running = _screen(queries, rows, docs, plan, estimator, plan.candidates, on_docs_scored, start_thresholds)
+    start_thresholds = (
+        _sampled_thresholds(queries, rows, docs, plan, estimator, excluded) if plan.threshold_sample_docs else None
+    )
+    running = _screen(queries, rows, docs, plan, estimator, plan.candidates, on_docs_scored, start_thresholds, excluded)
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
-        # The sampled estimate was too high for these rows, or fewer than k docs scored above -inf: search them
-        # again from scratch.
-        scores[uncertain], indices[uncertain] = _screen_again(host_queries, uncertain, docs, plan, estimator)
+        # The sampled estimate was too high for these rows, or fewer than k docs scored above -inf (or were left
+        # after the exclusions): search them again from scratch.
+        scores[uncertain], indices[uncertain] = _screen_again(host_queries, uncertain, docs, plan, estimator, excluded)
     if plan.metric == "l2":
         scores = 0 - scores  # the selection kept -distance, best first; 0 - x: no -0.0 for a distance of 0
     return scores, indices
@@ -158,11 +183,13 @@ def _screen(
     candidates: int,
     on_docs_scored: ProgressCallback | None,
     start_thresholds: torch.Tensor | None,
+    excluded: Exclusions | None,
 ) -> ThresholdTopK:
-    """One pass over the docs for `rows` query rows, keeping `candidates` per row. Docs are read unchecked: a NaN
-    or Inf in a doc makes its estimates NaN or its factors infinite, so the screen scores its pairs exactly, and
-    an exact score that is not finite sends the chunk to be read again, checked, to name the row."""
-    running = ThresholdTopK(rows, candidates, start_thresholds=start_thresholds)
+    """One pass over the docs for `rows` query rows, keeping `candidates` per row, never offered the `excluded`
+    pairs. Docs are read unchecked: a NaN or Inf in a doc makes its estimates NaN or its factors infinite, so the
+    screen scores its pairs exactly, and an exact score that is not finite sends the chunk to be read again,
+    checked, to name the row."""
+    running = ThresholdTopK(rows, candidates, start_thresholds=start_thresholds, excluded=excluded)
 
     def prepare(buffer: torch.Tensor, count: int, slot: int) -> tuple[Any, None, float]:
         if plan.metric == "cosine":
@@ -177,26 +204,37 @@ def _screen(
 
 
 def _screen_again(
-    host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, estimator: Estimator
+    host_queries: torch.Tensor,
+    rows: torch.Tensor,
+    docs: Source,
+    plan: Plan,
+    estimator: Estimator,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh pass for the given rows of host_queries; rows it cannot finish either (fewer than `candidates`
-    docs score above -inf) get every exact score, sorted."""
+    docs score above -inf, or are left after the exclusions) get every exact score, sorted."""
     subset = torch.zeros((round_up(rows.numel(), ROW_ALIGN), host_queries.shape[1]), dtype=plan.compute_dtype)
     subset[: rows.numel()] = host_queries[rows]
+    excluded = excluded.rows(rows.numpy()) if excluded is not None else None
     running = _screen(estimator.prepare(subset, query=True), rows.numel(), docs, plan, estimator, plan.candidates,
-                      None, None)  # fmt: skip
+                      None, None, excluded)  # fmt: skip
     scores, indices = running.result()
     short = running.uncertain_rows()
     if short.numel():
-        scores[short], indices[short] = _every_exact_score(subset[short], docs, plan)
+        excluded = excluded.rows(short.numpy()) if excluded is not None else None
+        scores[short], indices[short] = _every_exact_score(subset[short], docs, plan, excluded)
     return scores, indices
 
 
-def _every_exact_score(query_rows: torch.Tensor, docs: Source, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `candidates` of every exact score (tk_dot, or -tk_l2) of the rows, by the sort selector: for rows
-    so odd that fewer than k docs score above -inf."""
+def _every_exact_score(
+    query_rows: torch.Tensor, docs: Source, plan: Plan, excluded: Exclusions | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `candidates` of every exact score (tk_dot, or -tk_l2) of the rows, by the sort selector, less the
+    excluded pairs (index -1, score -inf where fewer are left): for rows so odd that fewer than k docs score above
+    -inf, or are left at all."""
     assert KERNEL is not None
-    running = SortMergeTopK(query_rows.shape[0], plan.candidates)
+    widest = excluded.widest() if excluded is not None else 0
+    running = SortMergeTopK(query_rows.shape[0], plan.candidates + widest)
     rows = torch.empty((plan.doc_chunk_rows, docs.dim), dtype=torch.float32)
     for start in range(0, docs.rows, plan.doc_chunk_rows):
         count = min(plan.doc_chunk_rows, docs.rows - start)
@@ -209,25 +247,38 @@ def _every_exact_score(query_rows: torch.Tensor, docs: Source, plan: Plan) -> tu
             rows.data_ptr(), rows.stride(0), count, docs.dim, scores.data_ptr(), scores.stride(0),
         )  # fmt: skip
         running.add(-scores if plan.metric == "l2" else scores, 0, start)
-    return running.result()
+    if excluded is None:
+        return running.result()
+    return drop_excluded(*running.result(), excluded, plan.candidates, float("-inf"))
 
 
-def _sampled_thresholds(queries: Operand, rows: int, docs: Source, plan: Plan, estimator: Estimator) -> torch.Tensor:
+def _sampled_thresholds(
+    queries: Operand, rows: int, docs: Source, plan: Plan, estimator: Estimator, excluded: Exclusions | None
+) -> torch.Tensor:
     """Per query, an exact score that probably at least `candidates` docs reach: a high rank within a strided
-    sample, found by the same search as the real one, over the sampled docs.
+    sample, found by the same search as the real one, over the sampled docs (less the excluded pairs).
 
     Only an estimate: the selector certifies each row afterwards (see ThresholdTopK).
     """
     sample_docs, rank = _threshold_sample(docs, plan)
-    running = _screen(queries, rows, from_array(sample_docs, "docs sample"), plan, estimator, rank, None, None)
+    if excluded is not None:
+        excluded = excluded.sampled(_sample_positions(docs, plan).numpy())
+    running = _screen(queries, rows, from_array(sample_docs, "docs sample"), plan, estimator, rank, None, None,
+                      excluded)  # fmt: skip
     return running.result()[0][:, -1]
+
+
+def _sample_positions(docs: Source, plan: Plan) -> torch.Tensor:
+    """The rows of the strided sample of the docs, ascending."""
+    sample = plan.threshold_sample_docs
+    return torch.arange(sample, dtype=torch.int64) * docs.rows // sample
 
 
 def _threshold_sample(docs: Source, plan: Plan) -> tuple[torch.Tensor, int]:
     """The strided sample of the docs for starting thresholds (refusing NaN and Inf in it), and the rank within it
     whose score at least `candidates` docs probably beat."""
     sample = plan.threshold_sample_docs
-    positions = torch.arange(sample, dtype=torch.int64) * docs.rows // sample
+    positions = _sample_positions(docs, plan)
     sample_docs = torch.empty((sample, docs.dim), dtype=plan.compute_dtype)
     docs.read_rows(positions, sample_docs)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -242,7 +293,12 @@ def _threshold_sample(docs: Source, plan: Plan) -> tuple[torch.Tensor, int]:
 
 
 def _search_by_keys(
-    host_queries: torch.Tensor, rows: int, docs: Source, plan: Plan, on_docs_scored: ProgressCallback | None
+    host_queries: torch.Tensor,
+    rows: int,
+    docs: Source,
+    plan: Plan,
+    on_docs_scored: ProgressCallback | None,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = torch.device(plan.device)
     multiplied = _multiplied_queries(host_queries, plan)
@@ -250,39 +306,64 @@ def _search_by_keys(
     start_thresholds = None
     if plan.threshold_sample_docs:
         sample_docs, rank = _threshold_sample(docs, plan)
-        sampled, _ = _search_rows(query_rows, rows, from_array(sample_docs, "docs sample"), plan, rank, None, None)
+        in_sample = excluded.sampled(_sample_positions(docs, plan).numpy()) if excluded is not None else None
+        sample_source = from_array(sample_docs, "docs sample")
+        sampled, _ = _search_rows(query_rows, rows, sample_source, plan, rank, None, None, excluded=in_sample)
         start_thresholds = sampled.result()[0][:, -1]
-    running, largest_sq = _search_rows(query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds)
+    running, largest_sq = _search_rows(
+        query_rows, rows, docs, plan, plan.candidates, on_docs_scored, start_thresholds, excluded=excluded
+    )
     scores, indices = running.result()
     uncertain = running.uncertain_rows()
     if uncertain.numel():
         # The sampled estimate was too high for these rows, or fewer than k docs scored above -inf (products
-        # that overflow): search them again from scratch.
-        scores[uncertain], indices[uncertain] = _search_again(multiplied, uncertain, docs, plan, plan.candidates)
+        # that overflow, or docs left after the exclusions): search them again from scratch.
+        scores[uncertain], indices[uncertain] = _search_again(
+            multiplied, uncertain, docs, plan, plan.candidates, excluded
+        )
+    if excluded is not None:  # excluded docs, -inf, fill the places of rows with too few others: padding
+        scores, indices = drop_excluded(scores, indices, excluded, plan.candidates, float("-inf"))
     if plan.refined:
-        scores, indices = _refine(host_queries[:rows], multiplied, docs, plan, scores, indices, largest_sq)
+        scores, indices = _refine(host_queries[:rows], multiplied, docs, plan, scores, indices, largest_sq, excluded)
     return scores, indices
 
 
 def _search_again(
-    host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, candidates: int
+    host_queries: torch.Tensor,
+    rows: torch.Tensor,
+    docs: Source,
+    plan: Plan,
+    candidates: int,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh pass over the docs for the given rows of host_queries, keeping `candidates` per row. Rows the
     threshold selector cannot finish (fewer than `candidates` docs score above -inf) take the sort selector."""
-    scores, indices, short = _search_once(host_queries, rows, docs, plan, candidates, plan.selection)
+    excluded = excluded.rows(rows.numpy()) if excluded is not None else None
+    scores, indices, short = _search_once(host_queries, rows, docs, plan, candidates, plan.selection, excluded)
     if short.numel():
-        scores[short], indices[short], _ = _search_once(host_queries, rows[short], docs, plan, candidates, "sort")
+        excluded = excluded.rows(short.numpy()) if excluded is not None else None
+        scores[short], indices[short], _ = _search_once(
+            host_queries, rows[short], docs, plan, candidates, "sort", excluded
+        )
     return scores, indices
 
 
 def _search_once(
-    host_queries: torch.Tensor, rows: torch.Tensor, docs: Source, plan: Plan, candidates: int, selection: str
+    host_queries: torch.Tensor,
+    rows: torch.Tensor,
+    docs: Source,
+    plan: Plan,
+    candidates: int,
+    selection: str,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass for the given rows with the given selector: scores, indices and the rows left uncertain."""
     redo_queries = torch.zeros((round_up(rows.numel(), ROW_ALIGN), host_queries.shape[1]), dtype=plan.compute_dtype)
     redo_queries[: rows.numel()] = host_queries[rows]
     device = torch.device(plan.device)
-    running, _ = _search_rows(redo_queries.to(device), rows.numel(), docs, plan, candidates, None, None, selection)
+    running, _ = _search_rows(
+        redo_queries.to(device), rows.numel(), docs, plan, candidates, None, None, selection, excluded
+    )
     scores, indices = running.result()
     return scores, indices, running.uncertain_rows()
 
@@ -304,24 +385,36 @@ def _refine(
     keys: torch.Tensor,
     indices: torch.Tensor,
     largest_sq: float,
+    excluded: Exclusions | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact l2 distances for every row, nearest first, certified (refine.py). Rows that fail are searched again
-    with four times the candidates; rows that fail again get the exact streamed search."""
+    with four times the candidates; rows that fail again, and rows whose candidates the exclusions left short
+    (padding: index -1), get the exact streamed search."""
     keep = plan.k + int(plan.exclude_self)
     max_doc_norm = largest_sq**0.5
-    scores, indices, uncertain = refine(query_rows, docs, keys, indices, max_doc_norm, keep)
+    short = torch.nonzero((indices < 0).any(dim=1)).flatten()
+    scores, indices, uncertain = refine(query_rows, docs, keys, indices.clamp(min=0), max_doc_norm, keep)
     scores, indices = scores[:, :keep], indices[:, :keep]
+    if short.numel():
+        uncertain = uncertain[~torch.isin(uncertain, short)]
     wide = min(docs.rows, REFINE_WIDENING * plan.candidates)
     group = max(1, plan.query_batch_rows // REFINE_WIDENING)  # the batch's memory for selection state, no more
-    failed = []
+    failed = [short]
     for rows in torch.split(uncertain, group) if uncertain.numel() else ():
-        wide_keys, wide_indices = _search_again(multiplied, rows, docs, plan, wide)
-        redone, redone_indices, still = refine(query_rows[rows], docs, wide_keys, wide_indices, max_doc_norm, keep)
+        wide_keys, wide_indices = _search_again(multiplied, rows, docs, plan, wide, excluded)
+        if excluded is not None:
+            wide_keys, wide_indices = drop_excluded(wide_keys, wide_indices, excluded.rows(rows.numpy()), wide,
+                                                    float("-inf"))  # fmt: skip
+            failed.append(rows[(wide_indices < 0).any(dim=1)])
+        redone, redone_indices, still = refine(
+            query_rows[rows], docs, wide_keys, wide_indices.clamp(min=0), max_doc_norm, keep
+        )
         scores[rows], indices[rows] = redone[:, :keep], redone_indices[:, :keep]
         failed.append(rows[still])
-    uncertain = torch.cat(failed) if failed else uncertain
+    uncertain = torch.unique(torch.cat(failed))
     if uncertain.numel():
-        scores[uncertain], indices[uncertain] = exact_search(query_rows[uncertain], docs, keep)
+        excluded = excluded.rows(uncertain.numpy()) if excluded is not None else None
+        scores[uncertain], indices[uncertain] = exact_search(query_rows[uncertain], docs, keep, "l2", excluded)
     return scores, indices
 
 
@@ -334,10 +427,12 @@ def _search_rows(
     on_docs_scored: ProgressCallback | None,
     start_thresholds: torch.Tensor | None,
     selection: str | None = None,
+    excluded: Exclusions | None = None,
 ) -> tuple[RunningTopK, float]:
     """One pass over the docs for `rows` queries (query_rows is zero-padded to the alignment), keeping
-    `candidates` per row by their keys: torch.mm's products (less half the doc's squared norm for l2). Also
-    returns the largest squared doc norm seen, where refinement needs it (else 0)."""
+    `candidates` per row by their keys: torch.mm's products (less half the doc's squared norm for l2), the
+    `excluded` pairs' set to -inf. Also returns the largest squared doc norm seen, where refinement needs it
+    (else 0)."""
     device = query_rows.device
     running = make_running_topk(rows, candidates, device, docs.rows, selection or plan.selection, start_thresholds)
     # The threshold selector scans tiles at most tile_docs wide (they stay in cache); the others a whole chunk.
@@ -359,6 +454,8 @@ def _search_rows(
                 torch.mm(query_rows[block_start : block_start + padded_rows], doc_rows[doc_lo:doc_hi].T, out=tile)
                 if offsets is not None:
                     tile.sub_(offsets[doc_lo:doc_hi])
+                if excluded is not None:
+                    mask_excluded(tile[:block_rows, :real], excluded, block_start, first_doc + doc_lo)
                 running.add(tile[:block_rows, :real], block_start, first_doc + doc_lo)
         _scored(docs, first_doc, doc_count, on_docs_scored)
     return running, largest_sq

@@ -31,7 +31,7 @@ _BF16, _QUERY, _L2 = 1, 2, 4
 _METRIC_CODES = {"ip": 0, "cosine": 0, "l2": 1}
 
 # The selection state of rows from a given row on: thresholds, pools, capacity, fills, k (topk.ThresholdTopK)
-RowState = Callable[[int], tuple[int, int, int, int, int]]
+RowState = Callable[[int], tuple[int, int, int, int, int, int | None, int | None]]
 
 
 @dataclass

@@ -20,8 +20,9 @@ PANELS = (8, 32)
 HAS_AVX2_FMA, HAS_AVX512, HAS_AVX512BW, HAS_AVX512BF16 = 1, 2, 4, 8
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-# The selection state that a screen updates: thresholds, pools, capacity, fills, k; and its non-finite flag
-_SELECTION = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
+# The selection state that a screen updates: thresholds, pools, capacity, fills, k; the excluded pairs' offsets
+# and docs (NULL for none); and its non-finite flag
+_SELECTION = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr]
 SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tk_cpu": (_i32, []),
     "tk_panels": (None, [_ptr]),
@@ -41,7 +42,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tk_screen_supported": (_i32, []),
     # estimator, metric; packed queries, packed docs; query factors (3), float32 queries, their stride; dim,
     # row_lo, rows, real_rows; doc factors (3), float32 docs; their stride, doc_count, real_docs, first_doc;
-    # thresholds, pools, capacity, fills, k, non_finite
+    # thresholds, pools, capacity, fills, k, excluded offsets, excluded docs, non_finite
     "tk_screen_scan": (
         _i64,
         [
@@ -53,17 +54,13 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
             *[_i64] * 5,
             *[_ptr] * 4,
             *[_i64] * 4,
-            _ptr,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _ptr,
+            *_SELECTION,
         ],
     ),
     "tk_estimate_bf16": (_i32, [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64]),
     # metric; estimates, their stride, rows, cols; query factors (3), doc factors (3); float32 queries, their
-    # stride, float32 docs, their stride; dim, first_doc; thresholds, pools, capacity, fills, k, non_finite
+    # stride, float32 docs, their stride; dim, first_doc; thresholds, pools, capacity, fills, k, excluded offsets,
+    # excluded docs, non_finite
     "tk_screen_tile": (
         _i64,
         [
@@ -79,12 +76,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
             _i64,
             _i64,
             _i64,
-            _ptr,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _ptr,
+            *_SELECTION,
         ],
     ),
 }

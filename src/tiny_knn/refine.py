@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .exclusions import Exclusions, drop_excluded, mask_excluded
 from .kernel import KERNEL
 from .plan import REFINE_GATHER_BYTES
 from .sources import ArraySource, FileSource, Source
@@ -98,10 +99,11 @@ def refine(
 
 
 def exact_search(
-    query_rows: torch.Tensor, docs: Source, keep: int, metric: str = "l2"
+    query_rows: torch.Tensor, docs: Source, keep: int, metric: str = "l2", excluded: Exclusions | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The `keep` best docs of each query row by exact score, streaming every doc: slow, but exact for any
-    data and bounded in memory. Returns (scores float32, indices int64), best first."""
+    data and bounded in memory. Returns (scores float32, indices int64), best first; with `excluded`, less
+    those pairs (padded with index -1, the worst score)."""
     rows, dim = query_rows.shape
     chunk = max(64, REFINE_GATHER_BYTES // (24 * dim * rows))
     running = SortMergeTopK(rows, keep)
@@ -110,8 +112,13 @@ def exact_search(
         count = min(chunk, docs.rows - start)
         window = torch.arange(start, start + count, dtype=torch.int64).expand(rows, count)
         exact = _exact_scores(query_rows, docs, window, metric == "l2").to(torch.float32)
-        running.add(sign * exact + 0.0, 0, start)
+        signed_tile = sign * exact + 0.0
+        if excluded is not None:
+            mask_excluded(signed_tile, excluded, 0, start)
+        running.add(signed_tile, 0, start)
     signed, indices = running.result()
+    if excluded is not None:
+        signed, indices = drop_excluded(signed, indices, excluded, keep, float("-inf"))
     return sign * signed + 0.0, indices
 
 

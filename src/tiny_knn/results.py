@@ -347,7 +347,8 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
 
 
 def _pairs(result: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(query rows, ranks from 1, doc indices, scores) as flat arrays, a block of queries at a time."""
+    """(query rows, ranks from 1, doc indices, scores) as flat arrays, a block of queries at a time; padding (doc
+    -1, where excluded pairs left a query fewer than k docs) is left out."""
     indices, scores = result["indices"].numpy(), result["scores"].numpy()
     queries, k = indices.shape
     step = max(1, _WRITE_BLOCK_PAIRS // max(1, k))
@@ -355,7 +356,11 @@ def _pairs(result: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray, np.
         stop = min(start + step, queries)
         rows = np.repeat(np.arange(start, stop, dtype=np.int64), k)
         ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), stop - start)
-        yield rows, ranks, indices[start:stop].ravel(), scores[start:stop].ravel()
+        docs, values = indices[start:stop].ravel(), scores[start:stop].ravel()
+        real = docs >= 0
+        if not real.all():
+            rows, ranks, docs, values = rows[real], ranks[real], docs[real], values[real]
+        yield rows, ranks, docs, values
 
 
 def _write_parquet(path: str, result: dict[str, Any]) -> None:

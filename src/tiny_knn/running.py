@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from . import engine
+from .exclusions import Exclusions
 from .plan import Plan
 from .sources import Source
 from .store import Store
@@ -41,17 +42,18 @@ def run_search(
     progress: bool,
     store: Store | None = None,
     shared: DocCounter | None = None,
+    excluded: Exclusions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """engine.search, with a progress bar or, in a torchrun job, progress counted for the whole job (`shared`)."""
     done = 0 if store is None else store.done_rows
     total = docs.rows * -(-(queries.rows - done) // plan.query_batch_rows)
     if shared is not None:
         shared.expect(total)
-        return engine.search(queries, docs, plan, on_docs_scored=shared.scored, store=store)
+        return engine.search(queries, docs, plan, on_docs_scored=shared.scored, store=store, excluded=excluded)
     if not progress:
-        return engine.search(queries, docs, plan, store=store)
+        return engine.search(queries, docs, plan, store=store, excluded=excluded)
     with progress_bar(total) as bar:
-        return engine.search(queries, docs, plan, on_docs_scored=bar.update, store=store)
+        return engine.search(queries, docs, plan, on_docs_scored=bar.update, store=store, excluded=excluded)
 
 
 def progress_bar(total: int) -> tqdm:

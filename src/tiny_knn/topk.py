@@ -22,6 +22,7 @@ import torch
 
 from . import gpu_survivors
 from .estimators import Estimator, Operand
+from .exclusions import Exclusions
 from .kernel import KERNEL, kernel_available
 from .plan import ROW_ALIGN, gpu_pool_capacity, pool_capacity, round_up
 
@@ -75,10 +76,17 @@ class ThresholdTopK(RunningTopK):
     `start_thresholds` may set a row's threshold above -inf from the start (an estimate). Scores at or
     below it are dropped unseen, so the row's answer is certified only if its k-th best score ends up
     strictly above the estimate; `uncertain_rows()` lists the rows where it did not.
+
+    `excluded` (add_chunk only): pairs never offered, each row's docs numbered as add_chunk's first_doc counts.
     """
 
     def __init__(
-        self, rows: int, k: int, threads: int | None = None, start_thresholds: torch.Tensor | None = None
+        self,
+        rows: int,
+        k: int,
+        threads: int | None = None,
+        start_thresholds: torch.Tensor | None = None,
+        excluded: Exclusions | None = None,
     ) -> None:
         super().__init__(rows, k)
         if _KERNEL is None:
@@ -92,6 +100,7 @@ class ThresholdTopK(RunningTopK):
         if self._start_thresholds is not None:
             self._thresholds.copy_(self._start_thresholds)
         self._uncertain = torch.empty(0, dtype=torch.int64)
+        self._excluded = excluded
         self._threads = max(1, threads or torch.get_num_threads())
         # Each worker runs single-threaded matrix products (add_products), so that together they share the
         # cores the way one multi-threaded product would.
@@ -142,6 +151,14 @@ class ThresholdTopK(RunningTopK):
             self.k,
         )
 
+    def _screen_state(self, row_start: int) -> tuple[int, int, int, int, int, int | None, int | None]:
+        """_row_state, and the excluded pairs' offsets from row row_start on and docs (tk_screen_scan,
+        tk_screen_tile)."""
+        excluded = self._excluded
+        if excluded is None:
+            return (*self._row_state(row_start), None, None)
+        return (*self._row_state(row_start), excluded.offsets.ctypes.data + row_start * 8, excluded.docs.ctypes.data)
+
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
         if scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.device.type != "cpu":
             raise ValueError("ThresholdTopK takes CPU float32 tiles with contiguous rows")
@@ -163,7 +180,7 @@ class ThresholdTopK(RunningTopK):
 
         def work(part: int, lo: int, hi: int) -> int:
             scored, flagged = estimator.screen(
-                self._row_state, queries, lo, hi, docs, first_doc, doc_count, self._scratch[part]
+                self._screen_state, queries, lo, hi, docs, first_doc, doc_count, self._scratch[part]
             )
             if flagged:
                 non_finite.append(True)

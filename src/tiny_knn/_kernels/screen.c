@@ -308,7 +308,8 @@ TK_AVX512 static inline __m512 tk_lowest(float bound, float a, float b, const fl
                 int64_t row = r0 + (codes[c] >> 5);                                                                 \
                 float scores[TK_NR] = {0};                                                                          \
                 for (; c < count && r0 + (codes[c] >> 5) == row; c++) scores[codes[c] & 31] = exact[c];            \
-                __mmask16 m0 = (__mmask16)masks[row - r0], m1 = (__mmask16)(masks[row - r0] >> 16);                 \
+                uint32_t offered = masks[row - r0] & ~tk_excluded32(excluded_offsets, excluded_docs, row, first_doc + j); \
+                __mmask16 m0 = (__mmask16)offered, m1 = (__mmask16)(offered >> 16);                                 \
                 __m512 e0 = _mm512_loadu_ps(scores), e1 = _mm512_loadu_ps(scores + 16);                             \
                 bad |= tk_non_finite(m0, e0) | tk_non_finite(m1, e1);                                               \
                 survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],        \
@@ -345,7 +346,9 @@ TK_AVX512 static inline __m512 tk_lowest(float bound, float a, float b, const fl
                                                            doc_norms + j + 16 * h, doc_resid + j + 16 * h));        \
                     for (int lane = 0; lane < 16; lane++) {                                                         \
                         int64_t doc = j + 16 * h + lane;                                                            \
-                        float b = doc < real_docs && bound[lane] == bound[lane] ? bound[lane] : -INFINITY;          \
+                        int usable = doc < real_docs && bound[lane] == bound[lane] && r + i < real_rows &&          \
+                                     !tk_is_excluded(excluded_offsets, excluded_docs, r + i, first_doc + doc);      \
+                        float b = usable ? bound[lane] : -INFINITY;                                                 \
                         keys[i * seen + doc] = tk_key(b, (uint32_t)doc);                                            \
                     }                                                                                               \
                 }                                                                                                   \
@@ -365,10 +368,11 @@ TK_AVX512 static inline __m512 tk_lowest(float bound, float a, float b, const fl
         int64_t dim, int64_t row_lo, int64_t rows, int64_t real_rows, const float *doc_norms, const float *doc_resid, \
         const float *doc_halves, const float *docs, int64_t doc_stride, int64_t doc_count, int64_t real_docs,         \
         int64_t first_doc, float *thresholds, uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, int l2,  \
-        int32_t *non_finite
+        const int64_t *excluded_offsets, const int64_t *excluded_docs, int32_t *non_finite
 #define TK_SEED_ARGS                                                                                                \
     const float *query_a, const float *query_b, int64_t row_lo, int64_t rows, int64_t real_rows,                    \
-        const float *doc_norms, const float *doc_resid, int64_t real_docs, float *thresholds, int64_t k
+        const float *doc_norms, const float *doc_resid, int64_t real_docs, int64_t first_doc, float *thresholds,     \
+        int64_t k, const int64_t *excluded_offsets, const int64_t *excluded_docs
 
 TK_SCREEN_BF16 static void tk_seed_bf16(const uint32_t *packed_queries, const uint32_t *packed_docs, int64_t pairs,
                                         TK_SEED_ARGS)
@@ -388,7 +392,7 @@ TK_SCREEN_BF16 static int64_t tk_screen_bf16(const uint32_t *packed_queries, con
     int64_t pairs = (dim + 1) / 2;
     if (!l2 && real_docs >= k)
         tk_seed_bf16(packed_queries, packed_docs, pairs, query_a, query_b, row_lo, rows, real_rows, doc_norms,
-                     doc_resid, real_docs, thresholds, k);
+                     doc_resid, real_docs, first_doc, thresholds, k, excluded_offsets, excluded_docs);
     TK_SCREEN_PASS(tk_micro_bf16, uint32_t, pairs);
 }
 
@@ -396,7 +400,7 @@ TK_SCREEN_F32 static int64_t tk_screen_f32(const float *packed_queries, const fl
 {
     if (!l2 && real_docs >= k)
         tk_seed_f32(packed_queries, packed_docs, dim, query_a, query_b, row_lo, rows, real_rows, doc_norms,
-                    doc_resid, real_docs, thresholds, k);
+                    doc_resid, real_docs, first_doc, thresholds, k, excluded_offsets, excluded_docs);
     TK_SCREEN_PASS(tk_micro_f32, float, dim);
 }
 #endif
@@ -437,7 +441,8 @@ int64_t tk_screen_scan(int32_t estimator, int32_t metric, const void *packed_que
                        int64_t query_stride, int64_t dim, int64_t row_lo, int64_t rows, int64_t real_rows,
                        const float *doc_norms, const float *doc_resid, const float *doc_halves, const float *docs,
                        int64_t doc_stride, int64_t doc_count, int64_t real_docs, int64_t first_doc, float *thresholds,
-                       uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, int32_t *non_finite)
+                       uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, const int64_t *excluded_offsets,
+                       const int64_t *excluded_docs, int32_t *non_finite)
 {
     if (row_lo % TK_MR || rows % TK_MR || doc_count % TK_NR || capacity < k + 128 ||
         !(tk_screen_supported() & estimator) || (metric && (!query_sq || !doc_halves)))
@@ -448,16 +453,19 @@ int64_t tk_screen_scan(int32_t estimator, int32_t metric, const void *packed_que
         estimator == 1
             ? tk_screen_bf16(packed_queries, packed_docs, query_a, query_b, query_sq, queries, query_stride, dim, row_lo,
                              rows, real_rows, doc_norms, doc_resid, doc_halves, docs, doc_stride, doc_count, real_docs,
-                             first_doc, thresholds, pools, capacity, fills, k, metric, non_finite)
+                             first_doc, thresholds, pools, capacity, fills, k, metric, excluded_offsets, excluded_docs,
+                             non_finite)
             : tk_screen_f32(packed_queries, packed_docs, query_a, query_b, query_sq, queries, query_stride, dim, row_lo,
                             rows, real_rows, doc_norms, doc_resid, doc_halves, docs, doc_stride, doc_count, real_docs,
-                            first_doc, thresholds, pools, capacity, fills, k, metric, non_finite);
+                            first_doc, thresholds, pools, capacity, fills, k, metric, excluded_offsets, excluded_docs,
+                            non_finite);
     tk_ieee_end(saved);
     return survivors;
 #else
     (void)packed_queries, (void)packed_docs, (void)query_a, (void)query_b, (void)queries, (void)query_stride;
     (void)dim, (void)real_rows, (void)doc_norms, (void)doc_resid, (void)docs, (void)doc_stride, (void)real_docs;
-    (void)first_doc, (void)thresholds, (void)pools, (void)fills, (void)non_finite;
+    (void)first_doc, (void)thresholds, (void)pools, (void)fills, (void)non_finite, (void)excluded_offsets;
+    (void)excluded_docs;
     return -1;
 #endif
 }
@@ -492,6 +500,7 @@ typedef struct {
     int32_t *fill;
     int l2, bad;
     float key_bound, coarse; /* for the current threshold: K (l2) or the threshold, and the coarse bound */
+    const int64_t *excluded_offsets, *excluded_docs; /* this row's at row 0 */
 } tk_tile_row;
 
 static void tk_tile_bounds(tk_tile_row *row)
@@ -617,7 +626,8 @@ static int64_t tk_tile_screen_row(tk_tile_row *row, int64_t cols, int32_t *found
         float threshold = *row->threshold;
         for (int64_t i = 0; i < kept; i++) {
             row->bad |= !isfinite(exact[i]);
-            if (exact[i] > threshold)
+            if (exact[i] > threshold &&
+                !tk_is_excluded(row->excluded_offsets, row->excluded_docs, 0, row->first_doc + batch[i]))
                 threshold = tk_push(row->pool, row->capacity, row->fill, row->k, threshold, exact[i],
                                     (uint32_t)(row->first_doc + batch[i]));
         }
@@ -638,7 +648,8 @@ static void tk_tile_seed(tk_tile_row *row, int64_t cols, uint64_t *keys)
         double estimate = (double)row->estimates[c];
         double slack = (double)row->a * row->norms[c] + (double)row->b * row->resid[c];
         float low = tk_round_down(estimate - slack - ldexp(fabs(estimate) + slack, -50));
-        keys[c] = tk_key(low == low ? low : -INFINITY, (uint32_t)c);
+        int usable = low == low && !tk_is_excluded(row->excluded_offsets, row->excluded_docs, 0, row->first_doc + c);
+        keys[c] = tk_key(usable ? low : -INFINITY, (uint32_t)c);
     }
     tk_select_nth(keys, cols, row->k - 1);
     float low = tk_key_score(keys[row->k - 1]);
@@ -654,7 +665,8 @@ int64_t tk_screen_tile(int32_t metric, const float *estimates, int64_t estimate_
                        const float *query_a, const float *query_b, const float *query_sq, const float *doc_norms,
                        const float *doc_resid, const float *doc_halves, const float *queries, int64_t query_stride,
                        const float *docs, int64_t doc_stride, int64_t dim, int64_t first_doc, float *thresholds,
-                       uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, int32_t *non_finite)
+                       uint64_t *pools, int64_t capacity, int32_t *fills, int64_t k, const int64_t *excluded_offsets,
+                       const int64_t *excluded_docs, int32_t *non_finite)
 {
     if (metric && (!query_sq || !doc_halves)) return -1;
     tk_fpstate saved = tk_ieee_begin();
@@ -677,7 +689,8 @@ int64_t tk_screen_tile(int32_t metric, const float *estimates, int64_t estimate_
         tk_tile_row row = {estimates + r * estimate_stride, doc_norms, doc_resid, metric ? doc_halves : NULL, docs,
                            queries + r * query_stride, doc_stride, dim, first_doc, capacity, k, query_a[r],
                            query_b[r], metric ? query_sq[r] : 0.0f, norm_max, resid_max, &thresholds[r],
-                           pools + r * capacity, &fills[r], metric != 0, 0, 0.0f, 0.0f};
+                           pools + r * capacity, &fills[r], metric != 0, 0, 0.0f, 0.0f,
+                           excluded_offsets ? excluded_offsets + r : NULL, excluded_docs};
         if (!metric && cols >= k && thresholds[r] == -INFINITY && (keys || (keys = malloc(cols * sizeof *keys))))
             tk_tile_seed(&row, cols, keys);
         tk_tile_bounds(&row);

@@ -66,6 +66,40 @@ static inline float tk_push(uint64_t *pool, int64_t capacity, int32_t *fill, int
     return threshold;
 }
 
+/* ---- Excluded pairs: each row's excluded docs, ascending, at docs[offsets[r]..offsets[r + 1]) (exclusions.py);
+ * offsets NULL where nothing is excluded. Excluded pairs are never offered to the selection, nor seed it. */
+
+/* The first position in list[0..n) whose doc is at least `doc`. */
+static inline int64_t tk_lower_bound(const int64_t *list, int64_t n, int64_t doc)
+{
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (list[mid] < doc) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Bit i set where doc first + i (i < 32) is excluded for the row. */
+static inline uint32_t tk_excluded32(const int64_t *offsets, const int64_t *docs, int64_t row, int64_t first)
+{
+    if (!offsets) return 0;
+    const int64_t *list = docs + offsets[row];
+    int64_t n = offsets[row + 1] - offsets[row];
+    uint32_t mask = 0;
+    for (int64_t i = tk_lower_bound(list, n, first); i < n && list[i] < first + 32; i++) mask |= 1u << (list[i] - first);
+    return mask;
+}
+
+static inline int tk_is_excluded(const int64_t *offsets, const int64_t *docs, int64_t row, int64_t doc)
+{
+    if (!offsets) return 0;
+    const int64_t *list = docs + offsets[row];
+    int64_t n = offsets[row + 1] - offsets[row], at = tk_lower_bound(list, n, doc);
+    return at < n && list[at] == doc;
+}
+
 /* ---- Exact scores (exact.c): the one definition of a score in tiny-knn.
  * ip and cosine: tk_dot, dimension i in lane i mod 16 of accumulator (i / 16) mod 4, each lane a float32 fused
  * multiply-add chain in order of i, then the fixed tree (a0 + a1) + (a2 + a3) and halves; the same bits on every
