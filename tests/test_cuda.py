@@ -94,3 +94,22 @@ def test_large_results_come_back_through_pinned_buffers_intact(cuda, monkeypatch
     for dtype in (torch.float32, torch.int64):
         on_gpu = torch.randn(333, 77, device="cuda").mul(1000).to(dtype)  # 5 and 13 stages, the last partial
         assert torch.equal(topk.to_host(on_gpu), on_gpu.cpu())
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_cuda_leaves_excluded_pairs_out(cuda, metric) -> None:  # type: ignore[no-untyped-def]
+    """The GPU's selectors (Triton pool, packed) never return an excluded pair: the same docs as the CPU's screen,
+    padding included (query 3 loses every doc but 5)."""
+    from tiny_knn import search
+
+    generator = torch.Generator().manual_seed(4)
+    queries, docs = torch.randn(64, 32, generator=generator), torch.randn(5000, 32, generator=generator)
+    pairs = torch.stack([torch.randint(0, 64, (20000,), generator=generator),
+                         torch.randint(0, 5000, (20000,), generator=generator)], dim=1)  # fmt: skip
+    pairs = torch.cat([pairs, torch.stack([torch.full((4995,), 3), torch.arange(4995)], dim=1)])
+    on_gpu = search(queries, docs, 50, metric=metric, device="cuda", exclude_pairs=pairs)
+    on_cpu = search(queries, docs, 50, metric=metric, device="cpu", exclude_pairs=pairs)
+    assert on_gpu[1][3, 5:].tolist() == [-1] * 45
+    assert torch.allclose(on_gpu[0], on_cpu[0], atol=1e-4)
+    differ = on_gpu[1] != on_cpu[1]
+    assert torch.allclose(on_gpu[0][differ], on_cpu[0][differ], atol=1e-4)  # ties only
