@@ -233,8 +233,7 @@ def _every_exact_score(
     excluded pairs (index -1, score -inf where fewer are left): for rows so odd that fewer than k docs score above
     -inf, or are left at all."""
     assert KERNEL is not None
-    widest = excluded.widest() if excluded is not None else 0
-    running = SortMergeTopK(query_rows.shape[0], plan.candidates + widest)
+    running = SortMergeTopK(query_rows.shape[0], plan.candidates)
     rows = torch.empty((plan.doc_chunk_rows, docs.dim), dtype=torch.float32)
     for start in range(0, docs.rows, plan.doc_chunk_rows):
         count = min(plan.doc_chunk_rows, docs.rows - start)
@@ -246,7 +245,11 @@ def _every_exact_score(
             -1, int(plan.metric == "l2"), query_rows.data_ptr(), query_rows.stride(0), query_rows.shape[0],
             rows.data_ptr(), rows.stride(0), count, docs.dim, scores.data_ptr(), scores.stride(0),
         )  # fmt: skip
-        running.add(-scores if plan.metric == "l2" else scores, 0, start)
+        if plan.metric == "l2":
+            scores = -scores
+        if excluded is not None:
+            mask_excluded(scores, excluded, 0, start)
+        running.add(scores, 0, start)
     if excluded is None:
         return running.result()
     return drop_excluded(*running.result(), excluded, plan.candidates, float("-inf"))
