@@ -1,9 +1,22 @@
-"""The screen on the GPU (issue #20, item 1): `_kernels/screen.c`'s design in Triton, for tensor cores.
-Rows are prepared here for the screen: their bfloat16 values, and the factors of the bound on how far a bfloat16
-estimate of a pair's score may be from its exact score (`prepare_rows`), as tk_prepare_rows prepares them.
+"""The screen on the GPU (issue #20, items 1 and 2): `_kernels/screen.c`'s design in Triton, for tensor cores.
+Rows are prepared (bfloat16 values and the bound's factors: `prepare_rows`); every (query, doc) pair is
+estimated by a bfloat16 matmul whose epilogue keeps only the pairs the bound cannot rule out (`screen`, into a
+bounded `Survivors` buffer), to be scored exactly. Selecting the k best of them is the caller's.
+
+The bound on the GPU. screen.c's factors bound |estimate - tk_dot(q, d)| by a_q n_d + b_q r_d for float32 sums
+rounded as IEEE rounds, with gamma = 2 (dim + 8) 2^-24 covering both the estimate's sums and tk_dot's. Tensor
+cores do not round as IEEE does, and NVIDIA documents neither their order nor their rounding. Fasi, Higham,
+Mikaitis and Pranesh ("Numerical behavior of NVIDIA tensor cores", PeerJ Computer Science 7:e330, 2021)
+measured products of 16-bit inputs exact, and each block of products added to the accumulator aligned to the
+largest of them, truncated, and normalised (truncated) once: with blocks of 4 products or more, at most
+(2.5 dim + 2) 2^-24 |q~| |d~| from q~.d~, where IEEE's sums err by dim 2^-24 at most. The screen takes gamma
+twice the CPU's: it adds gamma b_q n_d (>= gamma |q| |d|) to the CPU's slack, three times IEEE's worst case for
+the estimate's sums (tests/test_gpu_screen.py checks that model; the GPU check measures the hardware). Products
+and sums that tensor cores may flush to zero are covered by a_q's floor, as on the CPU.
 
 Optional: without Triton, or with TINY_KNN_NO_TRITON set, `available()` is False. Under TRITON_INTERPRET=1 the
-kernels run on CPU tensors (the tests do so).
+kernels run on CPU tensors (the tests do so); there the bfloat16 values are widened to float32 before tl.dot,
+whose interpreted form multiplies bfloat16's storage as integers.
 """
 
 from __future__ import annotations
@@ -19,6 +32,9 @@ from . import gpu_survivors
 
 if TYPE_CHECKING:  # the kernels' `tl`, bound when they are built (_kernels): Triton is optional
     import triton.language as tl
+
+METRICS = ("ip", "cosine", "l2")
+MAX_DIM = 2**22  # the epilogue's margins (see screen) need gamma well below 1: here it is at most about 1/2
 
 
 def available() -> bool:
@@ -40,6 +56,41 @@ class PreparedRows:
     second: torch.Tensor
     third: torch.Tensor | None
     query: bool
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """A bounded buffer of surviving pairs: pairs[i] = (query row, doc) for i < min(found, capacity), in no
+    particular order; counts = (found, overflowed), int64. `found` counts every survivor, those that did not fit
+    too; `overflowed` is 1 once a screen found more than the buffer holds: the caller then clears the buffer and
+    redoes the block (with a larger buffer, or higher thresholds)."""
+
+    pairs: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def empty(cls, capacity: int, device: torch.device | str) -> Survivors:
+        """A cleared buffer for `capacity` pairs on `device`."""
+        if capacity < 1:
+            raise ValueError(f"a survivor buffer needs room for at least one pair, not {capacity}")
+        pairs = torch.empty((capacity, 2), dtype=torch.int32, device=device)
+        return cls(pairs, torch.zeros(2, dtype=torch.int64, device=device))
+
+    def clear(self) -> None:
+        """Forgets every pair (on the device: no synchronisation)."""
+        self.counts.zero_()
+
+
+@dataclass(frozen=True)
+class ScreenTiles:
+    """The screen's tiling, (query rows, docs, dims) per tl.dot step (16 or more each on a GPU), and Triton's
+    launch options."""
+
+    rows: int = 128
+    docs: int = 128
+    dims: int = 64
+    warps: int = 8
+    stages: int = 3
 
 
 def prepare_rows(
@@ -70,9 +121,100 @@ def prepare_rows(
     return PreparedRows(values, first, second, third, query)
 
 
+def screen(
+    queries: PreparedRows,
+    docs: PreparedRows,
+    thresholds: torch.Tensor,
+    survivors: Survivors,
+    *,
+    metric: str,
+    tiles: ScreenTiles | None = None,
+    estimates: torch.Tensor | None = None,
+) -> None:
+    """Appends to `survivors` every (query row, doc) pair whose exact score may reach its row's threshold
+    (thresholds: float32, one per query row): at least every pair with tk_dot(q, d) >= thresholds[row] for ip
+    and cosine, or -tk_l2(q, d) >= thresholds[row] for l2; every pair of a row whose threshold is -inf, or of
+    rows with infinite factors; every pair whose estimate is NaN. Asynchronous: nothing is read back.
+
+    Each estimate (tl.dot of the bfloat16 values, float32 sums) is compared in the matmul's epilogue and never
+    stored: the pair is kept unless estimate + a'_q n_d + b'_q r_d (- h'_d for l2) < K'_q, where K'_q is the
+    threshold (for l2, screen.c's key bound from it and |q|^2) and a'_q, b'_q, h'_d, K'_q are the factors moved
+    outward by 2^-19 of their size (a'_q also by gamma b_q: the tensor cores', see the module's note) and
+    2^-120 (K'_q), rounded outward. That margin exceeds what the epilogue's five float32 roundings can lose,
+    subnormals flushed or not, for dims up to MAX_DIM: so the screen keeps every pair that the bound keeps.
+
+    `estimates` (for tests): screens this (query rows, docs) tile of estimates instead of computing them.
+
+    Raises:
+        ValueError: operands that do not fit together (dims, devices, metric and factors, thresholds).
+    """
+    l2 = _metric(metric) == "l2"
+    rows, _ = _check_operands(queries, docs, l2)
+    if thresholds.shape != (rows,) or thresholds.dtype != torch.float32 or not thresholds.is_contiguous():
+        raise ValueError(
+            f"thresholds must be {rows} contiguous float32 values, not {tuple(thresholds.shape)} {thresholds.dtype}"
+        )
+    if estimates is not None and (estimates.shape != (rows, docs.values.shape[0]) or estimates.stride(1) != 1):
+        raise ValueError(f"estimates must be a ({rows}, {docs.values.shape[0]}) tile, not {tuple(estimates.shape)}")
+    _launch_screen(queries, docs, l2, tiles or ScreenTiles(), thresholds, survivors, estimates, write=False)
+
+
+def estimate_tile(queries: PreparedRows, docs: PreparedRows, *, tiles: ScreenTiles | None = None) -> torch.Tensor:
+    """The estimates that the screen compares, as a (query rows, docs) float32 tile: for tests of the bound,
+    and for measuring it on tensor cores (the screen itself never stores them)."""
+    rows, _ = _check_operands(queries, docs, False)
+    tile = torch.empty((rows, docs.values.shape[0]), device=queries.values.device)
+    _launch_screen(queries, docs, False, tiles or ScreenTiles(), None, None, tile, write=True)
+    return tile
+
+
+def slack(queries: PreparedRows, docs: PreparedRows) -> torch.Tensor:
+    """The screen's bound on |estimate - tk_dot(q, d)| and on |estimate - q.d| for each pair, as a (query rows,
+    docs) float64 tile: the CPU's a_q n_d + b_q r_d, plus gamma b_q n_d for the tensor cores."""
+    a, b = queries.first.double()[:, None], queries.second.double()[:, None]
+    gamma = _gamma(queries.values.shape[1])
+    return (a + gamma * b) * docs.first.double()[None, :] + b * docs.second.double()[None, :]
+
+
 def _gamma(dim: int) -> float:
     """screen.c's gamma (tk_prepare_rows): 2 (dim + 8) 2^-24; exact in float32, as the kernels take it."""
     return 2.0 * (dim + 8) * 2.0**-24
+
+
+def _launch_screen(
+    queries: PreparedRows,
+    docs: PreparedRows,
+    l2: bool,
+    tiles: ScreenTiles,
+    thresholds: torch.Tensor | None,
+    survivors: Survivors | None,
+    tile: torch.Tensor | None,
+    write: bool,
+) -> None:
+    """The screen's kernel in one of its modes: screening its estimates, screening a given tile (`tile`), or
+    writing its estimates to `tile` (write)."""
+    rows, dim = queries.values.shape
+    doc_count = docs.values.shape[0]
+    if not rows or not doc_count:
+        return
+    triton, kernels = _kernels()
+    unused = queries.first  # for the pointers a mode does not read
+    kernels.screen[(triton.cdiv(rows, tiles.rows), triton.cdiv(doc_count, tiles.docs))](
+        queries.values, queries.values.stride(0), docs.values, docs.values.stride(0), rows, doc_count, dim,
+        _gamma(dim), queries.first, queries.second, queries.third if l2 else unused,
+        unused if thresholds is None else thresholds, docs.first, docs.second, docs.third if l2 else unused,
+        unused if survivors is None else survivors.pairs, 0 if survivors is None else survivors.pairs.shape[0],
+        unused if survivors is None else survivors.counts, unused if tile is None else tile,
+        0 if tile is None else tile.stride(0),
+        L2=l2, WIDEN=kernels.interpreted, GIVEN=tile is not None and not write, WRITE=write,
+        BLOCK_M=tiles.rows, BLOCK_N=tiles.docs, BLOCK_K=tiles.dims, num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+
+
+def _metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+    return metric
 
 
 def _check_rows(rows: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -83,6 +225,21 @@ def _check_rows(rows: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) 
         )
 
 
+def _check_operands(queries: PreparedRows, docs: PreparedRows, l2: bool) -> tuple[int, int]:
+    rows, dim = queries.values.shape
+    if not queries.query or docs.query:
+        raise ValueError("the screen takes rows prepared as queries (query=True), then docs (query=False)")
+    if docs.values.shape[1] != dim or docs.values.device != queries.values.device:
+        raise ValueError(
+            f"queries {tuple(queries.values.shape)} and docs {tuple(docs.values.shape)} must share dim and device"
+        )
+    if dim > MAX_DIM:
+        raise ValueError(f"the screen's bound holds up to {MAX_DIM} dims, not {dim}")
+    if l2 and (queries.third is None or docs.third is None):
+        raise ValueError("l2 needs rows prepared with l2=True (their squared norms)")
+    return rows, dim
+
+
 # ---- The kernels: plain functions here, made Triton functions by _kernels in a namespace of their own, where
 # `tl` and their names are bound (a kernel finds the functions it calls through its globals).
 # Constants scale by sums (x + x * 2^-50, not x * (1 + 2^-50)): a Python float takes the type of the tensor it
@@ -90,7 +247,7 @@ def _check_rows(rows: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) 
 
 
 def _round_up(x) -> Any:  # type: ignore[no-untyped-def]
-    """x (float64) rounded up to float32 (tk_round_up)."""
+    """x (float64) rounded up to float32 (screen.c's tk_round_up)."""
     f = x.to(tl.float32)
     bits = f.to(tl.int32, bitcast=True)
     above = tl.where(f == 0, 1, tl.where(f > 0, bits + 1, bits - 1))  # nextafter(f, inf)
@@ -98,7 +255,7 @@ def _round_up(x) -> Any:  # type: ignore[no-untyped-def]
 
 
 def _round_down(x) -> Any:  # type: ignore[no-untyped-def]
-    """x (float64) rounded down to float32 (screen.c's tk_round_down)."""
+    """x (float64) rounded down to float32 (tk_round_down)."""
     f = x.to(tl.float32)
     bits = f.to(tl.int32, bitcast=True)
     below = tl.where(f == 0, -2147483647, tl.where(f > 0, bits - 1, bits + 1))  # nextafter(f, -inf)
@@ -166,16 +323,83 @@ def _prepare_kernel(  # type: ignore[no-untyped-def]
         tl.store(third_ptr + row, tl.where(huge, 0.0, _round_down(low)), mask=real)
 
 
-_DEVICE_CODE = (_round_up, _round_down, _bf16_bits, _prepare_kernel)
+def _screen_kernel(  # type: ignore[no-untyped-def]
+    q_ptr, q_stride, d_ptr, d_stride, rows, docs, dim, gamma,
+    a_ptr, b_ptr, q_sq_ptr, thresholds_ptr, n_ptr, r_ptr, h_ptr,
+    pairs_ptr, capacity, counts_ptr, tile_ptr, tile_stride,
+    L2: tl.constexpr, WIDEN: tl.constexpr, GIVEN: tl.constexpr, WRITE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    doc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    real_row, real_doc = row < rows, doc < docs
+    real = real_row[:, None] & real_doc[None, :]
+    tile_at = tile_ptr + row.to(tl.int64)[:, None] * tile_stride + doc[None, :]
+    if GIVEN:
+        estimate = tl.load(tile_at, mask=real, other=0.0)
+    else:
+        estimate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        q_rows = q_ptr + row.to(tl.int64)[:, None] * q_stride
+        d_rows = d_ptr + doc.to(tl.int64)[None, :] * d_stride
+        for start in range(0, dim, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            q = tl.load(q_rows + k[None, :], mask=real_row[:, None] & (k < dim)[None, :], other=0.0)
+            d = tl.load(d_rows + k[:, None], mask=real_doc[None, :] & (k < dim)[:, None], other=0.0)
+            if WIDEN:  # the interpreter's: exact products of the bfloat16 values, float32 sums
+                estimate = tl.dot(q.to(tl.float32), d.to(tl.float32), estimate, input_precision="ieee")
+            else:
+                estimate = tl.dot(q, d, estimate)
+    if WRITE:
+        tl.store(tile_at, estimate, mask=real)
+    else:
+        gamma = gamma + tl.zeros([BLOCK_M], tl.float64)
+        threshold = tl.load(thresholds_ptr + row, mask=real_row, other=0.0).to(tl.float64)
+        a = tl.load(a_ptr + row, mask=real_row, other=0.0).to(tl.float64)
+        b = tl.load(b_ptr + row, mask=real_row, other=0.0).to(tl.float64)
+        if L2:  # K (screen.c's tk_l2_key_bound): the key q.d - |d|^2 / 2 of any pair scoring >= the threshold
+            query_sq = tl.load(q_sq_ptr + row, mask=real_row, other=0.0).to(tl.float64)
+            size = tl.abs(threshold)
+            key = (threshold - size * 2.0**-22 + query_sq) * 0.5 - (size + query_sq) * 2.0**-50
+        else:
+            key = threshold
+        bound = _round_down(key - tl.abs(key) * 2.0**-19 - 2.0**-120)
+        a_row = _round_up(a + gamma * b + (a + b) * 2.0**-19)
+        b_row = _round_up(b + b * 2.0**-19)
+        value = tl.fma(a_row[:, None], tl.load(n_ptr + doc, mask=real_doc, other=0.0)[None, :], estimate)
+        value = tl.fma(b_row[:, None], tl.load(r_ptr + doc, mask=real_doc, other=0.0)[None, :], value)
+        if L2:
+            half_sq = tl.load(h_ptr + doc, mask=real_doc, other=0.0).to(tl.float64)
+            value = value - _round_down(half_sq - half_sq * 2.0**-19)[None, :]
+        keep = ~(value < bound[:, None]) & real  # NaN passes (a NaN estimate, or inf * 0 of infinite factors)
+        kept = keep.to(tl.int32)
+        per_row = tl.sum(kept, axis=1)
+        count = tl.sum(per_row, axis=0)
+        if count > 0:  # most tiles keep nothing; one atomic reserves this tile's slots, in row order
+            first = tl.atomic_add(counts_ptr, count.to(tl.int64))
+            slot = first + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(kept, axis=1) - 1
+            fits = keep & (slot < capacity)
+            tl.store(pairs_ptr + 2 * slot, row[:, None] + 0 * doc[None, :], mask=fits)
+            tl.store(pairs_ptr + 2 * slot + 1, doc[None, :] + 0 * row[:, None], mask=fits)
+            if first + count > capacity:
+                tl.store(counts_ptr + 1, 1)
+
+
+_DEVICE_CODE = (_round_up, _round_down, _bf16_bits, _prepare_kernel, _screen_kernel)
 
 
 @functools.cache
 def _kernels() -> tuple[Any, types.SimpleNamespace]:
-    """Triton and the kernels, built on first use: Triton is optional, and slow to import."""
+    """Triton and the kernels (prepare, screen; `interpreted`: whether Triton interprets them, as it
+    does where TRITON_INTERPRET was set when it was imported), built on first use: Triton is optional, and slow
+    to import."""
     import triton
     import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
 
     namespace: dict[str, Any] = {"tl": triton.language, "__name__": __name__}
     for plain in _DEVICE_CODE:
         namespace[plain.__name__] = triton.jit(types.FunctionType(plain.__code__, namespace, plain.__name__))
-    return triton, types.SimpleNamespace(prepare=namespace["_prepare_kernel"])
+    screen = namespace["_screen_kernel"]
+    return triton, types.SimpleNamespace(
+        prepare=namespace["_prepare_kernel"], screen=screen, interpreted=isinstance(screen, InterpretedFunction),
+    )  # fmt: skip
