@@ -1,7 +1,7 @@
 """The GPU screen's kernels (gpu_screen.py), run by Triton's interpreter on CPU tensors, against the C kernels:
 rows prepared as tk_prepare_rows prepares them (the same bfloat16 bits, factors never less generous), every pair
-that may be among the k best surviving the screen, and estimates within its bound (also a model of tensor cores'
-truncating sums).
+that may be among the k best surviving the screen, estimates within its bound (also a model of tensor cores'
+truncating sums), and exact scores equal to tk_dot's and tk_l2's bit for bit.
 
 Triton decides whether it interprets kernels when it is imported (TRITON_INTERPRET=1), and this process may
 have imported it for the GPU, so each check runs in a process of its own that interprets (`interpreted`); that
@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 from capabilities import needs_kernel, needs_triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_estimators import hard_rows as screen_rows
-from test_exact import exact_tile
+from test_exact import exact_tile, hard_rows, model_dot
 
 from tiny_knn import gpu_screen
 from tiny_knn.gpu_screen import PreparedRows, ScreenTiles, Survivors
@@ -284,6 +286,54 @@ def test_estimates_stay_within_the_bound_also_for_truncating_tensor_cores(interp
     interpreted(check_bound, kind)
 
 
+# ---- 3. Exact re-scores
+
+
+def check_rescore(dim: int, seed: int, exponents: int) -> None:
+    queries, docs = hard_rows(3, dim, seed, exponents), hard_rows(5, dim, seed + 1, exponents)
+    order = torch.randperm(15, generator=torch.Generator().manual_seed(seed))
+    pairs = torch.tensor([(r, c) for r in range(3) for c in range(5)], dtype=torch.int32)[order].contiguous()
+    for metric in ("ip", "l2"):
+        scores = gpu_screen.rescore(queries, docs, pairs, metric=metric, block_pairs=8)
+        for form in (0, -1):  # portable C, and this CPU's widest (the same bits)
+            expected = exact_tile(queries, docs, form, squared=metric == "l2")[pairs[:, 0].long(), pairs[:, 1].long()]
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(scores), nan), (metric, dim)
+            assert torch.equal(scores[~nan].view(torch.int32), expected[~nan].view(torch.int32)), (metric, form, dim)
+
+
+def test_rescores_are_tk_dot_and_tk_l2_bit_for_bit_at_every_tail_of_64(interpreted) -> None:  # type: ignore[no-untyped-def]
+    for dim in [*range(1, 65), 65, 100, 127, 128, 129, 191, 200, 255, 256, 300]:
+        interpreted(check_rescore, dim, dim, 140)  # scales down to subnormal products and sums, and overflow
+        interpreted(check_rescore, dim, dim, 3)  # scales alike: every lane and step of the tree counts
+
+
+@settings(max_examples=25, deadline=None)
+@given(dim=st.integers(1, 300), seed=st.integers(0, 2**16), exponents=st.integers(0, 140))
+def test_rescores_of_hard_rows_are_tk_dot_and_tk_l2_bit_for_bit(interpreted, dim, seed, exponents) -> None:  # type: ignore[no-untyped-def]
+    interpreted(check_rescore, dim, seed, exponents)
+
+
+def check_rescore_model() -> None:
+    for dim in (1, 17, 70, 130):
+        queries, docs = hard_rows(2, dim, dim, 60), hard_rows(2, dim, dim + 9, 60)
+        pairs = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.int32)
+        scores = gpu_screen.rescore(queries, docs, pairs, metric="ip")
+        for (row, doc), score in zip(pairs.tolist(), scores.numpy(), strict=True):
+            expected = model_dot(queries[row].numpy(), docs[doc].numpy())
+            assert score.view(np.uint32) == np.array(expected).view(np.uint32), (dim, row, doc)
+    # Products that round to -0.0 in every lane: -0.0, as AVX-512 and portable C give (AVX2's fma on its masked
+    # lanes gives +0.0 here, the model +0.0 always)
+    tiny = torch.full((1, 70), 2.0**-100)
+    score = gpu_screen.rescore(-tiny, tiny, torch.zeros((1, 2), dtype=torch.int32), metric="ip")
+    assert score.item() == 0 and score.signbit().item()
+    assert exact_tile(-tiny, tiny, 0).signbit().item()
+
+
+def test_rescores_are_the_exactly_rounded_model_of_tk_dot(interpreted) -> None:  # type: ignore[no-untyped-def]
+    interpreted(check_rescore_model)
+
+
 # ---- Without the interpreter
 
 
@@ -313,5 +363,7 @@ def test_operands_that_do_not_fit_are_refused_before_any_kernel_runs() -> None:
         gpu_screen.prepare_rows(torch.zeros(4, 6, dtype=torch.float64), query=True, l2=False)
     with pytest.raises(ValueError, match="contiguous rows"):
         gpu_screen.prepare_rows(torch.zeros(6, 4).T, query=True, l2=False)
+    with pytest.raises(ValueError, match="pairs must be a contiguous int32"):
+        gpu_screen.rescore(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros((2, 2), dtype=torch.int64), metric="ip")
     with pytest.raises(ValueError, match="at least one pair"):
         Survivors.empty(0, "cpu")

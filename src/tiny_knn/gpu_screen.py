@@ -1,7 +1,8 @@
-"""The screen on the GPU (issue #20, items 1 and 2): `_kernels/screen.c`'s design in Triton, for tensor cores.
+"""The screen on the GPU (issue #20, items 1 to 3): `_kernels/screen.c`'s design in Triton, for tensor cores.
 Rows are prepared (bfloat16 values and the bound's factors: `prepare_rows`); every (query, doc) pair is
 estimated by a bfloat16 matmul whose epilogue keeps only the pairs the bound cannot rule out (`screen`, into a
-bounded `Survivors` buffer), to be scored exactly. Selecting the k best of them is the caller's.
+bounded `Survivors` buffer); those pairs are scored exactly, in tk_dot's or tk_l2's order, so that a GPU score
+is the CPU's bit for bit (`rescore`). Selecting the k best of them is the caller's.
 
 The bound on the GPU. screen.c's factors bound |estimate - tk_dot(q, d)| by a_q n_d + b_q r_d for float32 sums
 rounded as IEEE rounds, with gamma = 2 (dim + 8) 2^-24 covering both the estimate's sums and tk_dot's. Tensor
@@ -174,6 +175,34 @@ def slack(queries: PreparedRows, docs: PreparedRows) -> torch.Tensor:
     a, b = queries.first.double()[:, None], queries.second.double()[:, None]
     gamma = _gamma(queries.values.shape[1])
     return (a + gamma * b) * docs.first.double()[None, :] + b * docs.second.double()[None, :]
+
+
+def rescore(
+    queries: torch.Tensor, docs: torch.Tensor, pairs: torch.Tensor, *, metric: str, block_pairs: int = 32
+) -> torch.Tensor:
+    """The exact score of each pair (query row, doc) of `pairs` (int32, (n, 2), as a Survivors buffer holds
+    them) of these float32 rows (each contiguous), bit for bit the C kernel's (`_kernels/tk.h`): tk_dot(q, d)
+    for ip and cosine, tk_l2(q, d) for l2 (the squared distance: the selection's score is its negation).
+
+    Raises:
+        ValueError: rows or pairs of the wrong shape, dtype or device.
+    """
+    l2 = _metric(metric) == "l2"
+    _check_rows(queries, "queries", (torch.float32,))
+    _check_rows(docs, "docs", (torch.float32,))
+    if queries.shape[1] != docs.shape[1] or queries.device != docs.device:
+        raise ValueError(f"queries {tuple(queries.shape)} and docs {tuple(docs.shape)} must share dim and device")
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype != torch.int32 or not pairs.is_contiguous():
+        raise ValueError(f"pairs must be a contiguous int32 (n, 2) tensor, not {tuple(pairs.shape)} {pairs.dtype}")
+    scores = torch.empty(pairs.shape[0], device=queries.device)
+    if pairs.shape[0]:
+        triton, kernels = _kernels()
+        # No fusion: tk_l2 rounds t * t before adding it (the C is built with -ffp-contract=off)
+        kernels.rescore[(triton.cdiv(pairs.shape[0], block_pairs),)](
+            queries, queries.stride(0), docs, docs.stride(0), pairs, pairs.shape[0], queries.shape[1], scores,
+            L2=l2, BLOCK_P=block_pairs, enable_fp_fusion=False,
+        )  # fmt: skip
+    return scores
 
 
 def _gamma(dim: int) -> float:
@@ -384,12 +413,68 @@ def _screen_kernel(  # type: ignore[no-untyped-def]
                 tl.store(counts_ptr + 1, 1)
 
 
-_DEVICE_CODE = (_round_up, _round_down, _bf16_bits, _prepare_kernel, _screen_kernel)
+def _lane_fma(q_rows, d_rows, i, dim, real, acc) -> Any:  # type: ignore[no-untyped-def]
+    """One step of 16 of tk_dot's lanes: acc = fma(q_i, d_i, acc) for dims i < dim; the other lanes are left as
+    they are (as AVX-512's masked lanes: an fma of zeros would turn a -0.0 lane into +0.0)."""
+    inside = real[:, None] & (i < dim)[None, :]
+    q = tl.load(q_rows[:, None] + i[None, :], mask=inside, other=0.0)
+    d = tl.load(d_rows[:, None] + i[None, :], mask=inside, other=0.0)
+    return tl.where(inside, tl.fma(q, d, acc), acc)
+
+
+def _fold(x, WIDTH: tl.constexpr, STRIDE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Halves x's WIDTH lanes: lane j of the result is x[j] + x[j + WIDTH / 2] (STRIDE = WIDTH / 2: tk_dot's
+    tree), or x[2j] + x[2j + 1] (STRIDE = 1: tk_l2's)."""
+    if STRIDE == 1:
+        low, high = tl.split(tl.reshape(x, (x.shape[0], WIDTH // 2, 2)))
+    else:
+        low, high = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, WIDTH // 2)), (0, 2, 1)))
+    return low + high
+
+
+def _rescore_kernel(  # type: ignore[no-untyped-def]
+    q_ptr, q_stride, d_ptr, d_stride, pairs_ptr, count, dim, out_ptr, L2: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    pair = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    real = pair < count
+    q_rows = q_ptr + tl.load(pairs_ptr + 2 * pair, mask=real, other=0).to(tl.int64) * q_stride
+    d_rows = d_ptr + tl.load(pairs_ptr + 2 * pair + 1, mask=real, other=0).to(tl.int64) * d_stride
+    if L2:
+        # tk_l2: dimension i in lane i % 8, (q - d)^2 in float64 added in order of i; then neighbours, twice,
+        # ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), rounded once to float32
+        acc = tl.zeros([BLOCK_P, 8], tl.float64)
+        for start in range(0, dim, 8):
+            i = start + tl.arange(0, 8)
+            inside = real[:, None] & (i < dim)[None, :]
+            q = tl.load(q_rows[:, None] + i[None, :], mask=inside, other=0.0).to(tl.float64)
+            d = tl.load(d_rows[:, None] + i[None, :], mask=inside, other=0.0).to(tl.float64)
+            acc = acc + (q - d) * (q - d)  # + 0 where outside: these lanes are never -0.0
+        low, high = tl.split(_fold(_fold(acc, 8, 1), 4, 1))
+        score = (low + high).to(tl.float32)
+    else:
+        # tk_dot: dimension i in lane i % 16 of accumulator (i / 16) % 4, a float32 fma chain in order of i;
+        # then (a0 + a1) + (a2 + a3), lane j + 8 onto lane j, + 4, and (l0 + l2) + (l1 + l3)
+        lane = tl.arange(0, 16)
+        acc0 = tl.zeros([BLOCK_P, 16], tl.float32)
+        acc1 = tl.zeros([BLOCK_P, 16], tl.float32)
+        acc2 = tl.zeros([BLOCK_P, 16], tl.float32)
+        acc3 = tl.zeros([BLOCK_P, 16], tl.float32)
+        for start in range(0, dim, 64):
+            acc0 = _lane_fma(q_rows, d_rows, start + lane, dim, real, acc0)
+            acc1 = _lane_fma(q_rows, d_rows, start + 16 + lane, dim, real, acc1)
+            acc2 = _lane_fma(q_rows, d_rows, start + 32 + lane, dim, real, acc2)
+            acc3 = _lane_fma(q_rows, d_rows, start + 48 + lane, dim, real, acc3)
+        low, high = tl.split(_fold(_fold(_fold((acc0 + acc1) + (acc2 + acc3), 16, 8), 8, 4), 4, 2))
+        score = low + high
+    tl.store(out_ptr + pair, score, mask=real)
+
+
+_DEVICE_CODE = (_round_up, _round_down, _bf16_bits, _prepare_kernel, _screen_kernel, _lane_fma, _fold, _rescore_kernel)
 
 
 @functools.cache
 def _kernels() -> tuple[Any, types.SimpleNamespace]:
-    """Triton and the kernels (prepare, screen; `interpreted`: whether Triton interprets them, as it
+    """Triton and the kernels (prepare, screen, rescore; `interpreted`: whether Triton interprets them, as it
     does where TRITON_INTERPRET was set when it was imported), built on first use: Triton is optional, and slow
     to import."""
     import triton
@@ -401,5 +486,6 @@ def _kernels() -> tuple[Any, types.SimpleNamespace]:
         namespace[plain.__name__] = triton.jit(types.FunctionType(plain.__code__, namespace, plain.__name__))
     screen = namespace["_screen_kernel"]
     return triton, types.SimpleNamespace(
-        prepare=namespace["_prepare_kernel"], screen=screen, interpreted=isinstance(screen, InterpretedFunction),
+        prepare=namespace["_prepare_kernel"], screen=screen, rescore=namespace["_rescore_kernel"],
+        interpreted=isinstance(screen, InterpretedFunction),
     )  # fmt: skip
