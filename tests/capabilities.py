@@ -34,5 +34,6 @@ needs_kernel = pytest.mark.skipif(
 
 needs_triton = pytest.mark.skipif(
     not gpu_survivors.available() and not required("triton"),
-    reason="Triton is not installed (the test extra installs it; set TINY_KNN_REQUIRE=triton to make this a failure)",
+    reason="Triton is not installed (the test extra installs it) or TINY_KNN_NO_TRITON is set "
+    "(set TINY_KNN_REQUIRE=triton to make this a failure)",
 )
