@@ -12,8 +12,8 @@ measured products of 16-bit inputs exact, and each block of products added to th
 largest of them, truncated, and normalised (truncated) once: with blocks of 4 products or more, at most
 (2.5 dim + 2) 2^-24 |q~| |d~| from q~.d~, where IEEE's sums err by dim 2^-24 at most. The screen takes gamma
 twice the CPU's: it adds gamma b_q n_d (>= gamma |q| |d|) to the CPU's slack, three times IEEE's worst case for
-the estimate's sums (tests/test_gpu_screen.py checks that model; the GPU check measures the hardware). Products
-and sums that tensor cores may flush to zero are covered by a_q's floor, as on the CPU.
+the estimate's sums (tests/test_gpu_screen.py checks that model; on a GPU, estimate_tile against slack measures
+the hardware). Products and sums that tensor cores may flush to zero are covered by a_q's floor, as on the CPU.
 
 Optional: without Triton, or with TINY_KNN_NO_TRITON set, `available()` is False. Under TRITON_INTERPRET=1 the
 kernels run on CPU tensors (the tests do so); there the bfloat16 values are widened to float32 before tl.dot,
