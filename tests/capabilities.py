@@ -1,6 +1,7 @@
 """What this machine can run, for tests to skip visibly where it cannot, and to fail instead where the environment
-says it must: TINY_KNN_REQUIRE=screen,kernel (a comma-separated list of estimators; "all" for every one), as
-TINY_KNN_REQUIRE_CUDA=1 does for CUDA. A CI on a machine that should have them cannot then pass by skipping."""
+says it must: TINY_KNN_REQUIRE=screen,kernel,triton (a comma-separated list of estimators, "kernel" for the
+compiled kernel and "triton" for Triton; "all" for every one), as TINY_KNN_REQUIRE_CUDA=1 does for CUDA. A CI on
+a machine that should have them cannot then pass by skipping."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import pytest
 
-from tiny_knn import estimators
+from tiny_knn import estimators, gpu_survivors
 from tiny_knn.kernel import kernel_available
 
 
@@ -29,4 +30,10 @@ def needs(name: str) -> pytest.MarkDecorator:
 needs_kernel = pytest.mark.skipif(
     not kernel_available() and not required("kernel"),
     reason="tiny-knn's compiled kernel is not built (set TINY_KNN_REQUIRE=kernel to make this a failure)",
+)
+
+needs_triton = pytest.mark.skipif(
+    not gpu_survivors.available() and not required("triton"),
+    reason="Triton is not installed (the test extra installs it) or TINY_KNN_NO_TRITON is set "
+    "(set TINY_KNN_REQUIRE=triton to make this a failure)",
 )
