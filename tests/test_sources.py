@@ -114,3 +114,20 @@ def test_dim_mismatch_names_both_dims(save) -> None:  # type: ignore[no-untyped-
     docs = open_source(save(torch.randn(2, 5), "d.pt"), "docs")
     with pytest.raises(InvalidInputError, match=r"dim 3.*dim 5"):
         check_compatible(queries, docs)
+
+
+def test_an_archive_claiming_several_disks_is_one_clean_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """zipfile.is_zipfile raises (BadZipFile) on a ZIP64 locator that claims two disks (found by hypothesis)."""
+    import io
+    import struct
+
+    from tiny_knn.errors import InvalidInputError
+    from tiny_knn.sources import open_source
+
+    buffer = io.BytesIO()
+    torch.save(torch.randn(3, 4), buffer)
+    data = buffer.getvalue()
+    end = data.rfind(b"PK\x05\x06")
+    (tmp_path / "q.pt").write_bytes(data[:end] + struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2) + data[end:])
+    with pytest.raises(InvalidInputError, match="not a PyTorch zip archive"):
+        open_source(str(tmp_path / "q.pt"), "queries")

@@ -648,9 +648,18 @@ def _vecs_values(path: str, label: str, *, byte_values: bool) -> _Values:
     return _Values((size // row_bytes, dim), dtype, 4, (row_bytes, value_bytes))
 
 
+def _is_zip(path: str) -> bool:
+    """zipfile.is_zipfile, which raises (BadZipFile) on some damaged archives (a ZIP64 locator claiming two
+    disks) rather than answering."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
+
+
 def _pt_values(path: str, key: str | None, label: str) -> _Values:
     # torch.save writes a zip archive; anything else is truncated, corrupt, legacy or not torch at all.
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         raise InvalidInputError(
             f"{label}: not a PyTorch zip archive (truncated, corrupt, or saved in the legacy format); "
             "expected a file written by torch.save(tensor, path)"
