@@ -104,6 +104,17 @@ def test_the_forms_of_tk_dot_agree_bit_for_bit(dim, seed, exponents) -> None:  #
         assert torch.equal(out[finite], outs[0][finite])  # NaN payloads may differ; NaN is refused anyway
 
 
+@pytest.mark.parametrize("dim", [1, 15, 17, 64, 70, 100])
+def test_every_form_keeps_the_sign_of_a_zero_made_of_underflowing_products(dim: int) -> None:
+    """A negative product that underflows makes a lane -0.0: lanes past the last dimension must stay as they are
+    (the AVX2 form's fma(0, 0, lane) once made them +0.0; found by a helper's Triton comparison)."""
+    queries, docs = torch.full((1, dim), 1e-30), torch.full((1, dim), -1e-30)
+    scores = {name: exact_tile(queries, docs, form) for name, form in FORMS.items() if RUNS[name]}
+    for name, score in scores.items():
+        # -0.0 where every one of the 64 lanes is (a lane still +0.0 makes the tree's sum +0.0)
+        assert score.item() == 0.0 and torch.signbit(score).item() == (dim >= 64), name
+
+
 def test_exact_scores_ignore_flush_to_zero_left_set_by_a_library() -> None:
     """A subnormal product must count: the kernel sets IEEE arithmetic for itself (FTZ/DAZ off) whatever the
     thread's floating-point state."""

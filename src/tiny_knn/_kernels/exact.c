@@ -25,8 +25,8 @@ static float tk_dot_portable(const float *a, const float *b, int64_t dim)
 
 #ifdef TK_X86
 /* tk_dot with AVX2 and FMA: each sixteen-lane accumulator as two eight-lane registers. Lanes past the last
- * dimension take fma(0, 0, lane), which leaves them as they are: a lane is never -0.0 (it starts at +0.0, and
- * an exact zero sum rounds to +0.0), so the bits match the AVX-512 form, whose masked lanes are untouched. */
+ * dimension are left untouched (a blend), as the AVX-512 form's masked lanes are: fma(0, 0, lane) would turn a
+ * lane of -0.0 (a negative product that underflows rounds to -0.0) into +0.0. */
 __attribute__((target("avx2,fma"))) static float tk_dot_avx2(const float *a, const float *b, int64_t dim)
 {
     __m256 acc[4][2];
@@ -43,8 +43,9 @@ __attribute__((target("avx2,fma"))) static float tk_dot_avx2(const float *a, con
             if (left <= 0) continue;
             __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)), lanes);
-            acc[c][h] = _mm256_fmadd_ps(_mm256_maskload_ps(a + i + 16 * c + 8 * h, mask),
-                                        _mm256_maskload_ps(b + i + 16 * c + 8 * h, mask), acc[c][h]);
+            __m256 summed = _mm256_fmadd_ps(_mm256_maskload_ps(a + i + 16 * c + 8 * h, mask),
+                                            _mm256_maskload_ps(b + i + 16 * c + 8 * h, mask), acc[c][h]);
+            acc[c][h] = _mm256_blendv_ps(acc[c][h], summed, _mm256_castsi256_ps(mask));
         }
     __m256 low = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]), _mm256_add_ps(acc[2][0], acc[3][0]));
     __m256 high = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[2][1], acc[3][1]));
