@@ -2,6 +2,7 @@
 
 Public API:
     compute_topk(q_path, d_path, k=2000, force_cpu=False, out_path=None, ...) -> path of the result file
+    merge_results(parts, out_path, ...) -> path of one result from results over consecutive slices of the docs
     search(queries, docs, k, *, metric="ip", exclude_self=False, device=None, ...) -> (scores, indices),
         in memory, from tensors, numpy arrays or paths
     TinyKnnError and its subclasses InvalidInputError, InputFileError, OutputError, MemoryBudgetError
@@ -20,6 +21,7 @@ Example:
 
 from .api import Embeddings, __version__, compute_topk, search
 from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError, TinyKnnWarning
+from .merge import merge_results
 
 __all__ = [
     "Embeddings",
@@ -31,5 +33,6 @@ __all__ = [
     "TinyKnnWarning",
     "__version__",
     "compute_topk",
+    "merge_results",
     "search",
 ]

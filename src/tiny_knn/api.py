@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import distributed, results, safety
-from .checkpoint import open_checkpoint, reporting_stops
+from .checkpoint import content_fingerprint, open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
 from .metrics import DEFAULT_METRIC, higher_is_better
@@ -151,7 +151,8 @@ def compute_topk(
     Returns:
         The path of the result. In the default format, a dict with `indices` (Q, k) int64, `scores`
         (Q, k) float32, `queries_path`, `docs_path`, `k`, `batch_size`, `dtype`, `device`, `chunk_size`,
-        `version`, `metric`, `precision`, `exclude_self`, and `query_ids` / `doc_ids` when given.
+        `version`, `metric`, `precision`, `exclude_self`, `format_version`, `requested_k` (k before it was
+        clamped), `doc_count`, `queries_fingerprint` (see results.py), and `query_ids` / `doc_ids` when given.
 
     Raises:
         InputFileError: an input file is missing or unreadable.
@@ -213,6 +214,10 @@ def compute_topk(
             "metric": plan.metric,
             "precision": plan.precision,
             "exclude_self": plan.exclude_self,
+            "format_version": results.FORMAT_VERSION,
+            "requested_k": k,
+            "doc_count": docs.rows,
+            "queries_fingerprint": content_fingerprint(queries),
             **ids,
         }
         try:

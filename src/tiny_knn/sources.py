@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputChangedError, InputFileError, InvalidInputError, first_sentence
+from .errors import InputChangedError, InputFileError, InvalidInputError, TinyKnnError, first_sentence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -45,8 +45,20 @@ _SAFETENSORS_DTYPES = {
 # How each dtype lies in a file (numpy has no bfloat16: its bits)
 _STORED = {
     torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.uint8: np.uint8,
-    torch.float64: np.float64, torch.int64: np.int64,
+    torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
 }  # fmt: skip
+# The .fvecs family: each row is an int32 dim, then dim values of this dtype.
+_VECS_DTYPES = {".fvecs": torch.float32, ".bvecs": torch.uint8}
+
+
+def import_pyarrow(label: str, error: type[TinyKnnError] = InputFileError) -> tuple[Any, Any]:
+    """pyarrow and pyarrow.parquet (an optional extra), or `error`: "{label} needs pyarrow: pip install ..."."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise error(f"{label} needs pyarrow: pip install 'tiny-knn[parquet]'") from None
+    return pa, pq
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -393,26 +405,47 @@ def open_source(spec: str | os.PathLike[str], role: str) -> Source:
         if not files:
             raise InputFileError(f"{role} pattern '{spec}': matches no files")
         return _sharded(spec, role, files)
-    path, key = spec, None
-    if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
-        path, key = spec.rsplit(":", 1)
+    path, key = split_key(spec)
     return _open_file(spec, path, key, role)
 
 
-def _open_file(spec: str, path: str, key: str | None, role: str) -> Source:
+def split_key(spec: str) -> tuple[str, str | None]:
+    """`file:key` as (file, key) where `file` exists and `file:key` does not; any other spec as (spec, None)."""
+    if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
+        path, key = spec.rsplit(":", 1)
+        return path, key
+    return spec, None
+
+
+def open_array(path: str, key: str | None, role: str, dtypes: tuple[torch.dtype, ...]) -> Source:
+    """A 2-D array of one of `dtypes` that is not embeddings (a result's indices or scores): `path` is a
+    .npy, .pt (`key` names a tensor of its dict) or .fvecs file, read like any source (headers only,
+    then pread). Its values are the caller's to check: read it with `check=False`.
+
+    Raises:
+        InputFileError: the file is missing or unreadable.
+        InvalidInputError: it is corrupt, lacks `key`, or holds an array of another shape or dtype.
+    """
+    return _open_file(path if key is None else f"{path}:{key}", path, key, role, dtypes)
+
+
+def _open_file(
+    spec: str, path: str, key: str | None, role: str, dtypes: tuple[torch.dtype, ...] | None = None
+) -> Source:
     label = f"{role} file '{spec}'"
     _check_regular_file(path, label)
     suffix = os.path.splitext(path)[1].lower()
     if suffix in HDF5_SUFFIXES:
         return _open_hdf5(spec, path, key, role, label)
-    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES if dtypes is None else dtypes
     if suffix == ".npy":
-        found = _npy_values(path, label)
+        found = _npy_values(path, label, allowed)
     elif suffix == ".safetensors":
         found = _safetensors_values(path, key, label)
-    elif suffix in (".fvecs", ".bvecs"):
-        found = _vecs_values(path, label, byte_values=suffix == ".bvecs")
-        allowed = (*SUPPORTED_DTYPES, torch.uint8)
+    elif suffix in _VECS_DTYPES:
+        found = _vecs_values(path, label, suffix)
+        if dtypes is None:  # bytes of .bvecs become floats as they are read
+            allowed = (*SUPPORTED_DTYPES, torch.uint8)
     else:
         found = _pt_values(path, key, label)
     _check_matrix(found.shape, found.dtype, label, allowed)
@@ -477,10 +510,16 @@ def _check_matrix(shape: tuple[int, ...], dtype: torch.dtype, label: str, allowe
             + ("; reshape it with .reshape(-1, dim)" if len(shape) > 0 else "")
         )
     if dtype not in allowed:
-        hint = " (convert with .float())" if dtype.is_floating_point else ""
-        raise InvalidInputError(f"{label}: dtype {dtype_name(dtype)}, expected float32, float16 or bfloat16{hint}")
+        hint = " (convert with .float())" if dtype.is_floating_point and allowed == SUPPORTED_DTYPES else ""
+        raise InvalidInputError(f"{label}: dtype {dtype_name(dtype)}, expected {_one_of(allowed)}{hint}")
     if 0 in shape:
         raise InvalidInputError(f"{label}: tensor has shape {shape}, expected at least one row and column")
+
+
+def _one_of(dtypes: tuple[torch.dtype, ...]) -> str:
+    """'float32, float16 or bfloat16'."""
+    names = [dtype_name(dtype) for dtype in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
@@ -515,17 +554,18 @@ def _quietly_from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _npy_values(path: str, label: str) -> _Values:
+def _npy_values(path: str, label: str, allowed: tuple[torch.dtype, ...]) -> _Values:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no value is read
     except Exception as exc:  # a damaged header makes numpy raise anything (SyntaxError, TokenError, ...)
         raise InvalidInputError(
             f"{label}: not a readable .npy file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
-    if array.dtype not in (np.float32, np.float16):
-        hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" else ""
-        raise InvalidInputError(f"{label}: dtype {array.dtype}, expected float32 or float16{hint}")
-    dtype = torch.float32 if array.dtype == np.float32 else torch.float16
+    stored = [dtype for dtype in allowed if dtype != torch.bfloat16]  # numpy has no bfloat16
+    dtype = next((dtype for dtype in stored if array.dtype == _STORED[dtype]), None)
+    if dtype is None:
+        hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" and torch.float32 in stored else ""
+        raise InvalidInputError(f"{label}: dtype {array.dtype}, expected {_one_of(tuple(stored))}{hint}")
     offset = array.offset if isinstance(array, np.memmap) else 0
     return _Values(tuple(array.shape), dtype, offset, tuple(array.strides))
 
@@ -628,23 +668,23 @@ def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
         raise InvalidInputError(f"{label}: dataset has shape {tuple(shape)}, expected at least one row and column")
 
 
-def _vecs_values(path: str, label: str, *, byte_values: bool) -> _Values:
+def _vecs_values(path: str, label: str, suffix: str) -> _Values:
     """.fvecs / .bvecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
     size = os.path.getsize(path)
+    dtype = _VECS_DTYPES[suffix]
+    value_bytes = np.dtype(_STORED[dtype]).itemsize
     with open(path, "rb") as stream:
         dim = int.from_bytes(stream.read(4), "little", signed=True)
-        value_bytes = 1 if byte_values else 4
         row_bytes = 4 + dim * value_bytes
         if dim <= 0 or size % row_bytes:
             raise InvalidInputError(
                 f"{label}: file size {size} is not a whole number of rows of dim {dim}; truncated or not a "
-                f"{'b' if byte_values else 'f'}vecs file"
+                f"{suffix.lstrip('.')} file"
             )
         stream.seek(size - row_bytes)
         last_dim = int.from_bytes(stream.read(4), "little", signed=True)
     if last_dim != dim:
         raise InvalidInputError(f"{label}: the last row declares dim {last_dim}, the first {dim}; not a vecs file")
-    dtype = torch.uint8 if byte_values else torch.float32
     return _Values((size // row_bytes, dim), dtype, 4, (row_bytes, value_bytes))
 
 
