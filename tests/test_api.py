@@ -106,7 +106,7 @@ def test_nan_in_docs_fails_cleanly_without_output(save, tmp_path) -> None:  # ty
 
 
 def test_docstrings_run() -> None:
-    for module in (tiny_knn, tiny_knn.api, tiny_knn.plan, tiny_knn.merge):
+    for module in (tiny_knn, tiny_knn.api, tiny_knn.plan, tiny_knn.merge, tiny_knn.recall):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert tried > 0 and failures == 0, module.__name__
 
@@ -124,6 +124,7 @@ def test_public_api_is_small() -> None:
         "search",
         "Embeddings",
         "merge_results",
+        "recall_at_k",
     }
 
 

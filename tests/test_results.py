@@ -179,7 +179,7 @@ def finished(tmp_path):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("path", "requested", "expected"),
     [(None, None, "pt"), ("r.parquet", None, "parquet"), ("r.trec", None, "trec"), ("r.run", None, "trec"),
-     ("r.pt", "npy", "npy"), ("r.txt", None, "pt")],
+     ("r.pt", "npy", "npy"), ("r.txt", None, "pt"), ("gt.ivecs", None, "ivecs"), ("gt.bin", "bigann", "bigann")],
 )  # fmt: skip
 def test_output_format(path, requested, expected) -> None:  # type: ignore[no-untyped-def]
     assert results.output_format(path, requested) == expected
@@ -188,6 +188,8 @@ def test_output_format(path, requested, expected) -> None:  # type: ignore[no-un
 def test_default_paths_per_format() -> None:
     assert results.default_output_path("/a/q.npy", "/b/shards/", 5, "trec") == "/a/top5_q_x_shards.trec"
     assert results.default_output_path("/a/q.npy", "/b/d.h5:train", 5, "npy") == "/a/top5_q_x_d"
+    assert results.default_output_path("/a/q.npy", "/b/d.npy", 5, "bigann") == "/a/top5_q_x_d.bin"
+    assert results.default_output_path("/a/q.npy", "/b/d.npy", 5, "ivecs") == "/a/top5_q_x_d.ivecs"
 
 
 def test_npy_directory(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]

@@ -137,7 +137,8 @@ def compute_topk(
         progress: show a progress bar on stderr.
         metric: "ip" (dot product, the default), "cosine", or "l2" (squared distance, smallest first).
         exclude_self: queries and docs are the same file: leave each query's own row out (by index).
-        output_format: "pt" (the default), "npy", "parquet" or "trec"; default from out_path's suffix.
+        output_format: "pt" (the default), "npy", "parquet", "trec", or ground truth for ANN benchmarks: "ivecs"
+            (with an .fvecs of scores beside it) or "bigann"; default from out_path's suffix.
         query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
             parquet and TREC formats in place of row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
@@ -183,7 +184,7 @@ def compute_topk(
     queries, docs, plan = prepare(q_path, d_path, k, options)
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
-    results.check_format(target, fmt)
+    results.check_format(target, fmt, docs.rows)
     id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
     inputs = safety.Inputs.of([queries, docs], [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()])
     safety.check_output_path(target, fmt, inputs)

@@ -22,6 +22,7 @@ from .merge import merge_results
 from .metrics import DEFAULT_METRIC, METRICS
 from .options import DEFAULT_PRECISION, PRECISION_CHOICES, SearchOptions
 from .plan import DEFAULT_K, format_bytes, parse_size
+from .recall import SCORE_TOLERANCE, recall_at_k
 from .results import FORMATS
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted, the same command continues where it stopped. The output never replaces an input, nor a "
         "folder tiny-knn did not write; while a run writes OUT it holds OUT.lock, and a second run on the same "
         "OUT stops at once. Other commands: 'tiny-knn merge --help' makes one result of results over "
-        "consecutive slices of the docs; "
+        "consecutive slices of the docs; 'tiny-knn recall --help' measures a result against an exact one; "
         "'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies the answer. Exit codes: "
         "0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated "
         "(SIGTERM). Environment: TINY_KNN_PRODUCT=screen|kernel|torch picks the CPU's matrix product (default "
@@ -151,8 +152,9 @@ def _add_format(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         help="pt: the dict of tensors (default); npy: a directory of indices.npy, scores.npy, meta.json; "
-        "parquet: rows of query, rank, doc, score (needs pyarrow); trec: a TREC run file "
-        "(default: from the --output-path suffix .parquet/.trec/.run, else pt)",
+        "parquet: rows of query, rank, doc, score (needs pyarrow); trec: a TREC run file; ground truth for ANN "
+        "benchmarks: ivecs (OUT.ivecs of neighbours, OUT.fvecs of scores beside it) or bigann (big-ann-benchmarks' "
+        "binary file) (default: from the --output-path suffix .parquet/.trec/.run/.ivecs, else pt)",
     )
 
 
@@ -176,6 +178,24 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_recall_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiny-knn recall",
+        description="Recall@K of the neighbours in RUN against the exact ones in GT, printed on stdout: by ids "
+        "(the share of RUN's first K that are among GT's first K) and, where both files carry scores, by "
+        f"ann-benchmarks' rule (a returned neighbour counts when its score is within {SCORE_TOLERANCE:g} of GT's "
+        "K-th score). Each is the mean over the queries.",
+        epilog="RUN and GT may be tiny-knn results (pt, an npy folder, parquet written without ids), .ivecs files "
+        "(scores from the .fvecs of the same name beside them, if any) or big-ann-benchmarks' binary ground "
+        "truth, from any tool.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("run", metavar="RUN", help="the result to measure")
+    parser.add_argument("truth", metavar="GT", help="the exact neighbours of the same queries")
+    parser.add_argument("--k", type=_positive_int, help="neighbours that count (default: RUN's k)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (tests call this in-process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -191,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 merging.parts, merging.output_path, output_format=merging.format, progress=not merging.quiet
             ),
         )
+    if argv[:1] == ["recall"]:
+        measuring = build_recall_parser().parse_args(argv[1:])
+        return _run(False, lambda: recall_at_k(measuring.run, measuring.truth, measuring.k).describe())
     args = build_parser().parse_args(argv)
     options = _search_options(args)
     if args.dry_run:

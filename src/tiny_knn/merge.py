@@ -90,8 +90,9 @@ def merge_results(
         raise InvalidInputError("merge: no parts given; expected the results of searches over slices of the docs")
     opened = [results.open_result(path, "merge part") for path in paths]
     check_parts(opened)
+    docs = sum(part.meta["doc_count"] for part in opened)
     fmt = results.output_format(target, output_format)
-    results.check_format(target, fmt)
+    results.check_format(target, fmt, docs)
     inputs = safety.Inputs(
         files=tuple((part.label(), path) for part in opened for path in part.files),
         folders=tuple(part.path for part in opened if os.path.isdir(part.path)),

@@ -12,6 +12,7 @@ block of rows at a time (by merge and recall).
   numbers, or the given ids; the metadata is in the schema's `tiny_knn` key. Needs pyarrow.
 - `trec`: a TREC run file, `QID Q0 DOCID RANK SCORE tiny-knn`, ranks from 1. Evaluation tools rank by
   SCORE, highest first, so an l2 run writes the negated distance.
+- `ivecs` and `bigann`: ground truth for ANN benchmarks (groundtruth.py): neighbours and scores only.
 
 Every format is first written beside the target under a temporary name and renamed into place, so a
 reader never sees a half-written result and a failure leaves nothing behind.
@@ -36,15 +37,17 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
+from . import groundtruth
 from .errors import InputFileError, InvalidInputError, OutputError, output_error
 from .plan import round_up
 from .sources import Source, import_pyarrow, open_array
 
-FORMATS = ("pt", "npy", "parquet", "trec")
+FORMATS = ("pt", "npy", "parquet", "trec", "ivecs", "bigann")
 # The version of the result's layout and keys: 1 added format_version, requested_k, doc_count and
 # queries_fingerprint, which merge needs.
 FORMAT_VERSION = 1
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec"}
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec", ".ivecs": "ivecs"}
+_DEFAULT_SUFFIXES = {"npy": "", "bigann": ".bin"}  # else ".{format}"
 # Rows of (query, rank) lines formatted at a time by the parquet and TREC writers.
 _WRITE_BLOCK_PAIRS = 1 << 20
 
@@ -61,18 +64,25 @@ def output_format(path: str | None, requested: str | None) -> str:
 
 
 def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "pt") -> str:
-    """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, or a directory for npy), next to the queries."""
+    """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, .ivecs, .bin, or a directory for npy), next to the
+    queries."""
     query_name = os.path.splitext(os.path.basename(queries_path.rstrip("/")))[0]
     doc_name = os.path.splitext(os.path.basename(docs_path.rstrip("/")))[0]
-    suffix = "" if fmt == "npy" else f".{fmt}"
+    suffix = _DEFAULT_SUFFIXES.get(fmt, f".{fmt}")
     return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}{suffix}")
 
 
-def check_format(path: str, fmt: str) -> None:
-    """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow). Which paths an
-    output may take at all is safety.check_output_path's to say."""
+def check_format(path: str, fmt: str, docs: int = 0) -> None:
+    """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow) or cannot number
+    `docs` docs (ivecs, bigann). Which paths an output may take at all is safety.check_output_path's to say."""
     if fmt == "parquet":
         _pyarrow(path)
+    groundtruth.check_doc_count(path, fmt, docs)
+
+
+def beside_output(path: str, fmt: str) -> list[str]:
+    """The files a format writes beside its output path (the scores of an ivecs ground truth)."""
+    return [groundtruth.scores_path(path)] if fmt == "ivecs" else []
 
 
 def read_ids(path: str, rows: int, role: str) -> list[str]:
@@ -106,6 +116,14 @@ def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: 
         _write_npy(path, result)
     elif fmt == "parquet":
         _atomically(path, lambda temporary: _write_parquet(temporary, result))
+    elif fmt == "ivecs":
+        _atomically(
+            path,
+            lambda temporary: groundtruth.write_vecs(temporary, result["indices"]),
+            {groundtruth.scores_path(path): lambda temporary: groundtruth.write_vecs(temporary, result["scores"])},
+        )
+    elif fmt == "bigann":
+        _atomically(path, lambda temporary: groundtruth.write_bigann(temporary, result["indices"], result["scores"]))
     else:
         _atomically(path, lambda temporary: _write_trec(temporary, result, higher_is_better))
 
@@ -518,7 +536,7 @@ def _take(pieces: list[np.ndarray], count: int) -> np.ndarray:
 
 def open_result(path: str, role: str = "result") -> StoredResult:
     """Opens a result file for reading by row blocks: tiny-knn's pt, npy (a folder) or parquet written without
-    ids.
+    ids, or a ground truth in ivecs (.ivecs, its .fvecs of scores beside it if any) or bigann format.
 
     Raises:
         InputFileError: the file is missing or unreadable, or parquet without pyarrow.
@@ -540,10 +558,18 @@ def _open_result(path: str, role: str) -> StoredResult:
         raise InvalidInputError(f"{label}: a TREC run holds ids, not row numbers; expected a pt, npy or parquet result")
     if suffix == ".parquet":
         return _open_parquet_result(path, label)
-    if suffix not in (".pt", ".pth") and not zipfile.is_zipfile(path):
-        raise InvalidInputError(
-            f"{label}: not a result tiny-knn reads; expected a .pt result, an npy result folder or a .parquet result"
-        )
+    if suffix == ".ivecs":
+        indices, scores = groundtruth.open_ivecs(path, role)
+        return _ArraysResult(path, "ivecs", {}, indices, scores, unsigned=False)
+    if suffix not in (".pt", ".pth"):
+        found = groundtruth.open_bigann(path, role)
+        if found is not None:
+            return _ArraysResult(path, "bigann", {}, *found, unsigned=True)
+        if not zipfile.is_zipfile(path):
+            raise InvalidInputError(
+                f"{label}: not a result tiny-knn reads; expected a .pt result, an npy result folder, a .parquet "
+                "result, an .ivecs or a bigann ground-truth file"
+            )
     indices = open_array(path, "indices", role, (torch.int64,))
     scores = open_array(path, "scores", role, (torch.float32,))
     loaded = torch.load(path, map_location="meta", weights_only=True)  # open_array has read it: it loads

@@ -48,7 +48,7 @@ _STORED = {
     torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
 }  # fmt: skip
 # The .fvecs family: each row is an int32 dim, then dim values of this dtype.
-_VECS_DTYPES = {".fvecs": torch.float32, ".bvecs": torch.uint8}
+_VECS_DTYPES = {".fvecs": torch.float32, ".bvecs": torch.uint8, ".ivecs": torch.int32}
 
 
 def import_pyarrow(label: str, error: type[TinyKnnError] = InputFileError) -> tuple[Any, Any]:
@@ -419,7 +419,7 @@ def split_key(spec: str) -> tuple[str, str | None]:
 
 def open_array(path: str, key: str | None, role: str, dtypes: tuple[torch.dtype, ...]) -> Source:
     """A 2-D array of one of `dtypes` that is not embeddings (a result's indices or scores): `path` is a
-    .npy, .pt (`key` names a tensor of its dict) or .fvecs file, read like any source (headers only,
+    .npy, .pt (`key` names a tensor of its dict), .ivecs or .fvecs file, read like any source (headers only,
     then pread). Its values are the caller's to check: read it with `check=False`.
 
     Raises:
@@ -669,7 +669,7 @@ def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
 
 
 def _vecs_values(path: str, label: str, suffix: str) -> _Values:
-    """.fvecs / .bvecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
+    """.fvecs / .bvecs / .ivecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
     size = os.path.getsize(path)
     dtype = _VECS_DTYPES[suffix]
     value_bytes = np.dtype(_STORED[dtype]).itemsize
