@@ -271,3 +271,21 @@ def test_results_get_the_usual_permissions(tmp_path, finished, fmt) -> None:  # 
     finally:
         os.umask(previous)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == (0o755 if fmt == "npy" else 0o644)
+
+
+def test_ids_from_a_column_of_a_parquet_or_arrow_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    table = pa.table({"id": [10, 11, 12], "name": ["a", "b c", "d"], "emb": [[1.0], [2.0], [3.0]]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pa.OSFile(str(tmp_path / "x.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    for name in ("x.parquet", "x.arrow"):
+        assert results.read_ids(str(tmp_path / f"{name}:id"), 3, "doc") == ["10", "11", "12"]
+        assert results.ids_file(str(tmp_path / f"{name}:id")) == str(tmp_path / name)
+        with pytest.raises(InvalidInputError, match=r"3 rows, expected one id per row \(4\)"):
+            results.read_ids(str(tmp_path / f"{name}:id"), 4, "doc")
+        with pytest.raises(InvalidInputError, match="row 1 is empty or holds whitespace"):
+            results.read_ids(str(tmp_path / f"{name}:name"), 3, "doc")
+        with pytest.raises(InvalidInputError, match="no column named 'ids'; it holds id, name, emb"):
+            results.read_ids(str(tmp_path / f"{name}:ids"), 3, "doc")

@@ -125,7 +125,8 @@ def compute_topk(
 
     Args:
         q_path: (Q, dim) float32/float16/bfloat16 queries: a `.pt`, `.npy`, `.safetensors`, `.fvecs`/`.bvecs`
-            or HDF5 file (`FILE:KEY` to pick a tensor or dataset), or a directory or glob of such shards.
+            or HDF5 file (`FILE:KEY` to pick a tensor or dataset), a `.parquet` or `.arrow` file (`FILE:COLUMN`
+            to pick a list<float> column; needs pyarrow), or a directory or glob of such shards.
         d_path: (D, dim) documents, likewise, with the same dim.
         k: neighbours per query; clamped (with a TinyKnnWarning) to D (D - 1 with exclude_self) when larger.
         force_cpu: run on the CPU even when CUDA is available.
@@ -139,8 +140,9 @@ def compute_topk(
         exclude_self: queries and docs are the same file: leave each query's own row out (by index).
         output_format: "pt" (the default), "npy", "parquet", "trec", or ground truth for ANN benchmarks: "ivecs"
             (with an .fvecs of scores beside it) or "bigann"; default from out_path's suffix.
-        query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
-            parquet and TREC formats in place of row numbers.
+        query_ids, doc_ids: text files with one id per row, or a column of a parquet or Arrow file
+            (`FILE.parquet:COLUMN`), recorded in the result and used by the parquet and TREC formats in place of
+            row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
         shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
         precision: "exact" (default) or "bf16-unsafe", as for `search`.
@@ -186,12 +188,15 @@ def compute_topk(
     target = os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     results.check_format(target, fmt, docs.rows)
     id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
-    inputs = safety.Inputs.of([queries, docs], [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()])
+    id_files = {role: results.ids_file(path) for role, path in id_paths.items()}  # FILE.parquet:COLUMN reads FILE
+    inputs = safety.Inputs.of(
+        [queries, docs], [(f"{role} ids file '{path}'", id_files[role]) for role, path in id_paths.items()]
+    )
     safety.check_output_path(target, fmt, inputs)
     rows = {"query": queries.rows, "doc": docs.rows}
     ids = {f"{role}_ids": results.read_ids(path, rows[role], role) for role, path in id_paths.items()}
     job = distributed.current_job()
-    extra = tuple(id_paths.values())
+    extra = tuple(id_files.values())
     with safety.held(safety.OutputLock(target) if job is None or job.leader else None):
         found: Found | None
         if job is None:

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "queries",
         metavar="QUERIES.pt",
-        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, .h5/.hdf5, FILE:KEY (a tensor or HDF5 dataset), "
-        "or a directory/glob of shards",
+        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, .h5/.hdf5, .parquet, .arrow (Arrow IPC, as Hugging "
+        "Face datasets caches it), FILE:KEY (a tensor, HDF5 dataset, or parquet/Arrow list<float> column), or a "
+        "directory/glob of shards",
     )
     parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
     parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
@@ -117,8 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="result path (default: top{k}_{queries}_x_{docs}.pt, or the --format's suffix, beside the queries)",
     )
     _add_format(parser)
-    parser.add_argument("--query-ids", metavar="FILE", help="one id per query row; recorded and used by parquet/trec")
-    parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row; recorded and used by parquet/trec")
+    parser.add_argument(
+        "--query-ids",
+        metavar="FILE",
+        help="one id per query row (a text file, or a column of a parquet/Arrow file: FILE.parquet:COLUMN); "
+        "recorded and used by parquet/trec",
+    )
+    parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row, likewise")
     parser.add_argument(
         "--max-memory",
         type=_size,

@@ -40,7 +40,7 @@ import torch
 from . import groundtruth
 from .errors import InputFileError, InvalidInputError, OutputError, output_error
 from .plan import round_up
-from .sources import Source, import_pyarrow, open_array
+from .sources import Source, import_pyarrow, open_array, read_column, split_key
 
 FORMATS = ("pt", "npy", "parquet", "trec", "ivecs", "bigann")
 # The version of the result's layout and keys: 1 added format_version, requested_k, doc_count and
@@ -86,22 +86,38 @@ def beside_output(path: str, fmt: str) -> list[str]:
 
 
 def read_ids(path: str, rows: int, role: str) -> list[str]:
-    """The ids in `path`, one per line, which must be exactly one per row of the `role` input."""
+    """The ids in `path`, one per line, which must be exactly one per row of the `role` input; or, for
+    `FILE.parquet:COLUMN` (or `FILE.arrow:COLUMN`), the values of that column, one per row."""
+    label = f"{role} ids file '{path}'"
+    file, column = split_key(path)
+    if column is not None and file.lower().endswith((".parquet", ".arrow")):
+        ids, unit, first = read_column(file, column, label), "row", 0
+    else:
+        ids, unit, first = _read_lines(path, label), "line", 1
+    if len(ids) != rows:
+        raise InvalidInputError(f"{label}: {len(ids)} {unit}s, expected one id per row ({rows})")
+    bad = next((at for at, value in enumerate(ids, first) if not value.strip() or any(c.isspace() for c in value)), -1)
+    if bad >= 0:
+        raise InvalidInputError(f"{label}: {unit} {bad} is empty or holds whitespace; expected one id")
+    return ids
+
+
+def ids_file(path: str) -> str:
+    """The file an ids spec reads (`FILE.parquet:COLUMN` reads FILE)."""
+    file, column = split_key(path)
+    return file if column is not None and file.lower().endswith((".parquet", ".arrow")) else path
+
+
+def _read_lines(path: str, label: str) -> list[str]:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise InputFileError(f"{role} ids file '{path}': is not a regular file (a folder, FIFO or device)")
+            raise InputFileError(f"{label}: is not a regular file (a folder, FIFO or device)")
         with open(path, encoding="utf-8") as stream:
-            ids = stream.read().splitlines()
+            return stream.read().splitlines()
     except FileNotFoundError:
-        raise InputFileError(f"{role} ids file '{path}': no such file") from None
+        raise InputFileError(f"{label}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{role} ids file '{path}': cannot be read: {exc}") from None
-    if len(ids) != rows:
-        raise InvalidInputError(f"{role} ids file '{path}': {len(ids)} lines, expected one id per row ({rows})")
-    bad = next((line for line, value in enumerate(ids, 1) if not value.strip() or any(c.isspace() for c in value)), 0)
-    if bad:
-        raise InvalidInputError(f"{role} ids file '{path}': line {bad} is empty or holds whitespace; expected one id")
-    return ids
+        raise InputFileError(f"{label}: cannot be read: {exc}") from None
 
 
 def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: bool = True) -> None:
