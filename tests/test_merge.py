@@ -45,25 +45,21 @@ def corpus(tmp_path):  # type: ignore[no-untyped-def]
     return tmp_path, queries, docs
 
 
-def search_parts(folder: Path, metric: str, formats: list[str], k: int = K) -> list[str]:
-    """One search per slice, in the given formats (one per slice, cycled)."""
+def search_parts(folder: Path, metric: str, formats: list[str], *, ids: bool = False) -> list[str]:
+    """One search per slice, in the given formats (one per slice, cycled); with `ids`, with query ids and each
+    slice's doc ids ("doc" and the global row)."""
     parts = []
-    for index in range(len(BOUNDS) - 1):
+    for index, (lo, hi) in enumerate(itertools.pairwise(BOUNDS)):
         fmt = formats[index % len(formats)]
         out = folder / f"part{index}-{metric}{'' if fmt == 'npy' else '.' + fmt}"
+        named = {}
+        if ids:
+            (folder / f"ids{index}.txt").write_text("".join(f"doc{row}\n" for row in range(lo, hi)))
+            named = {"query_ids": folder / "qids.txt", "doc_ids": folder / f"ids{index}.txt"}
         with warnings.catch_warnings():  # the last slice clamps k, with a warning
             warnings.simplefilter("ignore")
-            parts.append(
-                compute_topk(
-                    folder / "q.pt",
-                    folder / f"d{index}.pt",
-                    k=k,
-                    force_cpu=True,
-                    out_path=out,
-                    metric=metric,
-                    output_format=fmt,
-                )
-            )
+            search = {"k": K, "force_cpu": True, "metric": metric, "output_format": fmt, **named}
+            parts.append(compute_topk(folder / "q.pt", folder / f"d{index}.pt", out_path=out, **search))
     return parts
 
 
@@ -112,24 +108,7 @@ def test_every_output_format_and_the_command_line(corpus, capsys) -> None:  # ty
 def test_ids_travel_with_the_merge(corpus) -> None:  # type: ignore[no-untyped-def]
     folder, queries, _ = corpus
     (folder / "qids.txt").write_text("".join(f"q{row}\n" for row in range(len(queries))))
-    parts = []
-    for index, (lo, hi) in enumerate(itertools.pairwise(BOUNDS)):
-        (folder / f"ids{index}.txt").write_text("".join(f"doc{row}\n" for row in range(lo, hi)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parts.append(
-                compute_topk(
-                    folder / "q.pt",
-                    folder / f"d{index}.pt",
-                    k=K,
-                    force_cpu=True,
-                    out_path=folder / f"p{index}",
-                    output_format="npy" if index % 2 else "pt",
-                    query_ids=folder / "qids.txt",
-                    doc_ids=folder / f"ids{index}.txt",
-                )
-            )
-    merged = torch.load(merge_results(parts, folder / "merged.pt"))
+    merged = torch.load(merge_results(search_parts(folder, "ip", ["pt", "npy"], ids=True), folder / "merged.pt"))
     assert merged["doc_ids"] == [f"doc{row}" for row in range(BOUNDS[-1])]
     assert merged["query_ids"] == [f"q{row}" for row in range(len(queries))]
 

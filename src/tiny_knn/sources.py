@@ -280,6 +280,15 @@ def changed_error(label: str, size: int, was: int) -> InputChangedError:
     return InputChangedError(f"{label} changed while it was being read ({size} bytes, was {was}); nothing was written")
 
 
+def read_failure(label: str, file: str, was: int, exc: BaseException) -> InputFileError:
+    """The error for a library's failed read of `file` (h5py's, pyarrow's): InputChangedError if the file is no
+    longer the `was` bytes it was when opened, else what the library said."""
+    size = os.path.getsize(file) if os.path.exists(file) else 0
+    if size != was:
+        return changed_error(label, size, was)
+    return InputFileError(f"{label}: cannot be read: {first_sentence(exc)}")
+
+
 def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
     """Raises InvalidInputError naming the first row of `block` (row `start` of its file) with NaN or Inf."""
     # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
@@ -319,10 +328,7 @@ class HDF5Source(Source):
         try:
             values: np.ndarray = self.dataset[where]
         except Exception as exc:  # h5py reports a failed read as OSError, or worse
-            size = os.path.getsize(self.file) if os.path.exists(self.file) else 0
-            if size != self.size:
-                raise changed_error(self.label(), size, self.size) from None
-            raise InputFileError(f"{self.label()}: cannot be read: {first_sentence(exc)}") from None
+            raise read_failure(self.label(), self.file, self.size, exc) from None
         return values
 
 
@@ -460,10 +466,7 @@ class ParquetSource(Source):
                 except InvalidInputError:
                     raise
                 except Exception as exc:  # pyarrow reports a failed read as several kinds of error
-                    size = os.path.getsize(self.file) if os.path.exists(self.file) else 0
-                    if size != self.size:
-                        raise changed_error(self.label(), size, self.size) from None
-                    raise InputFileError(f"{self.label()}: cannot be read: {first_sentence(exc)}") from None
+                    raise read_failure(self.label(), self.file, self.size, exc) from None
                 self._kept = (group, values)
             return self._kept[1]
 
