@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import inspect
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_nan_in_docs_fails_cleanly_without_output(save, tmp_path) -> None:  # ty
 
 
 def test_docstrings_run() -> None:
-    for module in (tiny_knn, tiny_knn.api, tiny_knn.plan):
+    for module in (tiny_knn, tiny_knn.api, tiny_knn.plan, tiny_knn.merge, tiny_knn.recall):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert tried > 0 and failures == 0, module.__name__
 
@@ -122,6 +123,8 @@ def test_public_api_is_small() -> None:
         "__version__",
         "search",
         "Embeddings",
+        "merge_results",
+        "recall_at_k",
     }
 
 
@@ -136,6 +139,23 @@ def test_result_records_metric_precision_and_ids(pair, tmp_path) -> None:  # typ
     assert recorded == ("cosine", "exact", 6, False)  # the precision asked for, not the plan's spelling
     assert result["query_ids"] == ["a", "b", "c"] and "doc_ids" not in result
     assert_exact(queries, docs, result["scores"], result["indices"], "cosine")
+
+
+def test_result_records_what_a_merge_needs(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queries = torch.randn(3, 4)
+    q_path, d_path = pair(queries, torch.randn(6, 4))
+    with pytest.warns(TinyKnnWarning, match="returning k=6"):
+        result = torch.load(compute_topk(q_path, d_path, k=9, force_cpu=True, out_path=tmp_path / "r.pt"))
+    assert (result["format_version"], result["requested_k"], result["k"], result["doc_count"]) == (1, 9, 6, 6)
+    # The queries' fingerprint is their content's: the same under another name and in another folder.
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    shutil.copyfile(q_path, copy)
+    again = torch.load(compute_topk(copy, d_path, k=2, force_cpu=True, out_path=tmp_path / "again.pt"))
+    assert again["queries_fingerprint"] == result["queries_fingerprint"]
+    torch.save(queries + 1, copy)
+    other = torch.load(compute_topk(copy, d_path, k=2, force_cpu=True, out_path=tmp_path / "other.pt"))
+    assert other["queries_fingerprint"] != result["queries_fingerprint"]
 
 
 def test_search_in_memory_takes_tensors_arrays_and_paths(pair) -> None:  # type: ignore[no-untyped-def]

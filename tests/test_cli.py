@@ -48,6 +48,7 @@ def test_help_explains_every_option(capsys) -> None:  # type: ignore[no-untyped-
     for option in (
         *("--k", "--cpu", "--output-path", "--max-memory", "--batch-size", "--chunk-size", "--quiet", "demo"),
         *("--metric", "--exclude-self", "--format", "--query-ids", "--doc-ids", "--dry-run"),
+        *("tiny-knn merge", "tiny-knn recall", "ivecs", "bigann"),
     ):
         assert option in text
     assert "2000" in text

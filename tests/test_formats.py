@@ -9,12 +9,35 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tiny_knn import InputFileError, InvalidInputError, compute_topk
-from tiny_knn.sources import FileSource, HDF5Source, ShardedSource, open_source
+from tiny_knn.sources import ArrowSource, FileSource, HDF5Source, ParquetSource, ShardedSource, open_source
+
+
+def embedding_table(data: np.ndarray, *, fixed: bool = True) -> pa.Table:
+    """Embeddings as they are kept in the wild: a list<float> (or fixed_size_list<float>) column beside ids and
+    text."""
+    rows, dim = data.shape
+    column = (
+        pa.FixedSizeListArray.from_arrays(pa.array(data.ravel()), dim)
+        if fixed
+        else pa.array(list(data), type=pa.list_(pa.from_numpy_dtype(data.dtype)))
+    )
+    return pa.table({"id": [f"doc{row}" for row in range(rows)], "text": ["some words"] * rows, "emb": column})
+
+
+def write_arrow(path: str, table: pa.Table, *, stream: bool = True, batch_rows: int = 97, **options: object) -> str:
+    """An Arrow IPC file: the stream format (as Hugging Face datasets caches) or the file format."""
+    with pa.OSFile(path, "wb") as sink:
+        opened = pa.ipc.new_stream if stream else pa.ipc.new_file
+        with opened(sink, table.schema, options=pa.ipc.IpcWriteOptions(**options)) as writer:  # type: ignore[arg-type]
+            writer.write_table(table, max_chunksize=batch_rows)
+    return path
 
 
 def write_vecs(path: str, data: np.ndarray, value_dtype: str) -> str:
@@ -54,6 +77,10 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         file.create_dataset("neighbors", data=np.zeros((5, 3), dtype=np.int32))
     with h5py.File(tmp_path / "chunked.h5", "w") as file:
         file.create_dataset("group/emb", data=docs.numpy(), chunks=(64, 12), compression="gzip")
+    pq.write_table(embedding_table(docs.numpy()), tmp_path / "docs.parquet", row_group_size=130)
+    pq.write_table(embedding_table(docs.numpy(), fixed=False), tmp_path / "list.parquet", row_group_size=333)
+    write_arrow(str(tmp_path / "stream.arrow"), embedding_table(docs.numpy(), fixed=False))
+    write_arrow(str(tmp_path / "file.arrow"), embedding_table(docs.numpy()), stream=False, batch_rows=1000)
     shards = tmp_path / "shards"
     shards.mkdir()
     bounds = [0, 1, 90, 91, 400, 555, 999, 1000]  # 7 uneven shards, one of a single row
@@ -63,6 +90,8 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         lambda path, part: save_file({"x": part.contiguous()}, path + ".safetensors"),
         lambda path, part: write_vecs(path + ".fvecs", part.numpy(), "<f4"),
         lambda path, part: h5py.File(path + ".h5", "w").create_dataset("x", data=part.numpy()).file.close(),
+        lambda path, part: pq.write_table(embedding_table(part.numpy()), path + ".parquet", row_group_size=50),
+        lambda path, part: write_arrow(path + ".arrow", embedding_table(part.numpy(), fixed=False), batch_rows=40),
     ]
     for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         writers[index % len(writers)](str(shards / f"emb_{index}"), docs[lo:hi])
@@ -78,6 +107,10 @@ def test_all_formats_and_shards_give_identical_results(tmp_path, vectors) -> Non
         "hdf5:dataset": "docs.hdf5:train",
         "hdf5 chunked, gzip": "chunked.h5:/group/emb",
         "hdf5, its one 2-D dataset": "chunked.h5",
+        "parquet:column, fixed_size_list, 8 row groups": "docs.parquet:emb",
+        "parquet, list, its one list<float> column": "list.parquet",
+        "arrow stream, list, 11 record batches": "stream.arrow:emb",
+        "arrow file, fixed_size_list, one batch": "file.arrow",
         "directory": "shards",
         "glob": "shards/emb_*",
     }
@@ -197,3 +230,90 @@ def test_format_errors(tmp_path, make, message) -> None:  # type: ignore[no-unty
 def test_empty_glob_and_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputFileError, match="matches no files"):
         open_source(str(tmp_path / "*.npy"), "docs")
+
+
+def test_parquet_and_arrow_sources_and_their_ids(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Parquet is decoded a row group at a time; an Arrow file's record batches are read where they lie, all
+    through one descriptor; ids may be a column of the same file."""
+    data = np.random.default_rng(2).standard_normal((300, 8), dtype=np.float32)
+    pq.write_table(embedding_table(data), tmp_path / "x.parquet", row_group_size=64)
+    write_arrow(str(tmp_path / "x.arrow"), embedding_table(data), batch_rows=64)
+    for spec, kind in (("x.parquet:emb", ParquetSource), ("x.arrow", ArrowSource)):
+        source = open_source(str(tmp_path / spec), "docs")
+        assert isinstance(source, kind) and (source.rows, source.dim, source.dtype) == (300, 8, torch.float32)
+        assert source.files() == [str(tmp_path / spec.split(":")[0])]
+        out = torch.empty(300, 8)
+        for start, stop in ((0, 300), (60, 70), (63, 200), (299, 300)):  # across row groups and batches
+            source.read_into(start, stop, out)
+            assert torch.equal(out[: stop - start], torch.from_numpy(data[start:stop])), (spec, start, stop)
+        picked = torch.empty(4, 8)
+        source.read_rows(torch.tensor([0, 64, 65, 299]), picked)
+        assert torch.equal(picked, torch.from_numpy(data[[0, 64, 65, 299]]))
+    arrow = open_source(str(tmp_path / "x.arrow"), "docs")
+    assert isinstance(arrow, ArrowSource) and len({shard._descriptor for shard in arrow.shards}) == 1  # type: ignore[attr-defined]
+    queries = tmp_path / "q.npy"
+    np.save(queries, data[:5])
+    for spec in ("x.parquet", "x.arrow"):
+        ids = str(tmp_path / f"{spec}:id")
+        path = compute_topk(str(queries), str(tmp_path / spec), k=3, force_cpu=True, metric="l2", doc_ids=ids)
+        result = torch.load(path)
+        assert result["doc_ids"] == [f"doc{row}" for row in range(300)]
+        assert result["indices"][:, 0].tolist() == [0, 1, 2, 3, 4]  # l2: each row's nearest doc is itself
+
+
+def test_half_precision_parquet_equals_half_precision_npy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = np.random.default_rng(3).standard_normal((200, 6)).astype(np.float16)
+    np.save(tmp_path / "d.npy", data)
+    pq.write_table(embedding_table(data, fixed=False), tmp_path / "d.parquet", row_group_size=50)
+    np.save(tmp_path / "q.npy", data[:7].astype(np.float32))
+    assert open_source(str(tmp_path / "d.parquet"), "docs").dtype == torch.float16
+    found = []
+    for name in ("d.npy", "d.parquet"):
+        path = compute_topk(
+            str(tmp_path / "q.npy"), str(tmp_path / name), k=5, force_cpu=True, out_path=str(tmp_path / f"{name}.pt")
+        )
+        found.append(torch.load(path))
+    assert torch.equal(found[0]["indices"], found[1]["indices"]) and torch.equal(found[0]["scores"], found[1]["scores"])
+
+
+def test_parquet_and_arrow_errors(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    data = np.ones((200, 4), dtype=np.float32)
+    two = embedding_table(data).append_column("other", pa.array(list(data), type=pa.list_(pa.float32())))
+    pq.write_table(two, tmp_path / "two.parquet")
+    ragged = pa.array([[1.0, 2.0, 3.0, 4.0]] * 5 + [[1.0, 2.0, 3.0]], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"emb": ragged}), tmp_path / "ragged.parquet", row_group_size=4)
+    nulls = pa.array([[1.0, 2.0], None, [3.0, 4.0]], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"emb": nulls}), tmp_path / "nulls.parquet")
+    holes = pa.array([[1.0, 2.0], [3.0, None]], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"emb": holes}), tmp_path / "holes.parquet")
+    pq.write_table(pa.table({"emb": pa.array([[1.0, 2.0]], type=pa.list_(pa.float64()))}), tmp_path / "double.parquet")
+    nan = data.copy()
+    nan[150, 2] = np.nan
+    write_arrow(str(tmp_path / "nan.arrow"), embedding_table(nan), batch_rows=64)
+    write_arrow(str(tmp_path / "zstd.arrow"), embedding_table(data), compression="zstd")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1" + bytes(100))
+    (tmp_path / "junk.arrow").write_bytes(b"ARROW1" + bytes(100))
+    for spec, message in [
+        ("two.parquet", r"holds 2 columns of float lists, expected exactly one; name one as FILE:COLUMN \(columns: id"),
+        ("two.parquet:nope", "no column named 'nope'; it holds id, text, emb, other"),
+        ("two.parquet:text", "column 'text' is string, expected a list<float> or fixed_size_list<float>"),
+        ("double.parquet", r"column 'emb' is list<element: double>.*; cast it to float32"),
+        ("ragged.parquet", "row 5 holds 3 values, expected 4 like the first row"),
+        ("nulls.parquet", "row 1 is null; expected a list of floats in every row"),
+        ("holes.parquet", "row 1 holds a null value"),
+        ("zstd.arrow", "its record batches are compressed; expected an uncompressed Arrow IPC file"),
+        ("junk.parquet", "not a readable parquet file"),
+        ("junk.arrow", "not a readable Arrow IPC file"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            source = open_source(str(tmp_path / spec), "docs")
+            source.read_into(0, source.rows, torch.empty(source.rows, source.dim))
+    with pytest.raises(InvalidInputError, match=r"nan.arrow': row 150 holds NaN"):  # the file's row, not the batch's
+        open_source(str(tmp_path / "nan.arrow"), "docs").read_into(0, 200, torch.empty(200, 4))
+    with pytest.raises(InvalidInputError, match="no column named 'idx'"):
+        compute_topk(str(tmp_path / "nan.arrow"), str(tmp_path / "two.parquet:emb"), k=1, force_cpu=True,
+                     out_path=str(tmp_path / "r.pt"), doc_ids=str(tmp_path / "two.parquet:idx"))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    for spec in ("two.parquet:emb", "nan.arrow"):
+        with pytest.raises(InputFileError, match=r"needs pyarrow: pip install 'tiny-knn\[parquet\]'"):
+            open_source(str(tmp_path / spec), "docs")

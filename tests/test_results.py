@@ -179,7 +179,7 @@ def finished(tmp_path):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("path", "requested", "expected"),
     [(None, None, "pt"), ("r.parquet", None, "parquet"), ("r.trec", None, "trec"), ("r.run", None, "trec"),
-     ("r.pt", "npy", "npy"), ("r.txt", None, "pt")],
+     ("r.pt", "npy", "npy"), ("r.txt", None, "pt"), ("gt.ivecs", None, "ivecs"), ("gt.bin", "bigann", "bigann")],
 )  # fmt: skip
 def test_output_format(path, requested, expected) -> None:  # type: ignore[no-untyped-def]
     assert results.output_format(path, requested) == expected
@@ -188,6 +188,8 @@ def test_output_format(path, requested, expected) -> None:  # type: ignore[no-un
 def test_default_paths_per_format() -> None:
     assert results.default_output_path("/a/q.npy", "/b/shards/", 5, "trec") == "/a/top5_q_x_shards.trec"
     assert results.default_output_path("/a/q.npy", "/b/d.h5:train", 5, "npy") == "/a/top5_q_x_d"
+    assert results.default_output_path("/a/q.npy", "/b/d.npy", 5, "bigann") == "/a/top5_q_x_d.bin"
+    assert results.default_output_path("/a/q.npy", "/b/d.npy", 5, "ivecs") == "/a/top5_q_x_d.ivecs"
 
 
 def test_npy_directory(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
@@ -269,3 +271,21 @@ def test_results_get_the_usual_permissions(tmp_path, finished, fmt) -> None:  # 
     finally:
         os.umask(previous)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == (0o755 if fmt == "npy" else 0o644)
+
+
+def test_ids_from_a_column_of_a_parquet_or_arrow_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    table = pa.table({"id": [10, 11, 12], "name": ["a", "b c", "d"], "emb": [[1.0], [2.0], [3.0]]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pa.OSFile(str(tmp_path / "x.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    for name in ("x.parquet", "x.arrow"):
+        assert results.read_ids(str(tmp_path / f"{name}:id"), 3, "doc") == ["10", "11", "12"]
+        assert results.ids_file(str(tmp_path / f"{name}:id")) == str(tmp_path / name)
+        with pytest.raises(InvalidInputError, match=r"3 rows, expected one id per row \(4\)"):
+            results.read_ids(str(tmp_path / f"{name}:id"), 4, "doc")
+        with pytest.raises(InvalidInputError, match="row 1 is empty or holds whitespace"):
+            results.read_ids(str(tmp_path / f"{name}:name"), 3, "doc")
+        with pytest.raises(InvalidInputError, match="no column named 'ids'; it holds id, name, emb"):
+            results.read_ids(str(tmp_path / f"{name}:ids"), 3, "doc")

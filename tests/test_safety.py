@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tiny_knn import MemoryBudgetError, OutputError, TinyKnnWarning, compute_topk
 from tiny_knn.cli import main
+from tiny_knn.results import beside_output
 from tiny_knn.safety import Inputs, OutputLock, check_output_path
 from tiny_knn.sources import open_source
 
@@ -415,11 +416,14 @@ def test_sizes_are_taken_alike_by_the_library_and_the_command(inputs, tmp_path) 
 
 # ---- Hostile paths: whatever path an output is given, it is refused or it is not an input.
 
-SEGMENTS = st.sampled_from(["q.pt", "d.pt", "sub", "..", ".", "link-d", "link-sub", "shards", "new.pt", "ids.txt"])
+SEGMENTS = st.sampled_from(
+    ["q.pt", "d.pt", "sub", "..", ".", "link-d", "link-sub", "shards", "new.pt", "ids.txt", "d.ivecs", "q.ivecs"]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(SEGMENTS, min_size=1, max_size=4), fmt=st.sampled_from(["pt", "npy", "trec"]))
+@given(parts=st.lists(SEGMENTS, min_size=1, max_size=4), fmt=st.sampled_from(["pt", "npy", "trec", "ivecs"]))
+@example(parts=["sub", "..", "d.ivecs"], fmt="ivecs")  # its scores would be d.fvecs, an input
 def test_no_output_path_reaches_an_input(tmp_path, parts, fmt) -> None:  # type: ignore[no-untyped-def]
     base = tmp_path / "hostile"
     if not base.exists():
@@ -431,18 +435,20 @@ def test_no_output_path_reaches_an_input(tmp_path, parts, fmt) -> None:  # type:
         (base / "ids.txt").write_text("a\nb\nc\nd\n")
         (base / "link-d").symlink_to(base / "d.pt")
         (base / "link-sub").symlink_to(base / "sub")
+        np.concatenate([np.full((9, 1), 3, "<i4").view("<f4"), np.ones((9, 3), "<f4")], axis=1).tofile(base / "d.fvecs")
     sources = [open_source(str(base / "q.pt"), "queries"), open_source(str(base / "shards"), "docs")]
     inputs = Inputs.of(sources, [("query ids file", str(base / "ids.txt"))]) + Inputs.of(
-        [open_source(str(base / "d.pt"), "docs")]
+        [open_source(str(base / "d.pt"), "docs"), open_source(str(base / "d.fvecs"), "docs")]
     )
     path = os.path.join(base, *parts)
-    protected = [base / "q.pt", base / "d.pt", base / "shards" / "s1.pt", base / "ids.txt"]
+    protected = [base / "q.pt", base / "d.pt", base / "shards" / "s1.pt", base / "ids.txt", base / "d.fvecs"]
     try:
         check_output_path(path, fmt, inputs)
     except OutputError:
         return
     real = os.path.realpath(path)
-    assert all(not os.path.exists(path) or not os.path.samefile(path, p) for p in protected)
+    for written in (path, *beside_output(path, fmt)):  # ivecs: the .fvecs of scores beside it too
+        assert all(not os.path.exists(written) or not os.path.samefile(written, p) for p in protected)
     assert not real.startswith(os.path.realpath(base / "shards") + os.sep)
     if fmt == "npy" and os.path.isdir(path):
         assert all(not str(os.path.realpath(p)).startswith(real + os.sep) for p in protected)

@@ -2,6 +2,8 @@
 
 Public API:
     compute_topk(q_path, d_path, k=2000, force_cpu=False, out_path=None, ...) -> path of the result file
+    merge_results(parts, out_path, ...) -> path of one result from results over consecutive slices of the docs
+    recall_at_k(run, truth, k=None) -> Recall: the recall of any result file against an exact one
     search(queries, docs, k, *, metric="ip", exclude_self=False, device=None, ...) -> (scores, indices),
         in memory, from tensors, numpy arrays or paths
     TinyKnnError and its subclasses InvalidInputError, InputFileError, OutputError, MemoryBudgetError
@@ -20,6 +22,8 @@ Example:
 
 from .api import Embeddings, __version__, compute_topk, search
 from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError, TinyKnnWarning
+from .merge import merge_results
+from .recall import recall_at_k
 
 __all__ = [
     "Embeddings",
@@ -31,5 +35,7 @@ __all__ = [
     "TinyKnnWarning",
     "__version__",
     "compute_topk",
+    "merge_results",
+    "recall_at_k",
     "search",
 ]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import distributed, results, safety
-from .checkpoint import open_checkpoint, reporting_stops
+from .checkpoint import content_fingerprint, open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
 from .exclusions import Exclusions, exclusions_from_array, read_exclusions
@@ -141,7 +141,8 @@ def compute_topk(
 
     Args:
         q_path: (Q, dim) float32/float16/bfloat16 queries: a `.pt`, `.npy`, `.safetensors`, `.fvecs`/`.bvecs`
-            or HDF5 file (`FILE:KEY` to pick a tensor or dataset), or a directory or glob of such shards.
+            or HDF5 file (`FILE:KEY` to pick a tensor or dataset), a `.parquet` or `.arrow` file (`FILE:COLUMN`
+            to pick a list<float> column; needs pyarrow), or a directory or glob of such shards.
         d_path: (D, dim) documents, likewise, with the same dim.
         k: neighbours per query; clamped (with a TinyKnnWarning) to D (D - 1 with exclude_self) when larger.
         force_cpu: run on the CPU even when CUDA is available.
@@ -153,9 +154,11 @@ def compute_topk(
         progress: show a progress bar on stderr.
         metric: "ip" (dot product, the default), "cosine", or "l2" (squared distance, smallest first).
         exclude_self: queries and docs are the same file: leave each query's own row out (by index).
-        output_format: "pt" (the default), "npy", "parquet" or "trec"; default from out_path's suffix.
-        query_ids, doc_ids: text files with one id per row, recorded in the result and used by the
-            parquet and TREC formats in place of row numbers.
+        output_format: "pt" (the default), "npy", "parquet", "trec", or ground truth for ANN benchmarks: "ivecs"
+            (with an .fvecs of scores beside it) or "bigann"; default from out_path's suffix.
+        query_ids, doc_ids: text files with one id per row, or a column of a parquet or Arrow file
+            (`FILE.parquet:COLUMN`), recorded in the result and used by the parquet and TREC formats in place of
+            row numbers.
         restart: discard a checkpoint left by an interrupted run instead of resuming from it.
         shard: under torchrun, split the work by "docs" or by "queries" ("auto": see distributed.py).
         precision: "exact" (default) or "bf16-unsafe", as for `search`.
@@ -171,7 +174,8 @@ def compute_topk(
     Returns:
         The path of the result. In the default format, a dict with `indices` (Q, k) int64, `scores`
         (Q, k) float32, `queries_path`, `docs_path`, `k`, `batch_size`, `dtype`, `device`, `chunk_size`,
-        `version`, `metric`, `precision`, `exclude_self`, and `query_ids` / `doc_ids` when given.
+        `version`, `metric`, `precision`, `exclude_self`, `format_version`, `requested_k` (k before it was
+        clamped), `doc_count`, `queries_fingerprint` (see results.py), and `query_ids` / `doc_ids` when given.
 
     Raises:
         InputFileError: an input file is missing or unreadable.
@@ -207,8 +211,9 @@ def compute_topk(
     target = safety.output_path(
         os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     )
-    results.check_format(target, fmt)
-    others = [(f"{role} ids file '{path}'", path) for role, path in id_paths.items()]
+    results.check_format(target, fmt, docs.rows)
+    # FILE.parquet:COLUMN reads FILE
+    others = [(f"{role} ids file '{path}'", results.ids_file(path)) for role, path in id_paths.items()]
     if pairs_path is not None:
         others.append((f"exclude-pairs file '{pairs_path}'", pairs_path))
     inputs = safety.Inputs.of([queries, docs], others)
@@ -240,6 +245,10 @@ def compute_topk(
             "metric": plan.metric,
             "precision": plan.precision,
             "exclude_self": plan.exclude_self,
+            "format_version": results.FORMAT_VERSION,
+            "requested_k": k,
+            "doc_count": docs.rows,
+            "queries_fingerprint": content_fingerprint(queries),
             **ids,
             **({"exclude_pairs": pairs_path} if pairs_path is not None else {}),
         }

@@ -342,6 +342,17 @@ def fingerprint(queries: Source, docs: Source, plan: Plan, extra: tuple[str, ...
         }
 
 
+def content_fingerprint(source: Source) -> str:
+    """A hash of a source's shape, dtype and its files' content samples (as `describe` takes them; no path or
+    time): the same for the same rows wherever they lie and whatever they are called, so that results over the
+    same queries are recognised as such on any machine (merge)."""
+    with ThreadPoolExecutor(SAMPLE_READERS, thread_name_prefix="tiny-knn-sample") as readers:
+        described = describe(source, readers)
+    samples = [entry[3] for entry in described["files"]]
+    text = json.dumps([described["rows"], described["dim"], described["dtype"], samples])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def check_space(folder: str, needed: int) -> None:
     """Raises OutputError when the disk holding `folder` has less than `needed` bytes free."""
     free = shutil.disk_usage(folder).free

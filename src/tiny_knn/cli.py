@@ -18,9 +18,11 @@ from typing import Any, NoReturn
 from .api import __version__, compute_topk, prepare_search
 from .distributed import SHARD_MODES
 from .errors import TinyKnnError, TinyKnnWarning, is_disk_full
+from .merge import merge_results
 from .metrics import DEFAULT_METRIC, METRICS
 from .options import DEFAULT_PRECISION, PRECISION_CHOICES, SearchOptions
 from .plan import DEFAULT_K, format_bytes, parse_size
+from .recall import SCORE_TOLERANCE, recall_at_k
 from .results import FORMATS
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -69,22 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
         "interrupted, the same command continues where it stopped. The output never replaces an input, nor a "
         "folder tiny-knn did not write; while a run writes OUT it holds OUT.lock, and a second run on the same "
-        "OUT stops at once. Other command: 'tiny-knn demo --help' "
-        "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
-        "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
-        "TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator (which product picks the pairs "
-        "to score exactly; never the answer): by default each is timed on a sample of the data at the first search "
-        "of its kind and the fastest is kept in ~/.cache/tiny-knn (TINY_KNN_CACHE_DIR), as --dry-run shows; "
-        "TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
-        "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
-        "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
+        "OUT stops at once. Other commands: 'tiny-knn merge --help' makes one result of results over "
+        "consecutive slices of the docs; 'tiny-knn recall --help' measures a result against an exact one; "
+        "'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies the answer. Exit codes: "
+        "0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated "
+        "(SIGTERM). Environment: TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator "
+        "(which product picks the pairs to score exactly; never the answer): by default each is timed on a sample "
+        "of the data at the first search of its kind and the fastest is kept in ~/.cache/tiny-knn "
+        "(TINY_KNN_CACHE_DIR), as --dry-run shows; TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the "
+        "compiled CPU kernel and the Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective "
+        "timeout (seconds); TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "queries",
         metavar="QUERIES.pt",
-        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, .h5/.hdf5, FILE:KEY (a tensor or HDF5 dataset), "
-        "or a directory/glob of shards",
+        help="queries: .pt, .npy, .safetensors, .fvecs/.bvecs, .h5/.hdf5, .parquet, .arrow (Arrow IPC, as Hugging "
+        "Face datasets caches it), FILE:KEY (a tensor, HDF5 dataset, or parquet/Arrow list<float> column), or a "
+        "directory/glob of shards",
     )
     parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
     parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
@@ -114,15 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.pt",
         help="result path (default: top{k}_{queries}_x_{docs}.pt, or the --format's suffix, beside the queries)",
     )
+    _add_format(parser)
     parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        help="pt: the dict of tensors (default); npy: a directory of indices.npy, scores.npy, meta.json; "
-        "parquet: rows of query, rank, doc, score (needs pyarrow); trec: a TREC run file "
-        "(default: from the --output-path suffix .parquet/.trec/.run, else pt)",
+        "--query-ids",
+        metavar="FILE",
+        help="one id per query row (a text file, or a column of a parquet/Arrow file: FILE.parquet:COLUMN); "
+        "recorded and used by parquet/trec",
     )
-    parser.add_argument("--query-ids", metavar="FILE", help="one id per query row; recorded and used by parquet/trec")
-    parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row; recorded and used by parquet/trec")
+    parser.add_argument("--doc-ids", metavar="FILE", help="one id per doc row, likewise")
     parser.add_argument(
         "--exclude-pairs",
         metavar="FILE",
@@ -158,6 +161,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="pt: the dict of tensors (default); npy: a directory of indices.npy, scores.npy, meta.json; "
+        "parquet: rows of query, rank, doc, score (needs pyarrow); trec: a TREC run file; ground truth for ANN "
+        "benchmarks: ivecs (OUT.ivecs of neighbours, OUT.fvecs of scores beside it) or bigann (big-ann-benchmarks' "
+        "binary file) (default: from the --output-path suffix .parquet/.trec/.run/.ivecs, else pt)",
+    )
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiny-knn merge",
+        description="Merges the results of searches with the same queries, metric and k over consecutive slices "
+        "of the docs, given in doc order (part i's doc 0 follows the last doc of part i - 1), into the result of "
+        "one search over all the docs: the same indices and scores, byte for byte. Only blocks of rows of the parts "
+        "are in memory at once. The merged result's path is printed on stdout.",
+        epilog="Parts are pt results, npy result folders, or parquet results written without ids, that record "
+        "format_version, requested_k, doc_count and queries_fingerprint (results of older versions: search "
+        "again). Parts that differ in queries, metric, requested k, precision or format version are refused. "
+        "The output is checked and locked as a search's (never an input; OUT.lock).",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("parts", nargs="+", metavar="PART", help="results over consecutive slices of the docs")
+    parser.add_argument("--output-path", metavar="OUT", required=True, help="where to write the merged result")
+    _add_format(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, notes or warnings on stderr")
+    return parser
+
+
+def build_recall_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiny-knn recall",
+        description="Recall@K of the neighbours in RUN against the exact ones in GT, printed on stdout: by ids "
+        "(the share of RUN's first K that are among GT's first K) and, where both files carry scores, by "
+        f"ann-benchmarks' rule (a returned neighbour counts when its score is within {SCORE_TOLERANCE:g} of GT's "
+        "K-th score). Each is the mean over the queries.",
+        epilog="RUN and GT may be tiny-knn results (pt, an npy folder, parquet written without ids), .ivecs files "
+        "(scores from the .fvecs of the same name beside them, if any) or big-ann-benchmarks' binary ground "
+        "truth, from any tool.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("run", metavar="RUN", help="the result to measure")
+    parser.add_argument("truth", metavar="GT", help="the exact neighbours of the same queries")
+    parser.add_argument("--k", type=_positive_int, help="neighbours that count (default: RUN's k)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (tests call this in-process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -165,30 +217,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    _show_notes(quiet=args.quiet)
-    with warnings.catch_warnings(), _sigterm_raises():
-        warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
-        warnings.showwarning = _show_warning
-        options = _search_options(args)
-        if args.dry_run:
-            return _run_reporting_errors(lambda: _describe_plan(args, options))
-        return _run_reporting_errors(
-            lambda: compute_topk(
-                args.queries,
-                args.docs,
-                k=args.k,
-                out_path=args.output_path,
-                progress=not args.quiet,
-                output_format=args.format,
-                query_ids=args.query_ids,
-                doc_ids=args.doc_ids,
-                restart=args.restart,
-                shard=args.shard,
-                exclude_pairs=args.exclude_pairs,
-                **options.compute_topk_keywords(),
-            )
+    if argv[:1] == ["merge"]:
+        merging = build_merge_parser().parse_args(argv[1:])
+        return _run(
+            merging.quiet,
+            lambda: merge_results(
+                merging.parts, merging.output_path, output_format=merging.format, progress=not merging.quiet
+            ),
         )
+    if argv[:1] == ["recall"]:
+        measuring = build_recall_parser().parse_args(argv[1:])
+        return _run(False, lambda: recall_at_k(measuring.run, measuring.truth, measuring.k).describe())
+    args = build_parser().parse_args(argv)
+    options = _search_options(args)
+    if args.dry_run:
+        return _run(args.quiet, lambda: _describe_plan(args, options))
+    return _run(
+        args.quiet,
+        lambda: compute_topk(
+            args.queries,
+            args.docs,
+            k=args.k,
+            out_path=args.output_path,
+            progress=not args.quiet,
+            output_format=args.format,
+            query_ids=args.query_ids,
+            doc_ids=args.doc_ids,
+            restart=args.restart,
+            shard=args.shard,
+            exclude_pairs=args.exclude_pairs,
+            **options.compute_topk_keywords(),
+        ),
+    )
+
+
+def _run(quiet: bool, run) -> int:  # type: ignore[no-untyped-def]
+    """Runs `run` with the library's notes and warnings on stderr (unless quiet) and SIGTERM stopping it; prints
+    what it returns on stdout."""
+    _show_notes(quiet=quiet)
+    with warnings.catch_warnings(), _sigterm_raises():
+        warnings.simplefilter("ignore" if quiet else "always", TinyKnnWarning)
+        warnings.showwarning = _show_warning
+        return _run_reporting_errors(run)
 
 
 def console_main() -> NoReturn:

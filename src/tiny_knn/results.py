@@ -1,14 +1,18 @@
-"""Writing: the result, in the contract's `.pt` format or another one, always atomically.
+"""The result file: written in the contract's `.pt` format or another one, always atomically, and read back a
+block of rows at a time (by merge and recall).
 
 - `pt` (the default, the contract): a `torch.save` of a plain dict (loadable with `torch.load(path)`,
   weights_only): `indices` (Q, K) int64, `scores` (Q, K) float32, `queries_path`, `docs_path`, `k`,
-  `batch_size`, `dtype`, `device`, plus `chunk_size`, `version`, `metric`, `precision`, `exclude_self`, and
-  `query_ids` / `doc_ids` (lists of str) when ids were given.
+  `batch_size`, `dtype`, `device`, plus `chunk_size`, `version`, `metric`, `precision`, `exclude_self`,
+  `format_version` (of this layout and its keys, FORMAT_VERSION), `requested_k` (k before it was clamped to the
+  docs), `doc_count`, `queries_fingerprint` (a hash of the queries' content sample: results over the same
+  queries can be merged), and `query_ids` / `doc_ids` (lists of str) when ids were given.
 - `npy`: a directory holding `indices.npy`, `scores.npy` and `meta.json` (everything else).
 - `parquet`: one row per (query, rank): `query`, `rank` (1 = best), `doc`, `score`; queries and docs are row
   numbers, or the given ids; the metadata is in the schema's `tiny_knn` key. Needs pyarrow.
 - `trec`: a TREC run file, `QID Q0 DOCID RANK SCORE tiny-knn`, ranks from 1. Evaluation tools rank by
   SCORE, highest first, so an l2 run writes the negated distance.
+- `ivecs` and `bigann`: ground truth for ANN benchmarks (groundtruth.py): neighbours and scores only.
 
 Every format is first written beside the target under a temporary name and renamed into place, so a
 reader never sees a half-written result and a failure leaves nothing behind.
@@ -24,6 +28,8 @@ import os
 import shutil
 import stat
 import tempfile
+import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, cast
@@ -31,11 +37,17 @@ from typing import IO, Any, cast
 import numpy as np
 import torch
 
+from . import groundtruth
 from .errors import InputFileError, InvalidInputError, OutputError, output_error
 from .plan import round_up
+from .sources import Source, import_pyarrow, open_array, read_column, split_key
 
-FORMATS = ("pt", "npy", "parquet", "trec")
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec"}
+FORMATS = ("pt", "npy", "parquet", "trec", "ivecs", "bigann")
+# The version of the result's layout and keys: 1 added format_version, requested_k, doc_count and
+# queries_fingerprint, which merge needs.
+FORMAT_VERSION = 1
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", ".run": "trec", ".ivecs": "ivecs"}
+_DEFAULT_SUFFIXES = {"npy": "", "bigann": ".bin"}  # else ".{format}"
 # Rows of (query, rank) lines formatted at a time by the parquet and TREC writers.
 _WRITE_BLOCK_PAIRS = 1 << 20
 
@@ -52,37 +64,60 @@ def output_format(path: str | None, requested: str | None) -> str:
 
 
 def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "pt") -> str:
-    """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, or a directory for npy), next to the queries."""
+    """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, .ivecs, .bin, or a directory for npy), next to the
+    queries."""
     query_name = os.path.splitext(os.path.basename(queries_path.rstrip("/")))[0]
     doc_name = os.path.splitext(os.path.basename(docs_path.rstrip("/")))[0]
-    suffix = "" if fmt == "npy" else f".{fmt}"
+    suffix = _DEFAULT_SUFFIXES.get(fmt, f".{fmt}")
     return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}{suffix}")
 
 
-def check_format(path: str, fmt: str) -> None:
-    """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow). Which paths an
-    output may take at all is safety.check_output_path's to say."""
+def check_format(path: str, fmt: str, docs: int = 0) -> None:
+    """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow) or cannot number
+    `docs` docs (ivecs, bigann). Which paths an output may take at all is safety.check_output_path's to say."""
     if fmt == "parquet":
         _pyarrow(path)
+    groundtruth.check_doc_count(path, fmt, docs)
+
+
+def beside_output(path: str, fmt: str) -> list[str]:
+    """The files a format writes beside its output path (the scores of an ivecs ground truth)."""
+    return [groundtruth.scores_path(path)] if fmt == "ivecs" else []
 
 
 def read_ids(path: str, rows: int, role: str) -> list[str]:
-    """The ids in `path`, one per line, which must be exactly one per row of the `role` input."""
+    """The ids in `path`, one per line, which must be exactly one per row of the `role` input; or, for
+    `FILE.parquet:COLUMN` (or `FILE.arrow:COLUMN`), the values of that column, one per row."""
+    label = f"{role} ids file '{path}'"
+    file, column = split_key(path)
+    if column is not None and file.lower().endswith((".parquet", ".arrow")):
+        ids, unit, first = read_column(file, column, label), "row", 0
+    else:
+        ids, unit, first = _read_lines(path, label), "line", 1
+    if len(ids) != rows:
+        raise InvalidInputError(f"{label}: {len(ids)} {unit}s, expected one id per row ({rows})")
+    bad = next((at for at, value in enumerate(ids, first) if not value.strip() or any(c.isspace() for c in value)), -1)
+    if bad >= 0:
+        raise InvalidInputError(f"{label}: {unit} {bad} is empty or holds whitespace; expected one id")
+    return ids
+
+
+def ids_file(path: str) -> str:
+    """The file an ids spec reads (`FILE.parquet:COLUMN` reads FILE)."""
+    file, column = split_key(path)
+    return file if column is not None and file.lower().endswith((".parquet", ".arrow")) else path
+
+
+def _read_lines(path: str, label: str) -> list[str]:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise InputFileError(f"{role} ids file '{path}': is not a regular file (a folder, FIFO or device)")
+            raise InputFileError(f"{label}: is not a regular file (a folder, FIFO or device)")
         with open(path, encoding="utf-8") as stream:
-            ids = stream.read().splitlines()
+            return stream.read().splitlines()
     except FileNotFoundError:
-        raise InputFileError(f"{role} ids file '{path}': no such file") from None
+        raise InputFileError(f"{label}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{role} ids file '{path}': cannot be read: {exc}") from None
-    if len(ids) != rows:
-        raise InvalidInputError(f"{role} ids file '{path}': {len(ids)} lines, expected one id per row ({rows})")
-    bad = next((line for line, value in enumerate(ids, 1) if not value.strip() or any(c.isspace() for c in value)), 0)
-    if bad:
-        raise InvalidInputError(f"{role} ids file '{path}': line {bad} is empty or holds whitespace; expected one id")
-    return ids
+        raise InputFileError(f"{label}: cannot be read: {exc}") from None
 
 
 def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: bool = True) -> None:
@@ -97,6 +132,14 @@ def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: 
         _write_npy(path, result)
     elif fmt == "parquet":
         _atomically(path, lambda temporary: _write_parquet(temporary, result))
+    elif fmt == "ivecs":
+        _atomically(
+            path,
+            lambda temporary: groundtruth.write_vecs(temporary, result["indices"]),
+            {groundtruth.scores_path(path): lambda temporary: groundtruth.write_vecs(temporary, result["scores"])},
+        )
+    elif fmt == "bigann":
+        _atomically(path, lambda temporary: groundtruth.write_bigann(temporary, result["indices"], result["scores"]))
     else:
         _atomically(path, lambda temporary: _write_trec(temporary, result, higher_is_better))
 
@@ -274,8 +317,32 @@ def metadata(result: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in result.items() if key not in ("indices", "scores", "query_ids", "doc_ids")}
 
 
-def _atomically(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(temporary path) beside `path`, fsyncs, renames into place; cleans up on any failure."""
+def _atomically(
+    path: str, write: Callable[[str], None], beside: dict[str, Callable[[str], None]] | None = None
+) -> None:
+    """Calls write(temporary path) beside `path`, fsyncs, renames into place; cleans up on any failure. The
+    files `beside` (path: write) are written the same way, all of them before any is renamed."""
+    writes = {path: write, **(beside or {})}
+    temporaries: dict[str, str] = {}
+    try:
+        for target, write_one in writes.items():
+            temporaries[target] = _temporary_beside(target)
+            write_one(temporaries[target])
+            with open(temporaries[target], "rb+") as stream:
+                os.fsync(stream.fileno())
+        for target in reversed(writes):  # the main file last: it is complete only with the others in place
+            os.replace(temporaries.pop(target), target)
+    except BaseException as exc:
+        for temporary in temporaries.values():
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise output_error(f"output path '{path}': writing failed: {exc.strerror or exc}", exc) from None
+        raise
+
+
+def _temporary_beside(path: str) -> str:
+    """A new empty file, with an ordinary file's permissions, in `path`'s folder under a temporary name."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -284,16 +351,10 @@ def _atomically(path: str, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a result is an ordinary file
-        write(temporary)
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(exc, OSError):
-            raise output_error(f"output path '{path}': writing failed: {exc.strerror or exc}", exc) from None
+    except BaseException:
+        os.unlink(temporary)
         raise
+    return temporary
 
 
 def _umask() -> int:
@@ -393,14 +454,7 @@ def _id_type(pa: Any, lookup: np.ndarray | None) -> Any:
 
 
 def _pyarrow(path: str) -> tuple[Any, Any]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise OutputError(
-            f"output path '{path}': the parquet format needs pyarrow: pip install 'tiny-knn[parquet]'"
-        ) from None
-    return pa, pq
+    return import_pyarrow(f"output path '{path}': the parquet format", OutputError)
 
 
 def _write_trec(path: str, result: dict[str, Any], higher_is_better: bool) -> None:
@@ -415,3 +469,174 @@ def _write_trec(path: str, result: dict[str, Any], higher_is_better: bool) -> No
                 f"{q} Q0 {d} {r} {s:.9g} tiny-knn\n"
                 for q, d, r, s in zip(queries, names, ranks.tolist(), shown.tolist(), strict=True)
             )
+
+
+class StoredResult(ABC):
+    """A result file opened for reading (by merge and recall): its metadata and shape from its header, its rows
+    a block at a time, never the whole file at once."""
+
+    def __init__(self, path: str, fmt: str, meta: dict[str, Any], rows: int, k: int, files: list[str]) -> None:
+        self.path, self.fmt, self.meta, self.rows, self.k = path, fmt, meta, rows, k
+        self.files = files  # every file read, for the output's safety checks
+        self.role = "result"  # what messages call it ("merge part", "ground truth"): open_result's role
+
+    def label(self) -> str:
+        return f"{self.role} '{self.path}'"
+
+    has_scores = True
+
+    @abstractmethod
+    def blocks(self, block_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(indices int64, scores float32 or None) of rows [0, block_rows), then the next block_rows, ...: every
+        row, in order."""
+
+
+class _ArraysResult(StoredResult):
+    """Indices and scores that lie in a file as arrays (pt, npy, ivecs, bigann), read with pread."""
+
+    def __init__(
+        self, path: str, fmt: str, meta: dict[str, Any], indices: Source, scores: Source | None, unsigned: bool
+    ) -> None:
+        files = [*indices.files(), *(scores.files() if scores is not None else [])]
+        super().__init__(path, fmt, meta, indices.rows, indices.dim, list(dict.fromkeys(files)))
+        self.indices, self.scores, self.unsigned = indices, scores, unsigned
+        self.has_scores = scores is not None
+        if scores is not None and (scores.rows, scores.dim) != (indices.rows, indices.dim):
+            raise InvalidInputError(
+                f"result '{path}': scores of shape ({scores.rows}, {scores.dim}) but indices of shape "
+                f"({indices.rows}, {indices.dim}); expected the same shape (a damaged result?)"
+            )
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for start in range(0, self.rows, block_rows):
+            stop = min(start + block_rows, self.rows)
+            indices = torch.empty((stop - start, self.k), dtype=self.indices.dtype)
+            self.indices.read_into(start, stop, indices, check=False)
+            indices = indices.to(torch.int64)
+            if self.unsigned:  # uint32 doc numbers, read as their int32 bits
+                indices &= 0xFFFFFFFF
+            scores = None
+            if self.scores is not None:
+                scores = torch.empty((stop - start, self.k), dtype=torch.float32)
+                self.scores.read_into(start, stop, scores, check=False)
+            yield indices, scores
+
+
+class _ParquetResult(StoredResult):
+    """A parquet result written without ids: (query, rank, doc, score) rows, k per query in query order."""
+
+    def __init__(self, path: str, meta: dict[str, Any], pairs: int) -> None:
+        k = meta["k"]
+        if not isinstance(k, int) or k < 1 or pairs % k:
+            raise InvalidInputError(f"result '{path}': {pairs} rows, expected a whole number of queries of k={k}")
+        super().__init__(path, "parquet", meta, pairs // k, k, [path])
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        _, pq = import_pyarrow(self.label(), InputFileError)
+        file = pq.ParquetFile(self.path)
+        batches = file.iter_batches(batch_size=_WRITE_BLOCK_PAIRS, columns=["query", "doc", "score"])
+        held: list[list[np.ndarray]] = [[], [], []]  # query, doc, score pieces not yet handed out
+        for start in range(0, self.rows, block_rows):
+            stop = min(start + block_rows, self.rows)
+            wanted = (stop - start) * self.k
+            while sum(piece.size for piece in held[0]) < wanted:
+                batch = next(batches)
+                for column, pieces in enumerate(held):
+                    pieces.append(batch.column(column).to_numpy())
+            query, doc, score = (_take(pieces, wanted) for pieces in held)
+            if not np.array_equal(query, np.repeat(np.arange(start, stop), self.k)):
+                raise InvalidInputError(
+                    f"{self.label()}: its query column is not rows {start}..{stop - 1} with k={self.k} each, "
+                    "in order; expected a parquet result as tiny-knn writes it"
+                )
+            # Copies: pyarrow's arrays are read-only.
+            yield torch.from_numpy(doc.reshape(-1, self.k).copy()), torch.from_numpy(score.reshape(-1, self.k).copy())
+
+
+def _take(pieces: list[np.ndarray], count: int) -> np.ndarray:
+    """The first `count` values of the arrays `pieces`, removed from it."""
+    taken = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    pieces[:] = [taken[count:]] if taken.size > count else []
+    return taken[:count]
+
+
+def open_result(path: str, role: str = "result") -> StoredResult:
+    """Opens a result file for reading by row blocks: tiny-knn's pt, npy (a folder) or parquet written without
+    ids, or a ground truth in ivecs (.ivecs, its .fvecs of scores beside it if any) or bigann format.
+
+    Raises:
+        InputFileError: the file is missing or unreadable, or parquet without pyarrow.
+        InvalidInputError: it is not a result tiny-knn reads, or a damaged one.
+    """
+    opened = _open_result(path, role)
+    opened.role = role
+    return opened
+
+
+def _open_result(path: str, role: str) -> StoredResult:
+    label = f"{role} '{path}'"
+    if os.path.isdir(path):
+        return _open_npy_result(path, role, label)
+    if not os.path.isfile(path):
+        raise InputFileError(f"{label}: no such file or folder")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".trec", ".run"):
+        raise InvalidInputError(f"{label}: a TREC run holds ids, not row numbers; expected a pt, npy or parquet result")
+    if suffix == ".parquet":
+        return _open_parquet_result(path, label)
+    if suffix == ".ivecs":
+        indices, scores = groundtruth.open_ivecs(path, role)
+        return _ArraysResult(path, "ivecs", {}, indices, scores, unsigned=False)
+    if suffix not in (".pt", ".pth"):
+        found = groundtruth.open_bigann(path, role)
+        if found is not None:
+            return _ArraysResult(path, "bigann", {}, *found, unsigned=True)
+        if not zipfile.is_zipfile(path):
+            raise InvalidInputError(
+                f"{label}: not a result tiny-knn reads; expected a .pt result, an npy result folder, a .parquet "
+                "result, an .ivecs or a bigann ground-truth file"
+            )
+    indices = open_array(path, "indices", role, (torch.int64,))
+    scores = open_array(path, "scores", role, (torch.float32,))
+    loaded = torch.load(path, map_location="meta", weights_only=True)  # open_array has read it: it loads
+    meta = {key: value for key, value in loaded.items() if not isinstance(value, torch.Tensor)}
+    return _ArraysResult(path, "pt", meta, indices, scores, unsigned=False)
+
+
+def _open_npy_result(path: str, role: str, label: str) -> StoredResult:
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as stream:
+            meta = json.load(stream)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(
+            f"{label}: a folder without a readable meta.json ({exc}); expected an npy result"
+        ) from None
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"{label}: its meta.json holds no object; expected an npy result")
+    meta.pop("kind", None)
+    indices = open_array(os.path.join(path, "indices.npy"), None, role, (torch.int64,))
+    scores = open_array(os.path.join(path, "scores.npy"), None, role, (torch.float32,))
+    for key in ("query_ids", "doc_ids"):
+        if key in meta:
+            with open(os.path.join(path, str(meta[key])), encoding="utf-8") as stream:
+                meta[key] = stream.read().splitlines()
+    return _ArraysResult(path, "npy", meta, indices, scores, unsigned=False)
+
+
+def _open_parquet_result(path: str, label: str) -> StoredResult:
+    pa, pq = import_pyarrow(label, InputFileError)
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+        meta = json.loads((schema.metadata or {}).get(b"tiny_knn", b"null"))
+    except Exception as exc:  # pyarrow reports a damaged file as several kinds of error
+        raise InvalidInputError(f"{label}: not a readable parquet file (truncated or corrupt?): {exc}") from None
+    if not isinstance(meta, dict) or schema.names != ["query", "rank", "doc", "score"]:
+        raise InvalidInputError(f"{label}: not a parquet result of tiny-knn (no tiny_knn metadata, or other columns)")
+    for column in ("query", "doc"):
+        if not pa.types.is_integer(schema.field(column).type):
+            raise InvalidInputError(
+                f"{label}: its {column} column holds ids ({schema.field(column).type}), not row numbers; expected "
+                "a result written without --query-ids/--doc-ids (or in pt or npy format, which keep both)"
+            )
+    return _ParquetResult(path, meta, file.metadata.num_rows)

@@ -1,9 +1,9 @@
 """Safety: an output never destroys what the user has, and one run at a time writes a given output.
 
-- `check_output_path`: a file output may replace any regular file except an input (compared by device and
-  inode, so `..`, symbolic and hard links are caught); a folder output (npy) may replace only an earlier
-  tiny-knn folder of the same kind, never the current folder or one above it; no output goes inside an
-  input's shard folder or matches its shard pattern.
+- `check_output_path`: a file output (and any file its format writes beside it) may replace any regular file
+  except an input (compared by device and inode, so `..`, symbolic and hard links are caught); a folder output
+  (npy) may replace only an earlier tiny-knn folder of the same kind, never the current folder or one above
+  it; no output goes inside an input's shard folder or matches its shard pattern.
 - `OutputLock`: an exclusive `flock` on `OUT.lock` beside the output for the whole run, so a second run on the
   same output stops at once. A killed run may leave the file, never a held lock (flock dies with its process).
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .checkpoint import CHECKPOINT_SUFFIX, checkpoint_folder
 from .errors import OutputError
+from .results import beside_output
 from .sources import Source
 
 try:
@@ -79,6 +80,9 @@ def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str =
         _check_replaceable_folder(path, folder_kind)
     else:
         _check_regular(path, "output path")
+    for beside in beside_output(path, fmt):  # the scores of an ivecs ground truth
+        _check_not_among_inputs(beside, inputs, "scores file")
+        _check_regular(beside, "scores file")
     for beside, what in ((path + LOCK_SUFFIX, "lock file"), (checkpoint_folder(path), "checkpoint")):
         _check_not_among_inputs(beside, inputs, what)
     check_lock_file(path + LOCK_SUFFIX)

@@ -9,7 +9,9 @@ ever runs, no data is loaded; a tensor, or a dict holding one 2-D tensor, or `fi
 `.safetensors` (`file.safetensors:key` when it holds several tensors), `.fvecs` and `.bvecs`, and a directory
 or glob of such shards, concatenated in natural sort order with global row numbers. HDF5 (`file.h5:dataset`,
 needs h5py) is read the same way when its dataset is contiguous and uncompressed, else by slices through
-h5py. Readers know nothing of devices.
+h5py. Arrow IPC files (`file.arrow:column`, file or stream format, needs pyarrow) are read the same way too,
+each record batch's values where they lie, when the column is a list of floats of one length; parquet
+(`file.parquet:column`) is decoded a row group at a time. Readers know nothing of devices.
 """
 
 from __future__ import annotations
@@ -24,29 +26,44 @@ import os
 import pickle
 import re
 import stat
+import threading
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import InputChangedError, InputFileError, InvalidInputError, first_sentence
+from .errors import InputChangedError, InputFileError, InvalidInputError, TinyKnnError, first_sentence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HDF5_SUFFIXES = (".h5", ".hdf5")
-SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs", *HDF5_SUFFIXES)
+SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs", *HDF5_SUFFIXES, ".parquet", ".arrow")
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64,
 }  # fmt: skip
 # How each dtype lies in a file (numpy has no bfloat16: its bits)
 _STORED = {
     torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.uint8: np.uint8,
-    torch.float64: np.float64, torch.int64: np.int64,
+    torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
 }  # fmt: skip
+# Rows of a parquet row group decoded at a time.
+_PARQUET_BATCH_ROWS = 256
+# The .fvecs family: each row is an int32 dim, then dim values of this dtype.
+_VECS_DTYPES = {".fvecs": torch.float32, ".bvecs": torch.uint8, ".ivecs": torch.int32}
+
+
+def import_pyarrow(label: str, error: type[TinyKnnError] = InputFileError) -> tuple[Any, Any]:
+    """pyarrow and pyarrow.parquet (an optional extra), or `error`: "{label} needs pyarrow: pip install ..."."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise error(f"{label} needs pyarrow: pip install 'tiny-knn[parquet]'") from None
+    return pa, pq
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -153,11 +170,15 @@ class FileSource(Source):
     """One file whose values lie at a known `Layout`, read with pread: a file that shrinks under the run is
     an InputChangedError, never a signal, and no page of it stays mapped."""
 
-    def __init__(self, spec: str, role: str, path: str, layout: Layout) -> None:
+    def __init__(self, spec: str, role: str, path: str, layout: Layout, *, opened: FileSource | None = None) -> None:
         super().__init__(spec, role)
         self.file, self.layout = path, layout
         self.rows, self.dim, self.dtype = layout.rows, layout.dim, layout.dtype
-        self._descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # Pieces of one file (an Arrow file's record batches) read through the first piece's descriptor.
+        self._opened = opened
+        self._descriptor: int = (
+            opened._descriptor if opened else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        )
         self.size = os.fstat(self._descriptor).st_size
         self._mapped: torch.Tensor | None = None
         if layout.end > self.size:
@@ -168,7 +189,7 @@ class FileSource(Source):
 
     def __del__(self) -> None:
         descriptor = getattr(self, "_descriptor", None)
-        if descriptor is not None:
+        if descriptor is not None and self._opened is None:
             os.close(descriptor)
 
     def files(self) -> list[str]:
@@ -259,6 +280,15 @@ def changed_error(label: str, size: int, was: int) -> InputChangedError:
     return InputChangedError(f"{label} changed while it was being read ({size} bytes, was {was}); nothing was written")
 
 
+def read_failure(label: str, file: str, was: int, exc: BaseException) -> InputFileError:
+    """The error for a library's failed read of `file` (h5py's, pyarrow's): InputChangedError if the file is no
+    longer the `was` bytes it was when opened, else what the library said."""
+    size = os.path.getsize(file) if os.path.exists(file) else 0
+    if size != was:
+        return changed_error(label, size, was)
+    return InputFileError(f"{label}: cannot be read: {first_sentence(exc)}")
+
+
 def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
     """Raises InvalidInputError naming the first row of `block` (row `start` of its file) with NaN or Inf."""
     # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
@@ -298,10 +328,7 @@ class HDF5Source(Source):
         try:
             values: np.ndarray = self.dataset[where]
         except Exception as exc:  # h5py reports a failed read as OSError, or worse
-            size = os.path.getsize(self.file) if os.path.exists(self.file) else 0
-            if size != self.size:
-                raise changed_error(self.label(), size, self.size) from None
-            raise InputFileError(f"{self.label()}: cannot be read: {first_sentence(exc)}") from None
+            raise read_failure(self.label(), self.file, self.size, exc) from None
         return values
 
 
@@ -373,6 +400,100 @@ class ShardedSource(Source):
                 out[mine] = part
 
 
+class ParquetSource(Source):
+    """A list<float> or fixed_size_list<float> column of a parquet file, decoded a row group at a time (in small
+    batches, into an array of its own). The last group decoded is kept for the next read (the engine reads rows
+    in order), so memory is the budget plus one row group's values."""
+
+    def __init__(self, spec: str, role: str, path: str, parquet: Any, column: str, dtype: torch.dtype) -> None:
+        super().__init__(spec, role)
+        self.file, self.size = path, os.path.getsize(path)
+        self._parquet, self._column = parquet, column
+        metadata = parquet.metadata
+        self._starts = np.cumsum([0] + [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)])
+        self.rows, self.dtype = int(metadata.num_rows), dtype
+        self._kept: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()  # the engine's read-ahead thread and the main thread share the file
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
+        block = out[: stop - start]
+        for group in range(int(np.searchsorted(self._starts, start, side="right")) - 1, len(self._starts) - 1):
+            first, last = int(self._starts[group]), int(self._starts[group + 1])
+            if first >= stop:
+                break
+            lo, hi = max(start, first), min(stop, last)
+            if hi > lo:
+                _convert(torch.from_numpy(self._group(group)[lo - first : hi - first]), block[lo - start : hi - start])
+        if check:
+            _check_finite(block, start, self.label())
+
+    def read_rows(self, positions: torch.Tensor, out: torch.Tensor) -> None:
+        where = positions.numpy()
+        groups = np.searchsorted(self._starts, where, side="right") - 1
+        for group in np.unique(groups).tolist():
+            mine = np.flatnonzero(groups == group)
+            rows = self._group(group)[where[mine] - int(self._starts[group])]
+            out[torch.from_numpy(mine)] = torch.from_numpy(rows).to(out.dtype)
+
+    def first_values(self) -> np.ndarray:
+        """The values of the first row group that has rows (kept for the first read)."""
+        sizes = np.diff(self._starts)
+        return self._group(int(np.flatnonzero(sizes)[0]))
+
+    def _group(self, group: int) -> np.ndarray:
+        """Row group `group`'s values, (rows, dim) as stored."""
+        with self._lock:
+            if self._kept is None or self._kept[0] != group:
+                self._kept = None  # the last group's memory goes before the next one's comes
+                first, last = int(self._starts[group]), int(self._starts[group + 1])
+                values = np.empty((last - first, max(self.dim, 0)), dtype=_STORED[self.dtype])
+                at = first
+                try:
+                    # Decoded in small batches into an array of our own, on one thread: pyarrow then allocates
+                    # little at a time (a whole group decoded at once cost 40 MB more at 4 MB row groups).
+                    for batch in self._parquet.iter_batches(
+                        batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], columns=[self._column], use_threads=False
+                    ):
+                        piece = _list_values(batch.column(0), self.dim, self.label(), at)
+                        if self.dim < 0:  # the first look, for the dim of a list<float> column
+                            self.dim = piece.shape[1]
+                            values = np.empty((last - first, self.dim), dtype=piece.dtype)
+                        values[at - first : at - first + len(piece)] = piece
+                        at += len(piece)
+                except InvalidInputError:
+                    raise
+                except Exception as exc:  # pyarrow reports a failed read as several kinds of error
+                    raise read_failure(self.label(), self.file, self.size, exc) from None
+                self._kept = (group, values)
+            return self._kept[1]
+
+
+class ArrowSource(ShardedSource):
+    """A column of an Arrow IPC file whose record batches each hold their rows' values contiguous (see
+    _open_arrow): each batch is read with pread where its values lie, like a file of its own, all through one
+    descriptor. Nothing is decoded or copied on the way to the caller's buffer."""
+
+    def __init__(self, spec: str, role: str, path: str, layouts: list[Layout]) -> None:
+        first = FileSource(spec, role, path, layouts[0])
+        pieces = [FileSource(spec, role, path, layout, opened=first) for layout in layouts[1:]]
+        super().__init__(spec, role, [first, *pieces])
+        self.file = path
+
+    def label(self) -> str:
+        return f"{self.role} file '{self.path}'"
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor, check: bool = True) -> None:
+        super().read_into(start, stop, out, check=False)
+        if check:  # here, so that a bad row is named by its row in the file, not in its batch
+            _check_finite(out[: stop - start], start, self.label())
+
+
 def open_source(spec: str | os.PathLike[str], role: str) -> Source:
     """Opens a file, `file:key`, directory or glob of embeddings, after every cheap check (headers only).
 
@@ -393,26 +514,51 @@ def open_source(spec: str | os.PathLike[str], role: str) -> Source:
         if not files:
             raise InputFileError(f"{role} pattern '{spec}': matches no files")
         return _sharded(spec, role, files)
-    path, key = spec, None
-    if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
-        path, key = spec.rsplit(":", 1)
+    path, key = split_key(spec)
     return _open_file(spec, path, key, role)
 
 
-def _open_file(spec: str, path: str, key: str | None, role: str) -> Source:
+def split_key(spec: str) -> tuple[str, str | None]:
+    """`file:key` as (file, key) where `file` exists and `file:key` does not; any other spec as (spec, None)."""
+    if not os.path.exists(spec) and ":" in spec and os.path.isfile(spec.rsplit(":", 1)[0]):
+        path, key = spec.rsplit(":", 1)
+        return path, key
+    return spec, None
+
+
+def open_array(path: str, key: str | None, role: str, dtypes: tuple[torch.dtype, ...]) -> Source:
+    """A 2-D array of one of `dtypes` that is not embeddings (a result's indices or scores): `path` is a
+    .npy, .pt (`key` names a tensor of its dict), .ivecs or .fvecs file, read like any source (headers only,
+    then pread). Its values are the caller's to check: read it with `check=False`.
+
+    Raises:
+        InputFileError: the file is missing or unreadable.
+        InvalidInputError: it is corrupt, lacks `key`, or holds an array of another shape or dtype.
+    """
+    return _open_file(path if key is None else f"{path}:{key}", path, key, role, dtypes)
+
+
+def _open_file(
+    spec: str, path: str, key: str | None, role: str, dtypes: tuple[torch.dtype, ...] | None = None
+) -> Source:
     label = f"{role} file '{spec}'"
     _check_regular_file(path, label)
     suffix = os.path.splitext(path)[1].lower()
     if suffix in HDF5_SUFFIXES:
         return _open_hdf5(spec, path, key, role, label)
-    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    if suffix == ".parquet":
+        return _open_parquet(spec, path, key, role, label)
+    if suffix == ".arrow":
+        return _open_arrow(spec, path, key, role, label)
+    allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES if dtypes is None else dtypes
     if suffix == ".npy":
-        found = _npy_values(path, label)
+        found = _npy_values(path, label, allowed)
     elif suffix == ".safetensors":
         found = _safetensors_values(path, key, label)
-    elif suffix in (".fvecs", ".bvecs"):
-        found = _vecs_values(path, label, byte_values=suffix == ".bvecs")
-        allowed = (*SUPPORTED_DTYPES, torch.uint8)
+    elif suffix in _VECS_DTYPES:
+        found = _vecs_values(path, label, suffix)
+        if dtypes is None:  # bytes of .bvecs become floats as they are read
+            allowed = (*SUPPORTED_DTYPES, torch.uint8)
     else:
         found = _pt_values(path, key, label)
     _check_matrix(found.shape, found.dtype, label, allowed)
@@ -477,10 +623,16 @@ def _check_matrix(shape: tuple[int, ...], dtype: torch.dtype, label: str, allowe
             + ("; reshape it with .reshape(-1, dim)" if len(shape) > 0 else "")
         )
     if dtype not in allowed:
-        hint = " (convert with .float())" if dtype.is_floating_point else ""
-        raise InvalidInputError(f"{label}: dtype {dtype_name(dtype)}, expected float32, float16 or bfloat16{hint}")
+        hint = " (convert with .float())" if dtype.is_floating_point and allowed == SUPPORTED_DTYPES else ""
+        raise InvalidInputError(f"{label}: dtype {dtype_name(dtype)}, expected {_one_of(allowed)}{hint}")
     if 0 in shape:
         raise InvalidInputError(f"{label}: tensor has shape {shape}, expected at least one row and column")
+
+
+def _one_of(dtypes: tuple[torch.dtype, ...]) -> str:
+    """'float32, float16 or bfloat16'."""
+    names = [dtype_name(dtype) for dtype in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
@@ -515,17 +667,18 @@ def _quietly_from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _npy_values(path: str, label: str) -> _Values:
+def _npy_values(path: str, label: str, allowed: tuple[torch.dtype, ...]) -> _Values:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no value is read
     except Exception as exc:  # a damaged header makes numpy raise anything (SyntaxError, TokenError, ...)
         raise InvalidInputError(
             f"{label}: not a readable .npy file (truncated or corrupt?): {first_sentence(exc)}"
         ) from None
-    if array.dtype not in (np.float32, np.float16):
-        hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" else ""
-        raise InvalidInputError(f"{label}: dtype {array.dtype}, expected float32 or float16{hint}")
-    dtype = torch.float32 if array.dtype == np.float32 else torch.float16
+    stored = [dtype for dtype in allowed if dtype != torch.bfloat16]  # numpy has no bfloat16
+    dtype = next((dtype for dtype in stored if array.dtype == _STORED[dtype]), None)
+    if dtype is None:
+        hint = " (convert with .astype(np.float32))" if array.dtype.kind == "f" and torch.float32 in stored else ""
+        raise InvalidInputError(f"{label}: dtype {array.dtype}, expected {_one_of(tuple(stored))}{hint}")
     offset = array.offset if isinstance(array, np.memmap) else 0
     return _Values(tuple(array.shape), dtype, offset, tuple(array.strides))
 
@@ -617,6 +770,162 @@ def _open_hdf5(spec: str, path: str, key: str | None, role: str, label: str) -> 
         ) from None
 
 
+def _open_parquet(spec: str, path: str, key: str | None, role: str, label: str) -> Source:
+    """A parquet file's column of embeddings (`file.parquet:column`, or its only list-of-floats column)."""
+    _, pq = import_pyarrow(f"{label}: reading parquet")
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    except Exception as exc:  # pyarrow reports a damaged file as several kinds of error
+        raise InvalidInputError(
+            f"{label}: not a readable parquet file (truncated or corrupt?): {first_sentence(exc)}"
+        ) from None
+    column, dtype, dim = _embedding_column(schema, key, label)
+    source = ParquetSource(spec, role, path, parquet, column, dtype)
+    source.dim = -1 if dim is None else dim  # -1: the first row's length, which every row must share
+    if dim is None and source.rows:
+        source.dim = int(source.first_values().shape[1])
+    _check_matrix((source.rows, max(source.dim, 0)), dtype, label, SUPPORTED_DTYPES)
+    return source
+
+
+def _open_arrow(spec: str, path: str, key: str | None, role: str, label: str) -> Source:
+    """An Arrow IPC file's column of embeddings (the file or the stream format, which Hugging Face datasets caches
+    in): its record batches are found through a memory map of the file, and each batch's values, which lie
+    uncompressed and contiguous in the file when every row has the same length, become a Layout."""
+    pa, _ = import_pyarrow(f"{label}: reading Arrow")
+    layouts: list[Layout] = []
+    try:
+        with pa.memory_map(path) as mapped:
+            whole = mapped.read_buffer()  # the whole file, mapped: where each batch's values lie is their offset
+            mapped.seek(0)
+            schema, batches = _ipc_batches(pa, mapped)
+            column, dtype, dim = _embedding_column(schema, key, label)
+            index = schema.get_field_index(column)
+            first_row = 0
+            for batch in batches:
+                array = batch.column(index)
+                if len(array) == 0:
+                    continue
+                values = _list_values(array, -1 if dim is None else dim, label, first_row)
+                dim = int(values.shape[1])
+                offset = values.ctypes.data - whole.address
+                if not 0 <= offset <= whole.size - values.nbytes:  # decompressed into memory: not in the file
+                    raise InvalidInputError(
+                        f"{label}: its record batches are compressed; expected an uncompressed Arrow IPC file "
+                        "(write it without compression, or as parquet)"
+                    )
+                layouts.append(Layout.row_major(offset, len(array), dim, dtype))
+                first_row += len(array)
+    except (InvalidInputError, InputFileError):
+        raise
+    except Exception as exc:  # pyarrow reports a damaged file as several kinds of error
+        raise InvalidInputError(
+            f"{label}: not a readable Arrow IPC file (truncated or corrupt?): {first_sentence(exc)}"
+        ) from None
+    rows = sum(layout.rows for layout in layouts)
+    _check_matrix((rows, dim or 0), dtype, label, SUPPORTED_DTYPES)
+    return FileSource(spec, role, path, layouts[0]) if len(layouts) == 1 else ArrowSource(spec, role, path, layouts)
+
+
+def _ipc_batches(pa: Any, mapped: Any) -> tuple[Any, Iterator[Any]]:
+    """The schema and record batches of an Arrow IPC file in the file format (it starts with ARROW1) or the
+    stream format."""
+    file_format = mapped.read(6) == b"ARROW1"
+    mapped.seek(0)
+    if file_format:
+        reader = pa.ipc.open_file(mapped)
+        return reader.schema, (reader.get_batch(index) for index in range(reader.num_record_batches))
+    stream = pa.ipc.open_stream(mapped)
+    return stream.schema, iter(stream)
+
+
+# Arrow's float types that hold embeddings, by their name in a schema.
+_ARROW_FLOATS = {"float": torch.float32, "halffloat": torch.float16}
+
+
+def _embedding_column(schema: Any, key: str | None, label: str) -> tuple[str, torch.dtype, int | None]:
+    """The column of embeddings in a parquet or Arrow schema (`key`, or its only list-of-floats column), its
+    dtype, and its dim where its type fixes one (fixed_size_list)."""
+    import pyarrow as pa
+
+    def is_list(kind: Any) -> bool:
+        return bool(pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
+
+    if key is None:
+        float_lists = [
+            field.name for field in schema if is_list(field.type) and pa.types.is_floating(field.type.value_type)
+        ]
+        if len(float_lists) != 1:
+            raise InvalidInputError(
+                f"{label}: holds {len(float_lists)} columns of float lists, expected exactly one; name one as "
+                f"FILE:COLUMN (columns: {_keys(dict.fromkeys(schema.names))})"
+            )
+        key = float_lists[0]
+    if key not in schema.names:
+        raise InvalidInputError(f"{label}: no column named {key!r}; it holds {_keys(dict.fromkeys(schema.names))}")
+    kind = schema.field(key).type
+    if not is_list(kind) or str(kind.value_type) not in _ARROW_FLOATS:
+        raise InvalidInputError(
+            f"{label}: column {key!r} is {kind}, expected a list<float> or fixed_size_list<float> (float32 or "
+            "float16) of embeddings" + ("; cast it to float32" if is_list(kind) else "")
+        )
+    dim = int(kind.list_size) if pa.types.is_fixed_size_list(kind) else None
+    return key, _ARROW_FLOATS[str(kind.value_type)], dim
+
+
+def _list_values(column: Any, dim: int, label: str, first_row: int) -> np.ndarray:
+    """A list column's values as a (rows, dim) array, without a copy where pyarrow allows; refuses null rows,
+    null values and rows of another length than `dim` (any, when -1), naming the first (`first_row` is the
+    file's number of the column's row 0)."""
+    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if array.null_count:
+        bad = int(np.flatnonzero(~array.is_valid().to_numpy(zero_copy_only=False))[0])
+        raise InvalidInputError(f"{label}: row {first_row + bad} is null; expected a list of floats in every row")
+    lengths = array.value_lengths().to_numpy(zero_copy_only=False)
+    dim = int(lengths[0]) if dim < 0 and lengths.size else dim
+    wrong = np.flatnonzero(lengths != dim)
+    if wrong.size:
+        bad = int(wrong[0])
+        raise InvalidInputError(
+            f"{label}: row {first_row + bad} holds {int(lengths[bad])} values, expected {dim} like the first row"
+        )
+    values = array.flatten()
+    if values.null_count:
+        bad = int(np.flatnonzero(~values.is_valid().to_numpy(zero_copy_only=False))[0]) // max(dim, 1)
+        raise InvalidInputError(f"{label}: row {first_row + bad} holds a null value; expected floats")
+    stored: np.ndarray = values.to_numpy(zero_copy_only=False)
+    return stored.reshape(len(array), dim)
+
+
+def read_column(path: str, column: str, label: str) -> list[str]:
+    """A column of a parquet or Arrow file as strings (ids kept beside the embeddings, `FILE.parquet:id`).
+
+    Raises:
+        InputFileError: pyarrow is missing, or the file cannot be read.
+        InvalidInputError: no such column, or a null in it.
+    """
+    pa, pq = import_pyarrow(f"{label}: reading {'parquet' if path.lower().endswith('.parquet') else 'Arrow'}")
+    try:
+        if path.lower().endswith(".parquet"):
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, columns=[column]) if column in names else None
+        else:
+            with pa.memory_map(path) as mapped:
+                schema, batches = _ipc_batches(pa, mapped)
+                names = schema.names
+                table = pa.Table.from_batches(batches, schema).select([column]) if column in names else None
+    except Exception as exc:  # pyarrow reports a damaged file as several kinds of error
+        raise InputFileError(f"{label}: cannot be read: {first_sentence(exc)}") from None
+    if table is None:
+        raise InvalidInputError(f"{label}: no column named {column!r}; it holds {_keys(dict.fromkeys(names))}")
+    values = table.column(0)
+    if values.null_count:
+        bad = int(np.flatnonzero(~values.is_valid().to_numpy(zero_copy_only=False))[0])
+        raise InvalidInputError(f"{label}: row {bad} is null; expected an id in every row")
+    return [str(value) for value in values.to_pylist()]
+
+
 def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
     """Raises InvalidInputError unless a numpy-typed array is 2-D, non-empty, float32 or float16."""
     if len(shape) != 2:
@@ -628,23 +937,23 @@ def _check_array(shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
         raise InvalidInputError(f"{label}: dataset has shape {tuple(shape)}, expected at least one row and column")
 
 
-def _vecs_values(path: str, label: str, *, byte_values: bool) -> _Values:
-    """.fvecs / .bvecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
+def _vecs_values(path: str, label: str, suffix: str) -> _Values:
+    """.fvecs / .bvecs / .ivecs (the ANN benchmark formats): each row is an int32 dim, then dim values."""
     size = os.path.getsize(path)
+    dtype = _VECS_DTYPES[suffix]
+    value_bytes = np.dtype(_STORED[dtype]).itemsize
     with open(path, "rb") as stream:
         dim = int.from_bytes(stream.read(4), "little", signed=True)
-        value_bytes = 1 if byte_values else 4
         row_bytes = 4 + dim * value_bytes
         if dim <= 0 or size % row_bytes:
             raise InvalidInputError(
                 f"{label}: file size {size} is not a whole number of rows of dim {dim}; truncated or not a "
-                f"{'b' if byte_values else 'f'}vecs file"
+                f"{suffix.lstrip('.')} file"
             )
         stream.seek(size - row_bytes)
         last_dim = int.from_bytes(stream.read(4), "little", signed=True)
     if last_dim != dim:
         raise InvalidInputError(f"{label}: the last row declares dim {last_dim}, the first {dim}; not a vecs file")
-    dtype = torch.uint8 if byte_values else torch.float32
     return _Values((size // row_bytes, dim), dtype, 4, (row_bytes, value_bytes))
 
 
