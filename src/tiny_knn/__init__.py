@@ -4,6 +4,8 @@ Public API:
     compute_topk(q_path, d_path, k=2000, force_cpu=False, out_path=None, ...) -> path of the result file
     search(queries, docs, k, *, metric="ip", exclude_self=False, device=None, ...) -> (scores, indices),
         in memory, from tensors, numpy arrays or paths
+    range_search(queries, docs, threshold, *, metric="ip", k=None, ...) -> (offsets, indices, scores), every
+        pair within the radius, in memory, in CSR form
     TinyKnnError and its subclasses InvalidInputError, InputFileError, OutputError, MemoryBudgetError
     TinyKnnWarning
 
@@ -18,7 +20,7 @@ Example:
     [[0], [1]]
 """
 
-from .api import Embeddings, __version__, compute_topk, search
+from .api import Embeddings, __version__, compute_topk, range_search, search
 from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError, TinyKnnWarning
 
 __all__ = [
@@ -31,5 +33,6 @@ __all__ = [
     "TinyKnnWarning",
     "__version__",
     "compute_topk",
+    "range_search",
     "search",
 ]

@@ -10,7 +10,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from . import distributed, results, safety
+from . import distributed, range_output, ranges, results, safety
 from .checkpoint import open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
@@ -109,6 +109,67 @@ def search(
     plan = plan_search(query_source, doc_source, k, options)
     scores, indices, _ = run_search(query_source, doc_source, plan, progress, excluded=excluded)
     return scores, indices
+
+
+def range_search(
+    queries: Embeddings,
+    docs: Embeddings,
+    threshold: float,
+    *,
+    metric: str = DEFAULT_METRIC,
+    k: int | None = None,
+    exclude_self: bool = False,
+    max_memory: int | str | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    exclude_pairs: Pairs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (query, doc) pair within a radius, in memory (small cases; `tiny-knn --min-score` streams to disk).
+
+    A pair is in iff its exact score (tiny-knn's one definition, as `compute_topk`'s) is >= float32(threshold) for
+    "ip" and "cosine", or its squared distance is <= float32(threshold) for "l2". Runs on the CPU with the compiled
+    kernel; no pair in the radius is ever missed.
+
+    Args:
+        queries, docs, metric, exclude_self, max_memory, batch_size, chunk_size, progress, exclude_pairs: as for
+            `search`.
+        threshold: the radius: the lowest score (ip, cosine) or the largest squared distance (l2) returned.
+        k: at most this many pairs per query, the best ones (ties to the lower doc); default: all of them.
+
+    Returns:
+        (offsets int64 (Q + 1,), indices int64 (P,), scores float32 (P,)), in CSR form: query q's docs are
+        indices[offsets[q]:offsets[q + 1]], in ascending doc order, with their scores (distances for l2).
+
+    Example:
+        >>> import torch
+        >>> from tiny_knn import range_search
+        >>> docs = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+        >>> offsets, indices, scores = range_search(torch.tensor([[1.0, 0.0]]), docs, 1.0)
+        >>> offsets.tolist(), indices.tolist(), scores.tolist()
+        ([0, 2], [1, 2], [1.0, 2.0])
+    """
+    query_source = _as_source(queries, "queries")
+    doc_source = _as_source(docs, "docs")
+    options = SearchOptions(
+        force_cpu=True,
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        metric=metric,
+        exclude_self=exclude_self,
+    )
+    excluded = None
+    if exclude_pairs is not None:
+        excluded = (
+            exclusions_from_array(exclude_pairs, query_source.rows, doc_source.rows)
+            if isinstance(exclude_pairs, (torch.Tensor, np.ndarray))
+            else read_exclusions(os.fspath(exclude_pairs), query_source.rows, doc_source.rows)
+        )
+    plan = ranges.plan_ranges(query_source, doc_source, threshold, options, cap=k)
+    sink = range_output.MemorySink()
+    ranges.run_ranges(query_source, doc_source, plan, sink, progress, excluded)
+    return sink.result()
 
 
 def compute_topk(

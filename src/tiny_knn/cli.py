@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
         "interrupted, the same command continues where it stopped. The output never replaces an input, nor a "
         "folder tiny-knn did not write; while a run writes OUT it holds OUT.lock, and a second run on the same "
-        "OUT stops at once. Other command: 'tiny-knn demo --help' "
+        "OUT stops at once. Range mode: --min-score T (ip, cosine) or --max-distance T (l2) returns every pair within "
+        "the radius (--k, only when given, keeps at most k per query, the best), as parquet rows query, doc, score or "
+        "an npy folder in CSR form. Other commands: 'tiny-knn dedup --help' de-duplicates a corpus (every pair within "
+        "a threshold, joined into groups); 'tiny-knn demo --help' "
         "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
         "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
         "TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator (which product picks the pairs "
@@ -87,7 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
         "or a directory/glob of shards",
     )
     parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
-    parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
+    parser.add_argument(
+        "--k",
+        type=_positive_int,
+        help=f"neighbours per query (clamped to D; default: {DEFAULT_K}); in range mode only when given: at most k "
+        "pairs per query, the best",
+    )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="T",
+        help="range mode (ip, cosine): every pair whose exact score is >= T (T rounded to float32 first), each "
+        "query's in ascending doc order; parquet or npy (CSR: offsets, indices, scores) output; runs on the CPU",
+    )
+    parser.add_argument(
+        "--max-distance",
+        type=float,
+        metavar="T",
+        help="range mode (l2): every pair whose exact squared distance is <= T, as --min-score",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument(
         "--metric",
@@ -165,12 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = argv[:1] == ["dedup"]
+    if command:
+        from .dedup import build_parser as dedup_parser
+        from .dedup import run as run_dedup
+
+        args = dedup_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     _show_notes(quiet=args.quiet)
     with warnings.catch_warnings(), _sigterm_raises():
         warnings.simplefilter("ignore" if args.quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
+        if command:
+            return _run_reporting_errors(lambda: run_dedup(args))
         options = _search_options(args)
+        if args.min_score is not None or args.max_distance is not None:
+            from .range_output import run_command
+
+            return _run_reporting_errors(lambda: run_command(args, options))
+        args.k = DEFAULT_K if args.k is None else args.k
         if args.dry_run:
             return _run_reporting_errors(lambda: _describe_plan(args, options))
         return _run_reporting_errors(
