@@ -31,6 +31,7 @@ from .errors import InvalidInputError, OutputError, output_error
 from .options import SearchOptions
 from .plan import format_bytes, parse_size
 from .range_output import (
+    PARQUET_ROWS,
     RANGE_FORMATS,
     open_checkpoint_folder,
     range_format,
@@ -369,9 +370,9 @@ def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.nda
         pa, pq = results._pyarrow(temporary)
         schema = pa.schema([("row", pa.int64()), ("group", pa.int64()), ("representative", pa.int64())])
         schema = schema.with_metadata({"tiny_knn": json.dumps(meta)})
-        with pq.ParquetWriter(temporary, schema) as writer:
-            for start in range(0, max(1, group.size), PIECE_ROWS):
-                stop = min(start + PIECE_ROWS, group.size)
+        with pq.ParquetWriter(temporary, schema, use_dictionary=False) as writer:  # see range_output.PARQUET_ROWS
+            for start in range(0, max(1, group.size), PARQUET_ROWS):
+                stop = min(start + PARQUET_ROWS, group.size)
                 columns = [np.arange(start, stop, dtype=np.int64), group[start:stop], representative[start:stop]]
                 writer.write_table(pa.table(dict(zip(("row", "group", "representative"), columns, strict=True)),
                                             schema=schema))  # fmt: skip

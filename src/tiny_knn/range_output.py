@@ -52,6 +52,10 @@ RANGE_FORMATS = ("parquet", "npy")
 KIND = "range"
 # Pairs copied at a time when segments are merged or written out.
 COPY_PAIRS = 1 << 20
+# Rows of a parquet row group: pyarrow holds a row group's columns, encoded, until it is written, and a dictionary
+# per column while it encodes one, so only the query column (a few values per row group) is dictionary-encoded:
+# with every column's, writing 6 M pairs took 60 MB more anonymous memory (tests/test_ranges.py's memory test).
+PARQUET_ROWS = 1 << 17
 _ARRAYS = (("counts", np.int64), ("docs", np.int64), ("scores", np.float32))
 _ENTRY = re.compile(r"manifest\.json(\.tmp)?|(segment-\d+|run-\d+-\d+)\.(counts|docs|scores)\.npy(\.tmp)?")
 
@@ -543,11 +547,11 @@ def _write_range_parquet(path: str, store: RangeCheckpoint, meta: dict[str, Any]
     schema = pa.schema(
         [("query", results._id_type(pa, lookup_q)), ("doc", results._id_type(pa, lookup_d)), ("score", pa.float32())]
     ).with_metadata({"tiny_knn": json.dumps(meta)})
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(path, schema, use_dictionary=["query"]) as writer:
         for start, _, counts, docs, scores in store.segment_arrays():
             offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-            for lo in range(0, docs.size, COPY_PAIRS):
-                hi = min(lo + COPY_PAIRS, docs.size)
+            for lo in range(0, docs.size, PARQUET_ROWS):
+                hi = min(lo + PARQUET_ROWS, docs.size)
                 queries = start + np.searchsorted(offsets, np.arange(lo, hi, dtype=np.int64), side="right") - 1
                 piece_docs = np.asarray(docs[lo:hi])
                 table = pa.table(
