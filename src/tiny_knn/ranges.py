@@ -268,7 +268,10 @@ def _sizes(
             batch = min(options.batch_size, queries)
             break
         fixed = cost(0, block, chunk)
-        batch = min(queries, max(0, (budget - fixed) // (cost(1, block, chunk) - fixed)))
+        per_row = -(-(cost(ROW_ALIGN, block, chunk) - fixed) // ROW_ALIGN)  # query rows are held in aligned blocks
+        batch = min(queries, max(0, (budget - fixed) // per_row))
+        while batch >= 1 and cost(batch, block, chunk) > budget:
+            batch -= 1
         if batch >= 1:
             break
         if block <= ROW_ALIGN and (options.chunk_size or chunk <= COL_ALIGN):
