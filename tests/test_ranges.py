@@ -341,7 +341,7 @@ def test_ids_a_cap_and_no_pairs(corpus, capsys) -> None:  # type: ignore[no-unty
     ("extra", "message"),
     [
         (["--min-score", "1", "--output-path", "out.pt"], "a .pt result's arrays are fixed-shape"),
-        (["--min-score", "1", "--format", "trec"], "format 'trec' in range mode"),
+        (["--min-score", "1", "--format", "trec"], "format 'trec': a range search writes parquet or an npy folder"),
         (["--min-score", "1", "--metric", "l2"], "with --metric l2 give --max-distance"),
         (["--max-distance", "1"], "--max-distance is a squared distance for --metric l2"),
         (["--min-score", "1", "--max-distance", "1", "--metric", "l2"], "not both"),
@@ -386,6 +386,34 @@ def test_a_checkpoint_of_another_run_is_refused(corpus, capsys) -> None:  # type
     assert "holds files tiny-knn did not write" in capsys.readouterr().err and checkpoint.exists()
     (checkpoint / "notes.txt").unlink()
     assert main([*argv, "--restart"]) == 0 and not checkpoint.exists()
+
+
+def test_a_resumed_checkpoint_drops_what_its_manifest_does_not_count_and_refuses_damage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = str(tmp_path / "out.parquet")
+    mark = {"inputs": "these"}
+
+    def batch(store: RangeCheckpoint, start: int, stop: int) -> None:
+        store.begin_batch(start, stop)
+        store.add(np.arange(start, stop), np.arange(start, stop) * 2, np.ones(stop - start, np.float32))
+        store.end_batch()
+
+    store = RangeCheckpoint.open(target, lambda: mark, 10, held_pairs=100, restart=False)
+    batch(store, 0, 4)
+    folder = Path(store.folder)
+    # A killed batch's leftovers: a spilled run, and a segment finished but not yet counted
+    (folder / "run-000000000004-000000.docs.npy").write_bytes(b"x")
+    (folder / "segment-000000000004.docs.npy").write_bytes(b"x")
+    store = RangeCheckpoint.open(target, lambda: mark, 10, held_pairs=100, restart=False)
+    assert store.done_rows == 4 and store.pairs == 4
+    assert sorted(os.listdir(folder)) == ["manifest.json"] + [f"segment-000000000000.{name}.npy"
+                                                              for name in ("counts", "docs", "scores")]  # fmt: skip
+    with pytest.raises(InvalidInputError, match="belongs to another run"):
+        RangeCheckpoint.open(target, lambda: {"inputs": "others"}, 10, held_pairs=100, restart=False)
+    docs = folder / "segment-000000000000.docs.npy"
+    docs.write_bytes(docs.read_bytes()[:-8])  # cut
+    with pytest.raises(OutputError, match=r"damaged .*docs.npy is .* bytes"):
+        RangeCheckpoint.open(target, lambda: mark, 10, held_pairs=100, restart=False)
+    assert RangeCheckpoint.open(target, lambda: mark, 10, held_pairs=100, restart=True).done_rows == 0
 
 
 def test_dry_run_estimates_the_pairs(corpus, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -304,8 +304,7 @@ def dedup_file(
     if distributed.current_job() is not None:
         raise InvalidInputError("tiny-knn dedup does not run under torchrun; run it as one process")
     queries, docs = open_source(embeddings, "queries"), open_source(embeddings, "docs")
-    plan = plan_ranges(queries, docs, threshold, options, triangle=True)
-    fmt = range_format(out_path, output_format)
+    fmt = range_format(out_path, output_format, writes="tiny-knn dedup")
     target = safety.output_path(out_path if out_path is not None else _default_path(embeddings, fmt))
     results.check_format(target, fmt)
     inputs = safety.Inputs.of([docs])
@@ -314,6 +313,7 @@ def dedup_file(
         if os.path.abspath(keep_list) == os.path.abspath(target):
             raise OutputError(f"keep list '{keep_list}' is the output path; choose another name")
         safety.check_output_path(keep_list, "keep-list", inputs)
+    plan = plan_ranges(queries, docs, threshold, options, triangle=True)
 
     def mark() -> dict[str, Any]:
         return {**fingerprint(queries, docs, plan.search), KIND: range_key(plan)}

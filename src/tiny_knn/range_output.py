@@ -65,16 +65,16 @@ log = logging.getLogger("tiny_knn")
 # ---- Formats and paths.
 
 
-def range_format(path: str | None, requested: str | None) -> str:
+def range_format(path: str | None, requested: str | None, writes: str = "a range search") -> str:
     """parquet or npy: as asked, else from the output path (`.parquet`: parquet; no suffix: an npy folder).
 
     Raises:
         InvalidInputError: another format (a .pt's arrays are fixed-shape; TREC runs are ranked lists).
     """
-    fixed = "a range search writes parquet (query, doc, score) or an npy folder in CSR form"
+    fixed = f"{writes} writes parquet or an npy folder"
     if requested is not None:
         if requested not in RANGE_FORMATS:
-            raise InvalidInputError(f"format {requested!r} in range mode: {fixed} (--format parquet or npy)")
+            raise InvalidInputError(f"format {requested!r}: {fixed} (--format parquet or npy)")
         return requested
     if path is None:
         return "parquet"
@@ -638,7 +638,6 @@ def compute_ranges(
     excluded: Exclusions | None = None
     if exclude_pairs is not None:
         excluded = read_exclusions(exclude_pairs, queries.rows, docs.rows, ids.get("query_ids"), ids.get("doc_ids"))
-    plan = plan_ranges(queries, docs, threshold, options, cap=k)
     fmt = range_format(out_path, output_format)
     target = safety.output_path(out_path if out_path is not None else default_range_path(q_path, d_path, fmt))
     results.check_format(target, fmt)
@@ -647,6 +646,7 @@ def compute_ranges(
         others.append((f"exclude-pairs file '{exclude_pairs}'", exclude_pairs))
     inputs = safety.Inputs.of([queries, docs], others)
     safety.check_output_path(target, fmt, inputs, folder_kind=KIND)
+    plan = plan_ranges(queries, docs, threshold, options, cap=k)
     extra = tuple(path for _, path in others)
 
     def mark() -> dict[str, Any]:
