@@ -416,6 +416,19 @@ def test_a_resumed_checkpoint_drops_what_its_manifest_does_not_count_and_refuses
     assert RangeCheckpoint.open(target, lambda: mark, 10, held_pairs=100, restart=True).done_rows == 0
 
 
+def test_a_nan_in_the_docs_is_one_line_and_leaves_nothing(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    docs = np.random.default_rng(1).standard_normal((5000, 8)).astype(np.float32)
+    docs[4321, 3] = np.nan
+    np.save(tmp_path / "d.npy", docs)
+    np.save(tmp_path / "q.npy", docs[:40])
+    argv = [str(tmp_path / "q.npy"), str(tmp_path / "d.npy"), "--min-score", "2", "--batch-size", "10", "--output-path",
+            str(tmp_path / "out.parquet")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "row 4321" in err and "NaN" in err and "deleted the checkpoint" in err
+    assert sorted(os.listdir(tmp_path)) == ["d.npy", "q.npy"]
+
+
 def test_dry_run_estimates_the_pairs(corpus, capsys) -> None:  # type: ignore[no-untyped-def]
     folder, queries, docs = corpus
     assert main([str(folder / "q.npy"), str(folder / "d.npy"), "--min-score", "5", "--dry-run", "--quiet"]) == 0
