@@ -114,6 +114,7 @@ def test_docstrings_run() -> None:
 def test_public_api_is_small() -> None:
     assert set(tiny_knn.__all__) == {
         "compute_topk",
+        "range_search",
         "TinyKnnError",
         "InvalidInputError",
         "InputFileError",

@@ -6,6 +6,8 @@ Public API:
     recall_at_k(run, truth, k=None) -> Recall: the recall of any result file against an exact one
     search(queries, docs, k, *, metric="ip", exclude_self=False, device=None, ...) -> (scores, indices),
         in memory, from tensors, numpy arrays or paths
+    range_search(queries, docs, threshold, *, metric="ip", k=None, ...) -> (offsets, indices, scores), every
+        pair within the radius, in memory, in CSR form
     TinyKnnError and its subclasses InvalidInputError, InputFileError, OutputError, MemoryBudgetError
     TinyKnnWarning
 
@@ -20,7 +22,7 @@ Example:
     [[0], [1]]
 """
 
-from .api import Embeddings, __version__, compute_topk, search
+from .api import Embeddings, __version__, compute_topk, range_search, search
 from .errors import InputFileError, InvalidInputError, MemoryBudgetError, OutputError, TinyKnnError, TinyKnnWarning
 from .merge import merge_results
 from .recall import recall_at_k
@@ -36,6 +38,7 @@ __all__ = [
     "__version__",
     "compute_topk",
     "merge_results",
+    "range_search",
     "recall_at_k",
     "search",
 ]

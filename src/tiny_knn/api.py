@@ -10,11 +10,12 @@ from typing import Union
 import numpy as np
 import torch
 
-from . import distributed, results, safety
+from . import distributed, range_output, ranges, results, safety
 from .checkpoint import content_fingerprint, open_checkpoint, reporting_stops
 from .errors import InvalidInputError
 from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.py, still importable from here
 from .exclusions import Exclusions, exclusions_from_array, read_exclusions
+from .inputs import Inputs, open_inputs
 from .metrics import DEFAULT_METRIC, higher_is_better
 from .options import DEFAULT_PRECISION, SearchOptions, plan_search
 from .plan import DEFAULT_K, Plan
@@ -109,6 +110,67 @@ def search(
     plan = plan_search(query_source, doc_source, k, options)
     scores, indices, _ = run_search(query_source, doc_source, plan, progress, excluded=excluded)
     return scores, indices
+
+
+def range_search(
+    queries: Embeddings,
+    docs: Embeddings,
+    threshold: float,
+    *,
+    metric: str = DEFAULT_METRIC,
+    k: int | None = None,
+    exclude_self: bool = False,
+    max_memory: int | str | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    exclude_pairs: Pairs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (query, doc) pair within a radius, in memory (small cases; `tiny-knn --min-score` streams to disk).
+
+    A pair is in iff its exact score (tiny-knn's one definition, as `compute_topk`'s) is >= float32(threshold) for
+    "ip" and "cosine", or its squared distance is <= float32(threshold) for "l2". Runs on the CPU with the compiled
+    kernel; no pair in the radius is ever missed.
+
+    Args:
+        queries, docs, metric, exclude_self, max_memory, batch_size, chunk_size, progress, exclude_pairs: as for
+            `search`.
+        threshold: the radius: the lowest score (ip, cosine) or the largest squared distance (l2) returned.
+        k: at most this many pairs per query, the best ones (ties to the lower doc); default: all of them.
+
+    Returns:
+        (offsets int64 (Q + 1,), indices int64 (P,), scores float32 (P,)), in CSR form: query q's docs are
+        indices[offsets[q]:offsets[q + 1]], in ascending doc order, with their scores (distances for l2).
+
+    Example:
+        >>> import torch
+        >>> from tiny_knn import range_search
+        >>> docs = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+        >>> offsets, indices, scores = range_search(torch.tensor([[1.0, 0.0]]), docs, 1.0)
+        >>> offsets.tolist(), indices.tolist(), scores.tolist()
+        ([0, 2], [1, 2], [1.0, 2.0])
+    """
+    query_source = _as_source(queries, "queries")
+    doc_source = _as_source(docs, "docs")
+    options = SearchOptions(
+        force_cpu=True,
+        max_memory=max_memory,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        metric=metric,
+        exclude_self=exclude_self,
+    )
+    excluded = None
+    if exclude_pairs is not None:
+        excluded = (
+            exclusions_from_array(exclude_pairs, query_source.rows, doc_source.rows)
+            if isinstance(exclude_pairs, (torch.Tensor, np.ndarray))
+            else read_exclusions(os.fspath(exclude_pairs), query_source.rows, doc_source.rows)
+        )
+    plan = ranges.plan_ranges(query_source, doc_source, threshold, options, cap=k)
+    sink = range_output.MemorySink()
+    ranges.run_ranges(query_source, doc_source, plan, sink, progress, excluded)
+    return sink.result()
 
 
 def compute_topk(
@@ -206,20 +268,17 @@ def compute_topk(
     id_paths = {role: os.fspath(path) for role, path in (("query", query_ids), ("doc", doc_ids)) if path is not None}
     pairs_path = None if exclude_pairs is None else os.fspath(exclude_pairs)
     prepared = prepare_search(q_path, d_path, k, options, id_paths, pairs_path)
-    queries, docs, plan, ids, excluded = prepared.queries, prepared.docs, prepared.plan, prepared.ids, prepared.excluded
+    opened, plan = prepared.inputs, prepared.plan
+    queries, docs, ids, excluded = opened.queries, opened.docs, opened.ids, opened.excluded
     fmt = results.output_format(None if out_path is None else os.fspath(out_path), output_format)
     target = safety.output_path(
         os.fspath(out_path) if out_path is not None else results.default_output_path(q_path, d_path, plan.k, fmt)
     )
     results.check_format(target, fmt, docs.rows)
-    # FILE.parquet:COLUMN reads FILE
-    others = [(f"{role} ids file '{path}'", results.ids_file(path)) for role, path in id_paths.items()]
-    if pairs_path is not None:
-        others.append((f"exclude-pairs file '{pairs_path}'", pairs_path))
-    inputs = safety.Inputs.of([queries, docs], others)
+    inputs = safety.Inputs.of([queries, docs], opened.others)
     safety.check_output_path(target, fmt, inputs)
     job = distributed.current_job()
-    extra = tuple(path for _, path in others)
+    extra = opened.other_files
     with safety.held(safety.OutputLock(target) if job is None or job.leader else None):
         found: Found | None
         if job is None:
@@ -284,19 +343,16 @@ def _search_alone(
 
 @dataclass(frozen=True)
 class Prepared:
-    """A search ready to run: both inputs open, the ids and excluded pairs read, the plan made."""
+    """A search ready to run: its inputs open and read (inputs.py), the plan made."""
 
-    queries: Source
-    docs: Source
+    inputs: Inputs
     plan: Plan
-    ids: dict[str, list[str]]  # "query_ids" and "doc_ids", where given
-    excluded: Exclusions | None
 
 
 def prepare(q_path: str, d_path: str, k: int, options: SearchOptions) -> tuple[Source, Source, Plan]:
     """Opens and checks both input files and the options, then plans. Does no search work."""
     prepared = prepare_search(q_path, d_path, k, options)
-    return prepared.queries, prepared.docs, prepared.plan
+    return prepared.inputs.queries, prepared.inputs.docs, prepared.plan
 
 
 def prepare_search(
@@ -309,25 +365,8 @@ def prepare_search(
 ) -> Prepared:
     """Opens and checks both input files, the ids files ({"query": path, "doc": path}), the excluded pairs and
     the options, then plans. Does no search work."""
-    queries = open_source(q_path, "queries")
-    docs = open_source(d_path, "docs")
-    if options.exclude_self and _identity(q_path) != _identity(d_path):
-        raise InvalidInputError(
-            f"exclude_self: {queries.label()} and {docs.label()} differ; expected the same file for both "
-            "(each query's own row is left out by index)"
-        )
-    rows = {"query": queries.rows, "doc": docs.rows}
-    ids = {f"{role}_ids": results.read_ids(path, rows[role], role) for role, path in (id_paths or {}).items()}
-    excluded = None
-    if exclude_pairs is not None:
-        excluded = read_exclusions(exclude_pairs, queries.rows, docs.rows, ids.get("query_ids"), ids.get("doc_ids"))
-    return Prepared(queries, docs, plan_search(queries, docs, k, options), ids, excluded)
-
-
-def _identity(spec: str) -> str:
-    """The same string for two specs naming the same file (or directory, glob, key)."""
-    path, colon, key = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
-    return os.path.realpath(path) + colon + key
+    opened = open_inputs(q_path, d_path, options.exclude_self, id_paths, exclude_pairs)
+    return Prepared(opened, plan_search(opened.queries, opened.docs, k, options))
 
 
 def _as_source(embeddings: Embeddings, role: str) -> Source:

@@ -71,16 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A run of several query batches keeps a checkpoint beside the output (OUT.checkpoint/); if it is "
         "interrupted, the same command continues where it stopped. The output never replaces an input, nor a "
         "folder tiny-knn did not write; while a run writes OUT it holds OUT.lock, and a second run on the same "
-        "OUT stops at once. Other commands: 'tiny-knn merge --help' makes one result of results over "
-        "consecutive slices of the docs; 'tiny-knn recall --help' measures a result against an exact one; "
-        "'tiny-knn demo --help' generates a synthetic corpus, searches it and verifies the answer. Exit codes: "
-        "0 success, 2 bad input or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated "
-        "(SIGTERM). Environment: TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator "
-        "(which product picks the pairs to score exactly; never the answer): by default each is timed on a sample "
-        "of the data at the first search of its kind and the fastest is kept in ~/.cache/tiny-knn "
-        "(TINY_KNN_CACHE_DIR), as --dry-run shows; TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the "
-        "compiled CPU kernel and the Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective "
-        "timeout (seconds); TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
+        "OUT stops at once. Range mode: --min-score T (ip, cosine) or --max-distance T (l2) returns every pair within "
+        "the radius (--k, only when given, keeps at most k per query, the best), as parquet rows query, doc, score or "
+        "an npy folder in CSR form. Other commands: 'tiny-knn dedup --help' de-duplicates a corpus (every pair within "
+        "a threshold, joined into groups); 'tiny-knn merge --help' makes one result of results over consecutive "
+        "slices of the docs; 'tiny-knn recall --help' measures a result against an exact one; 'tiny-knn demo --help' "
+        "generates a synthetic corpus, searches it and verifies the answer. Exit codes: 0 success, 2 bad input "
+        "or options, 1 unexpected failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Environment: "
+        "TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator (which product picks the pairs "
+        "to score exactly; never the answer): by default each is timed on a sample of the data at the first search "
+        "of its kind and the fastest is kept in ~/.cache/tiny-knn (TINY_KNN_CACHE_DIR), as --dry-run shows; "
+        "TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
+        "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
+        "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument(
@@ -91,7 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
         "directory/glob of shards",
     )
     parser.add_argument("docs", metavar="DOCS.pt", help="docs, in any of the same formats, with the same dim")
-    parser.add_argument("--k", type=_positive_int, default=DEFAULT_K, help="neighbours per query (clamped to D)")
+    parser.add_argument(
+        "--k",
+        type=_positive_int,
+        help=f"neighbours per query (clamped to D; default: {DEFAULT_K}); in range mode only when given: at most k "
+        "pairs per query, the best",
+    )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="T",
+        help="range mode (ip, cosine): every pair whose exact score is >= T (T rounded to float32 first), each "
+        "query's in ascending doc order; parquet or npy (CSR: offsets, indices, scores) output; runs on the CPU",
+    )
+    parser.add_argument(
+        "--max-distance",
+        type=float,
+        metavar="T",
+        help="range mode (l2): every pair whose exact squared distance is <= T, as --min-score",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument(
         "--metric",
@@ -228,8 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["recall"]:
         measuring = build_recall_parser().parse_args(argv[1:])
         return _run(False, lambda: recall_at_k(measuring.run, measuring.truth, measuring.k).describe())
+    if argv[:1] == ["dedup"]:
+        from .dedup import build_parser as dedup_parser
+        from .dedup import run as run_dedup
+
+        deduping = dedup_parser().parse_args(argv[1:])
+        return _run(deduping.quiet, lambda: run_dedup(deduping))
     args = build_parser().parse_args(argv)
     options = _search_options(args)
+    if args.min_score is not None or args.max_distance is not None:
+        from .range_output import run_command
+
+        return _run(args.quiet, lambda: run_command(args, options))
+    args.k = DEFAULT_K if args.k is None else args.k
     if args.dry_run:
         return _run(args.quiet, lambda: _describe_plan(args, options))
     return _run(
@@ -291,7 +323,8 @@ def _describe_plan(args: argparse.Namespace, options: SearchOptions) -> str:
     """The plan as text, without searching."""
     id_paths = {role: path for role, path in (("query", args.query_ids), ("doc", args.doc_ids)) if path is not None}
     prepared = prepare_search(args.queries, args.docs, args.k, options, id_paths, args.exclude_pairs)
-    queries, docs, plan, excluded = prepared.queries, prepared.docs, prepared.plan, prepared.excluded
+    opened, plan = prepared.inputs, prepared.plan
+    queries, docs, excluded = opened.queries, opened.docs, opened.excluded
     read = format_bytes(docs.nbytes * plan.doc_passes)
     pairs = []
     if excluded is not None:

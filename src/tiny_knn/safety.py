@@ -33,8 +33,13 @@ except ImportError:  # Windows: no flock, no lock
     fcntl = None  # type: ignore[assignment]
 
 LOCK_SUFFIX = ".lock"
-# What tiny-knn writes in a folder output, by the kind recorded in its meta.json ("topk" when absent).
-FOLDER_ENTRIES = {"topk": frozenset({"indices.npy", "scores.npy", "meta.json", "query_ids.txt", "doc_ids.txt"})}
+# What tiny-knn writes in a folder output, by the kind recorded in its meta.json ("topk" when absent): a top-k
+# result, a range search's pairs in CSR form (range_output.py), a de-duplication's groups (dedup.py).
+FOLDER_ENTRIES = {
+    "topk": frozenset({"indices.npy", "scores.npy", "meta.json", "query_ids.txt", "doc_ids.txt"}),
+    "range": frozenset({"offsets.npy", "indices.npy", "scores.npy", "meta.json", "query_ids.txt", "doc_ids.txt"}),
+    "dedup": frozenset({"group.npy", "representative.npy", "meta.json"}),
+}
 # Keys every tiny-knn meta.json holds.
 META_KEYS = frozenset({"queries_path", "docs_path", "k"})
 
@@ -136,6 +141,13 @@ def _check_replaceable_folder(path: str, kind: str) -> None:
     if not entries:
         return  # an empty folder: replacing it loses nothing
     if not _is_tiny_knn_folder(path, entries, kind):
+        other = next((found for found in FOLDER_ENTRIES if found != kind and _is_tiny_knn_folder(path, entries, found)),
+                     None)  # fmt: skip
+        if other is not None:
+            raise OutputError(
+                f"output path '{path}' holds a tiny-knn {other} result, not a {kind} one; name a new folder, or "
+                "delete it first"
+            )
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputError(
             f"output path '{path}' is a folder tiny-knn did not write (it holds {shown}); the npy format replaces "
