@@ -183,7 +183,7 @@ def estimates_only(name: str, queries: Any, docs: Any, chunk_rows: int = 4096) -
     never as the floor."""
     import torch
 
-    from tiny_knn.engine import _matmul_precision
+    from tiny_knn.engine import matmul_precision
     from tiny_knn.estimators import make_estimator
     from tiny_knn.topk import ThresholdTopK
 
@@ -191,7 +191,7 @@ def estimates_only(name: str, queries: Any, docs: Any, chunk_rows: int = 4096) -
     padded = torch.zeros((-(-queries.shape[0] // 16) * 16, queries.shape[1]))
     padded[: queries.shape[0]] = queries
     selector = ThresholdTopK(queries.shape[0], 1, start_thresholds=torch.full((queries.shape[0],), float("inf")))
-    with _matmul_precision(estimator.matmul_precision):
+    with matmul_precision(estimator.matmul_precision):
         start_time = time.perf_counter()
         operand = estimator.prepare(padded, query=True)
         for first, count, chunk, _ in _prepared_chunks(estimator, docs, chunk_rows):

@@ -204,7 +204,7 @@ class Checkpoint(MemoryStore):
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise output_error(f"checkpoint '{self.folder}': cannot be written: {exc.strerror or exc}", exc) from None
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
 
 
 _ARRAYS = (("scores.npy", np.float32), ("indices.npy", np.int64))
@@ -245,16 +245,16 @@ def open_checkpoint(
 @contextlib.contextmanager
 def reporting_stops(store: object, rows: int) -> Iterator[None]:
     """Says, when what runs inside stops, what became of the finished rows kept in the store's checkpoint (see
-    _report_stop)."""
+    report_stop)."""
     try:
         yield
     except BaseException as exc:
         if isinstance(store, Checkpoint):
-            _report_stop(store, rows, exc)
+            report_stop(store, rows, exc)
         raise
 
 
-def _report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
+def report_stop(checkpoint: Checkpoint, rows: int, exc: BaseException) -> None:
     """The truth about a checkpoint once a run stopped: deleted where no run can ever resume it (an input
     changed, or holds bad values that must be fixed first); else how many queries its manifest counts, and
     what to do to continue."""
@@ -461,7 +461,7 @@ def allocate(path: str) -> None:
             os.posix_fallocate(stream.fileno(), 0, size)
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     with contextlib.suppress(OSError):
         descriptor = os.open(folder, os.O_RDONLY)
         try:

@@ -170,7 +170,7 @@ class DedupCheckpoint:
         manifest = {"kind": KIND, "fingerprint": self.fingerprint, "done_rows": self.done_rows, "pairs": self.pairs}
         write_manifest(self.folder, manifest)
 
-    # What checkpoint._report_stop asks of a checkpoint
+    # What checkpoint.report_stop asks of a checkpoint
 
     def inputs_changed(self) -> str:
         try:
@@ -339,7 +339,7 @@ def dedup_file(
             _write_groups(target, fmt, group, representative, meta)
             if keep_list is not None:
                 keep = np.flatnonzero(representative == np.arange(representative.size))
-                results._atomically(keep_list, lambda temporary: _write_rows(temporary, keep))
+                results.write_atomically(keep_list, lambda temporary: _write_rows(temporary, keep))
         store.remove()
     if summary:
         print(
@@ -367,7 +367,7 @@ def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.nda
         return
 
     def write(temporary: str) -> None:
-        pa, pq = results._pyarrow(temporary)
+        pa, pq = results.output_pyarrow(temporary)
         schema = pa.schema([("row", pa.int64()), ("group", pa.int64()), ("representative", pa.int64())])
         schema = schema.with_metadata({"tiny_knn": json.dumps(meta)})
         with pq.ParquetWriter(temporary, schema, use_dictionary=False) as writer:  # see range_output.PARQUET_ROWS
@@ -377,7 +377,7 @@ def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.nda
                 writer.write_table(pa.table(dict(zip(("row", "group", "representative"), columns, strict=True)),
                                             schema=schema))  # fmt: skip
 
-    results._atomically(path, write)
+    results.write_atomically(path, write)
 
 
 def _write_rows(path: str, rows: np.ndarray) -> None:

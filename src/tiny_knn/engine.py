@@ -70,13 +70,13 @@ def search(
     memory halves the blocks and retries the current batch; the returned plan says which blocks were used.
     """
     store = store if store is not None else MemoryStore(queries.rows, plan.k)
-    with _matmul_precision("medium" if plan.estimator == "torch-bf16" else "highest"):
+    with matmul_precision("medium" if plan.estimator == "torch-bf16" else "highest"):
         plan = _search_batches(queries, docs, plan, on_docs_scored, store, excluded)
     return store.scores, store.indices, plan
 
 
 @contextlib.contextmanager
-def _matmul_precision(precision: str) -> Iterator[None]:
+def matmul_precision(precision: str) -> Iterator[None]:
     """torch's float32 matmul precision for the duration, whatever the caller had set globally: "highest" (no
     TF32, no bfloat16) for products whose values are keys or float32 estimates; "medium" for the torch-bf16
     estimator (bfloat16 products, summed in float32), whose bound covers it."""
@@ -196,10 +196,10 @@ def _screen(
             normalize(buffer[:count])
         return estimator.prepare(buffer, query=False, slot=slot), None, 0.0
 
-    for first_doc, doc_count, operand, _, _, _ in _host_chunks(docs, plan, prepare, check=False):
+    for first_doc, doc_count, operand, _, _, _ in host_chunks(docs, plan, prepare, check=False):
         if running.add_chunk(estimator, queries, operand, first_doc, doc_count):
-            _refuse_non_finite(docs, first_doc, doc_count, plan)
-        _scored(docs, first_doc, doc_count, on_docs_scored)
+            refuse_non_finite(docs, first_doc, doc_count, plan)
+        after_chunk(docs, first_doc, doc_count, on_docs_scored)
     return running
 
 
@@ -288,7 +288,7 @@ def _threshold_sample(docs: Source, plan: Plan) -> tuple[torch.Tensor, int]:
         if not np.isfinite(sample_docs.numpy().sum()):  # read_rows does not check
             bad = positions[~torch.isfinite(sample_docs).all(dim=1)]
             if bad.numel():  # name the first bad row in the file, which may lie before the sampled one
-                _refuse_non_finite(docs, 0, int(bad[0]) + 1, plan)
+                refuse_non_finite(docs, 0, int(bad[0]) + 1, plan)
     return sample_docs, threshold_sample_rank(docs.rows, plan.candidates, sample, plan.sample_sigmas)
 
 
@@ -460,11 +460,11 @@ def _search_rows(
                 if excluded is not None:
                     mask_excluded(tile[:block_rows, :real], excluded, block_start, first_doc + doc_lo)
                 running.add(tile[:block_rows, :real], block_start, first_doc + doc_lo)
-        _scored(docs, first_doc, doc_count, on_docs_scored)
+        after_chunk(docs, first_doc, doc_count, on_docs_scored)
     return running, largest_sq
 
 
-def _scored(docs: Source, first_doc: int, doc_count: int, on_docs_scored: ProgressCallback | None) -> None:
+def after_chunk(docs: Source, first_doc: int, doc_count: int, on_docs_scored: ProgressCallback | None) -> None:
     """After a chunk: progress, and the tests' pause."""
     if on_docs_scored is not None:
         on_docs_scored(doc_count)
@@ -485,7 +485,7 @@ def _pause_for_tests() -> None:
         time.sleep(0.01)
 
 
-def _refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan) -> None:
+def refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan) -> None:
     """Reads docs first_doc... again, checked: raises InvalidInputError naming the first row with NaN or Inf.
     Returns if there is none (finite docs whose keys overflowed float32)."""
     rows = torch.empty((min(doc_count, plan.doc_chunk_rows), docs.dim), dtype=plan.compute_dtype)
@@ -511,7 +511,7 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
         padded[:count] = offsets
         return buffer, padded, largest_sq
 
-    chunks = _host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=pieces)
+    chunks = host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=pieces)
     if not cuda:
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
         return
@@ -540,7 +540,7 @@ HostChunk = tuple[int, int, Any, torch.Tensor | None, float, "torch.cuda.Event |
 Prepare = Callable[[torch.Tensor, int, int], tuple[Any, torch.Tensor | None, float]]
 
 
-def _host_chunks(
+def host_chunks(
     docs: Source, plan: Plan, prepare: Prepare, check: bool = True, pinned: bool = False, pieces: int = 1
 ) -> Iterator[HostChunk]:
     """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of

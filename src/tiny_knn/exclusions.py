@@ -32,15 +32,18 @@ class Exclusions:
     @classmethod
     def from_pairs(cls, queries: np.ndarray, docs: np.ndarray, query_count: int) -> Exclusions:
         """From (query, doc) pairs in any order, repeats included."""
-        # One int64 per pair, (query, doc) in order: sorted, then repeats dropped
         span = int(docs.max(initial=0)) + 1
-        pairs = np.sort(queries.astype(np.int64) * span + docs)
-        if pairs.size:
-            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
-        queries, docs = pairs // span, pairs % span
+        return cls.from_keys(queries.astype(np.int64) * span + docs, span, query_count)
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, span: int, query_count: int) -> Exclusions:
+        """From pairs as one int64 each, query * span + doc (any order, repeats included; sorted in place)."""
+        keys.sort()
+        if keys.size:
+            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
         offsets = np.zeros(query_count + 1, dtype=np.int64)
-        np.cumsum(np.bincount(queries, minlength=query_count), out=offsets[1:])
-        return cls(offsets, docs.astype(np.int64, copy=False))
+        np.cumsum(np.bincount(keys // span, minlength=query_count), out=offsets[1:])
+        return cls(offsets, keys % span)
 
     def rows(self, rows: np.ndarray, first_doc: int = 0, doc_count: int | None = None) -> Exclusions:
         """The exclusions of the given queries (their order), with doc numbers relative to first_doc and only
@@ -159,7 +162,7 @@ def read_exclusions(
     label = f"exclude-pairs file '{path}'"
     query_lookup = None if query_ids is None else _Lookup(query_ids)
     doc_lookup = None if doc_ids is None else _Lookup(doc_ids)
-    queries, docs = [], []
+    keys = []  # a pair as one int64, query * doc_rows + doc: half the memory of two arrays while reading
     for first_line, block in _blocks(path, label):
         # Fields per line, vectorized over the block's bytes; the tokens by one C-level split (bytes objects
         # only: nothing for the garbage collector to walk).
@@ -180,14 +183,11 @@ def read_exclusions(
         first_token = (np.cumsum(widths) - widths)[used]
         query_at, doc_at = first_token, first_token + np.where(widths[used] == 2, 1, 2)
         numbers = first_line + used
-        queries.append(_rows([tokens[at] for at in query_at.tolist()], query_lookup, query_rows, "query", label,
-                             numbers))  # fmt: skip
-        docs.append(_rows([tokens[at] for at in doc_at.tolist()], doc_lookup, doc_rows, "doc", label, numbers))
-    return Exclusions.from_pairs(
-        np.concatenate(queries) if queries else np.empty(0, np.int64),
-        np.concatenate(docs) if docs else np.empty(0, np.int64),
-        query_rows,
-    )
+        block_keys = _rows([tokens[at] for at in query_at.tolist()], query_lookup, query_rows, "query", label, numbers)
+        block_keys *= doc_rows
+        block_keys += _rows([tokens[at] for at in doc_at.tolist()], doc_lookup, doc_rows, "doc", label, numbers)
+        keys.append(block_keys)
+    return Exclusions.from_keys(np.concatenate(keys) if keys else np.empty(0, np.int64), doc_rows, query_rows)
 
 
 def _blocks(path: str, label: str) -> Iterator[tuple[int, bytes]]:

@@ -35,12 +35,12 @@ from . import distributed, results, safety
 from .checkpoint import (
     CHECKPOINT_ENTRIES,
     MANIFEST,
-    _fsync_folder,
-    _report_stop,
     allocate,
     checkpoint_folder,
     difference,
     fingerprint,
+    fsync_folder,
+    report_stop,
 )
 from .errors import InvalidInputError, OutputError, output_error
 from .inputs import open_inputs
@@ -230,7 +230,7 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise output_error(f"checkpoint '{folder}': cannot be written: {exc.strerror or exc}", exc) from None
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def save_array(path: str, array: np.ndarray, durable: bool = True) -> None:
@@ -383,7 +383,7 @@ class RangeCheckpoint:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{prefix}.{name}.npy")
         self._runs = []
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
         self.segments.append((start, stop, pairs))
         self.done_rows = stop
         write_manifest(self.folder, self._manifest())
@@ -453,7 +453,7 @@ class RangeCheckpoint:
             scores = load_array(self._path(start, "scores"), np.float32, pairs)
             yield start, stop, counts, docs, scores
 
-    # What checkpoint._report_stop asks of a checkpoint
+    # What checkpoint.report_stop asks of a checkpoint
 
     def inputs_changed(self) -> str:
         try:
@@ -475,7 +475,7 @@ def reporting_stops(store: object, rows: int) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        _report_stop(cast(Any, store), rows, exc)
+        report_stop(cast(Any, store), rows, exc)
         raise
 
 
@@ -493,7 +493,7 @@ def write_range_output(
     if fmt == "npy":
         write_folder(path, lambda folder: _fill_csr_folder(folder, store, rows, meta, ids))
     else:
-        results._atomically(path, lambda temporary: _write_range_parquet(temporary, store, meta, ids))
+        results.write_atomically(path, lambda temporary: _write_range_parquet(temporary, store, meta, ids))
 
 
 def _fill_csr_folder(
@@ -540,12 +540,12 @@ def write_meta(folder: str, meta: dict[str, Any], ids: dict[str, list[str]]) -> 
 
 
 def _write_range_parquet(path: str, store: RangeCheckpoint, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:
-    pa, pq = results._pyarrow(path)
+    pa, pq = results.output_pyarrow(path)
     query_ids, doc_ids = ids.get("query_ids"), ids.get("doc_ids")
     lookup_q = None if query_ids is None else np.asarray(query_ids, dtype=object)
     lookup_d = None if doc_ids is None else np.asarray(doc_ids, dtype=object)
     schema = pa.schema(
-        [("query", results._id_type(pa, lookup_q)), ("doc", results._id_type(pa, lookup_d)), ("score", pa.float32())]
+        [("query", results.id_type(pa, lookup_q)), ("doc", results.id_type(pa, lookup_d)), ("score", pa.float32())]
     ).with_metadata({"tiny_knn": json.dumps(meta)})
     with pq.ParquetWriter(path, schema, use_dictionary=["query"]) as writer:
         for start, _, counts, docs, scores in store.segment_arrays():
@@ -581,7 +581,7 @@ def write_folder(path: str, fill: Callable[[str], None]) -> None:
         ) from None
     old = None
     try:
-        os.chmod(temporary, 0o777 & ~results._umask())
+        os.chmod(temporary, 0o777 & ~results.current_umask())
         fill(temporary)
         if os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .backend import available_bytes, default_budget_bytes, resolve
-from .engine import _host_chunks, _matmul_precision, _refuse_non_finite, _scored
+from .engine import after_chunk, host_chunks, matmul_precision, refuse_non_finite
 from .errors import InvalidInputError, MemoryBudgetError, TinyKnnWarning
 from .estimators import Estimator, Operand, make_estimator
 from .exclusions import Exclusions
@@ -395,7 +395,7 @@ def search_ranges(
     """
     search = plan.search
     assert search.estimator is not None
-    with _matmul_precision("medium" if search.estimator == "torch-bf16" else "highest"):
+    with matmul_precision("medium" if search.estimator == "torch-bf16" else "highest"):
         for batch_start in range(sink.done_rows, queries.rows, search.query_batch_rows):
             batch_stop = min(batch_start + search.query_batch_rows, queries.rows)
             sink.begin_batch(batch_start, batch_stop)
@@ -448,11 +448,11 @@ def _range_batch(
     try:
         for first_doc, doc_count, doc_operand in _chunks(doc_view, search, estimator):
             if selector.add_chunk(estimator, operand, doc_operand, first_doc, doc_count):
-                _refuse_non_finite(doc_view, first_doc, doc_count, search)
+                refuse_non_finite(doc_view, first_doc, doc_count, search)
             if isinstance(selector, RangeSelector):
                 for found in selector.drain(group):
                     emit(*found)
-            _scored(doc_view, first_doc, doc_count, on_docs_scored)
+            after_chunk(doc_view, first_doc, doc_count, on_docs_scored)
         if isinstance(selector, CappedSelector):
             for found in selector.pairs():
                 emit(*found)
@@ -468,7 +468,7 @@ def _chunks(docs: Source, search: Plan, estimator: Estimator) -> Iterator[tuple[
             normalize(buffer[:count])
         return estimator.prepare(buffer, query=False, slot=slot), None, 0.0
 
-    for first_doc, doc_count, operand, _, _, _ in _host_chunks(docs, search, prepare, check=False):
+    for first_doc, doc_count, operand, _, _, _ in host_chunks(docs, search, prepare, check=False):
         yield first_doc, doc_count, operand
 
 

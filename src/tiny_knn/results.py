@@ -76,7 +76,7 @@ def check_format(path: str, fmt: str, docs: int = 0) -> None:
     """Raises OutputError when format `fmt` cannot be written here (parquet without pyarrow) or cannot number
     `docs` docs (ivecs, bigann). Which paths an output may take at all is safety.check_output_path's to say."""
     if fmt == "parquet":
-        _pyarrow(path)
+        output_pyarrow(path)
     groundtruth.check_doc_count(path, fmt, docs)
 
 
@@ -131,17 +131,19 @@ def write_output(path: str, fmt: str, result: dict[str, Any], higher_is_better: 
     elif fmt == "npy":
         _write_npy(path, result)
     elif fmt == "parquet":
-        _atomically(path, lambda temporary: _write_parquet(temporary, result))
+        write_atomically(path, lambda temporary: _write_parquet(temporary, result))
     elif fmt == "ivecs":
-        _atomically(
+        write_atomically(
             path,
             lambda temporary: groundtruth.write_vecs(temporary, result["indices"]),
             {groundtruth.scores_path(path): lambda temporary: groundtruth.write_vecs(temporary, result["scores"])},
         )
     elif fmt == "bigann":
-        _atomically(path, lambda temporary: groundtruth.write_bigann(temporary, result["indices"], result["scores"]))
+        write_atomically(
+            path, lambda temporary: groundtruth.write_bigann(temporary, result["indices"], result["scores"])
+        )
     else:
-        _atomically(path, lambda temporary: _write_trec(temporary, result, higher_is_better))
+        write_atomically(path, lambda temporary: _write_trec(temporary, result, higher_is_better))
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:
@@ -166,7 +168,7 @@ def write_result(path: str, result: dict[str, Any]) -> None:
             if recording.error is not None:
                 raise recording.error
 
-    _atomically(path, save)
+    write_atomically(path, save)
 
 
 # Results at least this large are written past the page cache, staged through two buffers of this many bytes.
@@ -317,7 +319,7 @@ def metadata(result: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in result.items() if key not in ("indices", "scores", "query_ids", "doc_ids")}
 
 
-def _atomically(
+def write_atomically(
     path: str, write: Callable[[str], None], beside: dict[str, Callable[[str], None]] | None = None
 ) -> None:
     """Calls write(temporary path) beside `path`, fsyncs, renames into place; cleans up on any failure. The
@@ -350,14 +352,14 @@ def _temporary_beside(path: str) -> str:
         raise output_error(f"output path '{path}': cannot create a file in '{folder}': {exc.strerror}", exc) from None
     os.close(handle)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a result is an ordinary file
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; a result is an ordinary file
     except BaseException:
         os.unlink(temporary)
         raise
     return temporary
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -374,7 +376,7 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
         ) from None
     old = None
     try:
-        os.chmod(temporary, 0o777 & ~_umask())
+        os.chmod(temporary, 0o777 & ~current_umask())
         for name in ("indices", "scores"):
             with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
                 recording = _RecordingWriter(stream)  # numpy's own file writes report a full disk without errno
@@ -425,7 +427,7 @@ def _pairs(result: dict[str, Any]) -> Iterator[tuple[np.ndarray, np.ndarray, np.
 
 
 def _write_parquet(path: str, result: dict[str, Any]) -> None:
-    pa, pq = _pyarrow(path)
+    pa, pq = output_pyarrow(path)
     query_ids, doc_ids = result.get("query_ids"), result.get("doc_ids")
     lookup_q = None if query_ids is None else np.asarray(query_ids, dtype=object)
     lookup_d = None if doc_ids is None else np.asarray(doc_ids, dtype=object)
@@ -434,9 +436,9 @@ def _write_parquet(path: str, result: dict[str, Any]) -> None:
         for rows, ranks, docs, scores in _pairs(result):
             table = pa.table(
                 {
-                    "query": pa.array(rows if lookup_q is None else lookup_q[rows], type=_id_type(pa, lookup_q)),
+                    "query": pa.array(rows if lookup_q is None else lookup_q[rows], type=id_type(pa, lookup_q)),
                     "rank": pa.array(ranks),
-                    "doc": pa.array(docs if lookup_d is None else lookup_d[docs], type=_id_type(pa, lookup_d)),
+                    "doc": pa.array(docs if lookup_d is None else lookup_d[docs], type=id_type(pa, lookup_d)),
                     "score": pa.array(scores),
                 }
             )
@@ -449,11 +451,11 @@ def _write_parquet(path: str, result: dict[str, Any]) -> None:
             writer.close()
 
 
-def _id_type(pa: Any, lookup: np.ndarray | None) -> Any:
+def id_type(pa: Any, lookup: np.ndarray | None) -> Any:
     return pa.int64() if lookup is None else pa.string()
 
 
-def _pyarrow(path: str) -> tuple[Any, Any]:
+def output_pyarrow(path: str) -> tuple[Any, Any]:
     return import_pyarrow(f"output path '{path}': the parquet format", OutputError)
 
 
