@@ -100,13 +100,7 @@ def search(
         exclude_self=exclude_self,
         precision=precision,
     )
-    excluded = None
-    if exclude_pairs is not None:
-        excluded = (
-            exclusions_from_array(exclude_pairs, query_source.rows, doc_source.rows)
-            if isinstance(exclude_pairs, (torch.Tensor, np.ndarray))
-            else read_exclusions(os.fspath(exclude_pairs), query_source.rows, doc_source.rows)
-        )
+    excluded = _exclusions(exclude_pairs, query_source, doc_source)
     plan = plan_search(query_source, doc_source, k, options)
     scores, indices, _ = run_search(query_source, doc_source, plan, progress, excluded=excluded)
     return scores, indices
@@ -160,13 +154,7 @@ def range_search(
         metric=metric,
         exclude_self=exclude_self,
     )
-    excluded = None
-    if exclude_pairs is not None:
-        excluded = (
-            exclusions_from_array(exclude_pairs, query_source.rows, doc_source.rows)
-            if isinstance(exclude_pairs, (torch.Tensor, np.ndarray))
-            else read_exclusions(os.fspath(exclude_pairs), query_source.rows, doc_source.rows)
-        )
+    excluded = _exclusions(exclude_pairs, query_source, doc_source)
     plan = ranges.plan_ranges(query_source, doc_source, threshold, options, cap=k)
     sink = range_output.MemorySink()
     ranges.run_ranges(query_source, doc_source, plan, sink, progress, excluded)
@@ -367,6 +355,15 @@ def prepare_search(
     the options, then plans. Does no search work."""
     opened = open_inputs(q_path, d_path, options.exclude_self, id_paths, exclude_pairs)
     return Prepared(opened, plan_search(opened.queries, opened.docs, k, options))
+
+
+def _exclusions(pairs: Pairs | None, queries: Source, docs: Source) -> Exclusions | None:
+    """search's and range_search's exclude_pairs: an (n, 2) array, or a file by row numbers."""
+    if pairs is None:
+        return None
+    if isinstance(pairs, (torch.Tensor, np.ndarray)):
+        return exclusions_from_array(pairs, queries.rows, docs.rows)
+    return read_exclusions(os.fspath(pairs), queries.rows, docs.rows)
 
 
 def _as_source(embeddings: Embeddings, role: str) -> Source:

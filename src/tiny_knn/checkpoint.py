@@ -61,7 +61,33 @@ SAMPLE_READERS = 16
 log = logging.getLogger("tiny_knn")
 
 
-class Checkpoint(MemoryStore):
+class CheckpointFolder:
+    """What report_stop asks of a checkpoint, for every kind (top-k, range, dedup): its folder, the fingerprint it
+    was made for, and a function giving the inputs' fingerprint now."""
+
+    folder: str
+    fingerprint: dict[str, Any]
+    _fingerprint_now: Callable[[], dict[str, Any]]
+
+    def inputs_changed(self) -> str:
+        """'' while the inputs still match the checkpoint's fingerprint, else how they differ (an input gone, or
+        no longer a regular file, differs)."""
+        try:
+            return difference(self.fingerprint, self._fingerprint_now())
+        except OSError as exc:
+            return f"an input cannot be read any more ({exc.strerror or exc}: '{exc.filename}')"
+
+    def saved_rows(self) -> int:
+        """The queries whose results the manifest on disk counts (what a resumed run will skip)."""
+        manifest = read_manifest(self.folder)
+        return 0 if manifest is None else int(manifest["done_rows"])
+
+    def remove(self) -> None:
+        """Deletes the checkpoint (after the final output is safely written, or when it can never be resumed)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Checkpoint(MemoryStore, CheckpointFolder):
     """Finished batches on disk, durable batch by batch (see the module docstring)."""
 
     def __init__(
@@ -171,23 +197,9 @@ class Checkpoint(MemoryStore):
             raise output_error(f"checkpoint '{self.folder}': cannot be written: {exc.strerror or exc}", exc) from None
         self._write_manifest()
 
-    def inputs_changed(self) -> str:
-        """'' while the inputs still match the checkpoint's fingerprint, else how they differ (an input gone, or
-        no longer a regular file, differs)."""
-        try:
-            return difference(self.fingerprint, self._fingerprint_now())
-        except OSError as exc:
-            return f"an input cannot be read any more ({exc.strerror or exc}: '{exc.filename}')"
-
-    def saved_rows(self) -> int:
-        """The queries whose results the manifest on disk counts (what a resumed run will skip)."""
-        manifest = _read_manifest(self.folder)
-        return 0 if manifest is None else int(manifest["done_rows"])
-
     def remove(self) -> None:
-        """Deletes the checkpoint (after the final output is safely written, or when it can never be resumed)."""
         self._arrays = []
-        shutil.rmtree(self.folder, ignore_errors=True)
+        super().remove()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -305,7 +317,7 @@ def existing_manifest(folder: str) -> dict[str, Any] | None:
         )
     if MANIFEST not in entries:
         return {}
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     if manifest is None:
         raise OutputError(
             f"checkpoint '{folder}': its manifest cannot be read (damaged?); delete the folder to start afresh, "
@@ -441,12 +453,12 @@ def _file_change(old: list[list[Any]], new: list[list[Any]]) -> str:
     return ""
 
 
-def _read_manifest(folder: str) -> dict[str, Any] | None:
+def read_manifest(folder: str) -> dict[str, Any] | None:
     """The manifest, or None when it cannot be read or lacks tiny-knn's keys."""
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as stream:
             manifest: dict[str, Any] = json.load(stream)
-        if int(manifest["done_rows"]) >= 0 and isinstance(manifest["fingerprint"], dict):
+        if isinstance(manifest, dict) and int(manifest["done_rows"]) >= 0 and isinstance(manifest["fingerprint"], dict):
             return manifest
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -13,12 +13,10 @@ manifest counts the batch; a resumed run redoes at most the batch in progress, w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import distributed, results, safety
-from .checkpoint import allocate, difference, fingerprint
+from .checkpoint import CheckpointFolder, allocate, fingerprint
 from .errors import InvalidInputError, OutputError, output_error
 from .options import SearchOptions
 from .plan import format_bytes, parse_size
@@ -38,7 +36,6 @@ from .range_output import (
     range_key,
     reporting_stops,
     save_array,
-    write_folder,
     write_manifest,
     write_meta,
 )
@@ -103,7 +100,7 @@ class UnionFind:
         return number[root], root
 
 
-class DedupCheckpoint:
+class DedupCheckpoint(CheckpointFolder):
     """The union-find's array on disk and a manifest (done_rows, pairs): a PairSink for ranges.search_ranges."""
 
     def __init__(self, folder: str, manifest: dict[str, Any], parent: np.memmap) -> None:
@@ -170,24 +167,10 @@ class DedupCheckpoint:
         manifest = {"kind": KIND, "fingerprint": self.fingerprint, "done_rows": self.done_rows, "pairs": self.pairs}
         write_manifest(self.folder, manifest)
 
-    # What checkpoint.report_stop asks of a checkpoint
-
-    def inputs_changed(self) -> str:
-        try:
-            return difference(self.fingerprint, self._fingerprint_now())
-        except OSError as exc:
-            return f"an input cannot be read any more ({exc.strerror or exc}: '{exc.filename}')"
-
-    def saved_rows(self) -> int:
-        path = os.path.join(self.folder, "manifest.json")
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(path, encoding="utf-8") as stream:
-            return int(json.load(stream)["done_rows"])
-        return 0
-
     def remove(self) -> None:
         del self._parent
         self.forest = UnionFind(np.empty(0, dtype=np.int64))
-        shutil.rmtree(self.folder, ignore_errors=True)
+        super().remove()
 
 
 def _open_parent(path: str, rows: int, done_rows: int) -> np.memmap:
@@ -363,7 +346,7 @@ def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.nda
             save_array(os.path.join(folder, "representative.npy"), representative)
             write_meta(folder, meta, {})
 
-        write_folder(path, fill)
+        results.write_folder(path, fill)
         return
 
     def write(temporary: str) -> None:

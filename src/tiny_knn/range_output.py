@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -35,11 +34,13 @@ from . import distributed, results, safety
 from .checkpoint import (
     CHECKPOINT_ENTRIES,
     MANIFEST,
+    CheckpointFolder,
     allocate,
     checkpoint_folder,
     difference,
     fingerprint,
     fsync_folder,
+    read_manifest,
     report_stop,
 )
 from .errors import InvalidInputError, OutputError, output_error
@@ -176,7 +177,7 @@ def open_checkpoint_folder(
                 f"checkpoint folder '{folder}' holds files tiny-knn did not write ({shown}); "
                 "remove it or choose another --output-path"
             )
-        manifest = _read_manifest(folder) if MANIFEST in entries else {}
+        manifest = read_manifest(folder) if MANIFEST in entries else {}
         if manifest is None:
             raise OutputError(
                 f"checkpoint '{folder}': its manifest cannot be read (damaged?); delete the folder to start afresh, "
@@ -204,17 +205,6 @@ def open_checkpoint_folder(
     except OSError as exc:
         raise output_error(f"checkpoint '{folder}': cannot be created: {exc.strerror or exc}", exc) from None
     return folder, None
-
-
-def _read_manifest(folder: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as stream:
-            manifest = json.load(stream)
-        if isinstance(manifest, dict) and int(manifest["done_rows"]) >= 0 and isinstance(manifest["fingerprint"], dict):
-            return manifest
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
 
 
 def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
@@ -270,7 +260,7 @@ def load_array(path: str, dtype: type, length: int | None) -> np.ndarray:
 # ---- The range checkpoint: the sink on disk.
 
 
-class RangeCheckpoint:
+class RangeCheckpoint(CheckpointFolder):
     """Finished batches of pairs on disk, durable batch by batch (see the module docstring); a PairSink."""
 
     def __init__(self, folder: str, manifest: dict[str, Any], held_pairs: int) -> None:
@@ -453,21 +443,6 @@ class RangeCheckpoint:
             scores = load_array(self._path(start, "scores"), np.float32, pairs)
             yield start, stop, counts, docs, scores
 
-    # What checkpoint.report_stop asks of a checkpoint
-
-    def inputs_changed(self) -> str:
-        try:
-            return difference(self.fingerprint, self._fingerprint_now())
-        except OSError as exc:
-            return f"an input cannot be read any more ({exc.strerror or exc}: '{exc.filename}')"
-
-    def saved_rows(self) -> int:
-        manifest = _read_manifest(self.folder)
-        return 0 if manifest is None else int(manifest["done_rows"])
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def reporting_stops(store: object, rows: int) -> Iterator[None]:
@@ -491,7 +466,7 @@ def write_range_output(
         OutputError: it cannot be written there (disk full, permissions); nothing is left behind.
     """
     if fmt == "npy":
-        write_folder(path, lambda folder: _fill_csr_folder(folder, store, rows, meta, ids))
+        results.write_folder(path, lambda folder: _fill_csr_folder(folder, store, rows, meta, ids))
     else:
         results.write_atomically(path, lambda temporary: _write_range_parquet(temporary, store, meta, ids))
 
@@ -563,40 +538,6 @@ def _write_range_parquet(path: str, store: RangeCheckpoint, meta: dict[str, Any]
                     schema=schema,
                 )
                 writer.write_table(table)
-
-
-def write_folder(path: str, fill: Callable[[str], None]) -> None:
-    """A folder output built under a temporary name beside `path` by fill(temporary), then renamed into place; an
-    older one at `path` is replaced (safety.check_output_path says which may be). Nothing is left behind on failure.
-
-    Raises:
-        OutputError: it cannot be written (the errno of a full disk kept).
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise output_error(
-            f"output path '{path}': cannot create a directory in '{parent}': {exc.strerror}", exc
-        ) from None
-    old = None
-    try:
-        os.chmod(temporary, 0o777 & ~results.current_umask())
-        fill(temporary)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
-        os.replace(temporary, path)
-    except BaseException as exc:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if old is not None and not os.path.exists(path):
-            os.replace(os.path.join(old, "previous"), path)
-        if isinstance(exc, OSError):
-            raise output_error(f"output path '{path}': writing failed: {exc.strerror or exc}", exc) from None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- The file-level entry point.

@@ -366,35 +366,49 @@ def current_umask() -> int:
 
 
 def _write_npy(path: str, result: dict[str, Any]) -> None:
-    """A directory built under a temporary name, then renamed; an older one at `path` is replaced."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """indices.npy, scores.npy and meta.json in a folder (write_folder)."""
+    write_folder(path, lambda folder: _fill_npy(folder, result))
+
+
+def _fill_npy(folder: str, result: dict[str, Any]) -> None:
+    for name in ("indices", "scores"):
+        with open(os.path.join(folder, f"{name}.npy"), "wb") as stream:
+            recording = _RecordingWriter(stream)  # numpy's own file writes report a full disk without errno
+            np.save(cast(IO[bytes], recording), result[name].numpy())
+            if recording.error is not None:
+                raise recording.error
+            stream.flush()
+            os.fsync(stream.fileno())
+    meta = {"kind": "topk", **metadata(result)}
+    for role in ("query", "doc"):
+        if f"{role}_ids" in result:
+            with open(os.path.join(folder, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
+                stream.write("\n".join(result[f"{role}_ids"]) + "\n")
+            meta[f"{role}_ids"] = f"{role}_ids.txt"
+    with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as stream:
+        json.dump(meta, stream, indent=2)
+
+
+def write_folder(path: str, fill: Callable[[str], None]) -> None:
+    """A folder output built under a temporary name beside `path` by fill(temporary), then renamed into place; an
+    older one at `path` is replaced (safety.check_output_path says which may be). Nothing is left behind on failure.
+
+    Raises:
+        OutputError: it cannot be written (the errno of a full disk kept).
+    """
+    parent = os.path.dirname(os.path.abspath(path))
     try:
-        temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise output_error(
-            f"output path '{path}': cannot create a directory in '{folder}': {exc.strerror}", exc
+            f"output path '{path}': cannot create a directory in '{parent}': {exc.strerror}", exc
         ) from None
     old = None
     try:
         os.chmod(temporary, 0o777 & ~current_umask())
-        for name in ("indices", "scores"):
-            with open(os.path.join(temporary, f"{name}.npy"), "wb") as stream:
-                recording = _RecordingWriter(stream)  # numpy's own file writes report a full disk without errno
-                np.save(cast(IO[bytes], recording), result[name].numpy())
-                if recording.error is not None:
-                    raise recording.error
-                stream.flush()
-                os.fsync(stream.fileno())
-        meta = {"kind": "topk", **metadata(result)}
-        for role in ("query", "doc"):
-            if f"{role}_ids" in result:
-                with open(os.path.join(temporary, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
-                    stream.write("\n".join(result[f"{role}_ids"]) + "\n")
-                meta[f"{role}_ids"] = f"{role}_ids.txt"
-        with open(os.path.join(temporary, "meta.json"), "w", encoding="utf-8") as stream:
-            json.dump(meta, stream, indent=2)
+        fill(temporary)
         if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=folder)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
             os.replace(path, os.path.join(old, "previous"))
         os.replace(temporary, path)
     except BaseException as exc:
