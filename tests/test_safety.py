@@ -143,6 +143,18 @@ def test_an_output_never_replaces_an_input(inputs, tmp_path, case) -> None:  # t
     assert snapshot(tmp_path) == before
 
 
+def test_an_output_in_a_missing_folder_names_that_folder(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """'missing/../d.pt' resolves nowhere: the folder named is the one as given, not its absolute form (which
+    exists)."""
+    queries, docs = inputs
+    before = snapshot(tmp_path)
+    output = tmp_path / "missing" / ".." / "d.pt"
+    code, _, err = run(queries, docs, "--k", 5, "--cpu", "--quiet", "--output-path", output)
+    assert code == 2
+    the_error(err, r"output path '.*missing/\.\./d\.pt': folder '.*missing/\.\.' does not exist; create it first")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("case", ["foreign", "cwd", "above-cwd", "holds-inputs", "earlier-result", "empty"])
 def test_a_folder_output_replaces_only_an_earlier_tiny_knn_folder(inputs, tmp_path, case) -> None:  # type: ignore[no-untyped-def]
     queries, docs = inputs

@@ -74,8 +74,9 @@ def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str =
                 f"output path '{path}' ends in {suffix}, the name tiny-knn gives its {what}; choose another name"
             )
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.path.isdir(os.path.dirname(path) or "."):  # also 'file.pt/..'
-        raise OutputError(f"output path '{path}': folder '{parent}' does not exist; create it first")
+    for folder in (os.path.dirname(path) or ".", parent):  # as given ('sub/..' needs 'sub'; 'file.pt/..'), then whole
+        if not os.path.isdir(folder):
+            raise OutputError(f"output path '{path}': folder '{folder}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output path '{path}': folder '{parent}' is not writable")
     if fmt != "npy" and os.path.isdir(path):
