@@ -8,6 +8,8 @@ doc) pair of each chunk to the running top-k, by one of two paths (chosen by the
 - by search keys (a GPU; the CPU without the kernel; --precision bf16-unsafe): one matrix product per (query
   block x doc chunk) tile, whose values are the keys selected; for l2 the candidates are then re-scored exactly
   and certified (refine.py).
+- the GPU's screen (TINY_KNN_PRODUCT=triton, gpu_engine.py): the screened path's design in Triton kernels, with
+  the same answer, bit for bit.
 
 Excluded pairs (exclusions.py) are never offered to the screened path's selection; on the path by keys their
 products are set to -inf before the selection sees them, so they take no place from another doc. A query left
@@ -132,7 +134,11 @@ def _search_batch(
     if excluded is not None:  # this batch's, by the docs' own rows (a share's from 0)
         batch_rows = np.arange(batch_start, batch_stop, dtype=np.int64) + queries.first_row
         excluded = excluded.rows(batch_rows, docs.first_row, docs.rows)
-    if plan.estimator is not None:
+    if plan.estimator == "triton":
+        from .gpu_engine import search_screened  # here: it builds on this module's chunks and samples
+
+        scores, indices = search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
+    elif plan.estimator is not None:
         scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
     else:
         scores, indices = _search_by_keys(host_queries, rows, docs, plan, on_docs_scored, excluded)
@@ -500,8 +506,6 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
     On the CPU the rows are reused two chunks later, so the caller must be done with them before asking for the
     next-but-one."""
     cuda = device.type == "cuda"
-    # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
-    pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
 
     def prepare(buffer: torch.Tensor, count: int, slot: int) -> tuple[Any, torch.Tensor | None, float]:
         offsets, largest_sq = prepare_docs(buffer[:count], plan.metric, plan.precision)
@@ -511,25 +515,36 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
         padded[:count] = offsets
         return buffer, padded, largest_sq
 
-    chunks = _host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=pieces)
-    if not cuda:
+    yield from on_device(_host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=read_pieces(device)), device)
+
+
+def read_pieces(device: torch.device) -> int:
+    """How many threads read each doc chunk: a GPU scores faster than one thread copies (and checks) from the page
+    cache, so it reads in parallel pieces (at most half the cores)."""
+    return max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if device.type == "cuda" else 1
+
+
+def on_device(chunks: Iterator[HostChunk], device: torch.device) -> Iterator[Chunk]:
+    """The host chunks (pinned, for a GPU) as (first_doc, doc_count, rows, key offsets, largest squared norm) on
+    `device`: on a GPU each is copied on a side stream while the one before it is scored."""
+    if device.type != "cuda":
         yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
         return
     stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     uploaded: Chunk | None = None
     for start, count, rows, offsets, largest_sq, copied in chunks:
         with torch.cuda.stream(stream):
-            on_device = rows.to(device, non_blocking=True)
+            device_rows = rows.to(device, non_blocking=True)
             device_offsets = None if offsets is None else offsets.pin_memory().to(device, non_blocking=True)
             assert copied is not None
             copied.record(stream)  # the reader waits for this before it refills the host buffer
         if uploaded is not None:
             yield uploaded  # scored while the next chunk is on its way
         torch.cuda.current_stream(device).wait_stream(stream)
-        for tensor in (on_device, device_offsets):
+        for tensor in (device_rows, device_offsets):
             if tensor is not None:
                 tensor.record_stream(torch.cuda.current_stream(device))
-        uploaded = (start, count, on_device, device_offsets, largest_sq)
+        uploaded = (start, count, device_rows, device_offsets, largest_sq)
     if uploaded is not None:
         yield uploaded
 

@@ -201,6 +201,8 @@ def plan_ranges(
     if docs.rows >= MAX_KERNEL_DOCS:
         raise InvalidInputError(f"{docs.label()}: {docs.rows} rows; a range search takes fewer than 2**32 docs")
     backend = resolve(queries, docs, cap or 10, force_cpu=True, metric=metric, precision="exact")
+    if backend.estimator == "triton":
+        raise InvalidInputError("TINY_KNN_PRODUCT=triton: range search runs on the CPU's estimators only; unset it")
     assert backend.estimator is not None
     budget = max_memory if max_memory is not None else default_budget_bytes("cpu")
     there = available_bytes("cpu")
