@@ -9,7 +9,7 @@ its rows are prepared, the whole batch is screened against them by each row's cu
 best at the last cut) into a bounded survivor buffer, and one host synchronisation reads how many pairs survived and
 the most any row got. Those pairs are scored exactly (tk_dot's order; tk_l2's for l2, negated, as the selection
 keeps -distance) and offered to the pools, the excluded pairs as no doc. A buffer that overflowed is not read: the
-chunk is screened again in pieces, the pools cut after each so that their thresholds rise.
+chunk is screened again from a first piece that fits, the pools cut after it so that their thresholds rise.
 
 Every pair that can be among a row's k best is scored exactly, as the CPU scores it, and selected by (score, doc):
 the answer is the CPU's, byte for byte. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (--cpu): slowly,
@@ -24,11 +24,19 @@ import numpy as np
 import torch
 
 from . import gpu_screen
-from .engine import ProgressCallback, _host_chunks, _sample_positions, _scored, _threshold_sample, on_device, read_pieces
 from .exclusions import Exclusions
 from .metrics import normalize
 from .plan import Plan, gpu_survivor_capacity
 from .sources import Source, from_array
+from .streaming import (
+    ProgressCallback,
+    host_chunks,
+    on_device,
+    read_pieces,
+    sample_positions,
+    scored,
+    threshold_sample,
+)
 from .topk import PoolTopK
 
 # Pairs a program of the re-scoring kernel takes: a warp's worth on a GPU; many under the interpreter, where each
@@ -63,8 +71,8 @@ def search_screened(
 
 def _sampled_thresholds(queries: torch.Tensor, docs: Source, plan: Plan, excluded: Exclusions | None) -> torch.Tensor:
     """Per query, an exact score that probably at least `candidates` docs reach (engine._sampled_thresholds)."""
-    sample_docs, rank = _threshold_sample(docs, plan)
-    in_sample = excluded.sampled(_sample_positions(docs, plan).numpy()) if excluded is not None else None
+    sample_docs, rank = threshold_sample(docs, plan)
+    in_sample = excluded.sampled(sample_positions(docs, plan).numpy()) if excluded is not None else None
     running = _screen(queries, from_array(sample_docs, "docs sample"), plan, rank, None, None, in_sample)
     return running.result()[0][:, -1]
 
@@ -89,10 +97,10 @@ def _screen(
             normalize(buffer[:count])
         return buffer, None, 0.0
 
-    chunks = _host_chunks(docs, plan, prepare, check=True, pinned=device.type == "cuda", pieces=read_pieces(device))
+    chunks = host_chunks(docs, plan, prepare, check=True, pinned=device.type == "cuda", pieces=read_pieces(device))
     for first_doc, doc_count, doc_rows, _, _ in on_device(chunks, device):
         screening.chunk(doc_rows[:doc_count], first_doc)
-        _scored(docs, first_doc, doc_count, on_docs_scored)
+        scored(docs, first_doc, doc_count, on_docs_scored)
     return running
 
 
@@ -126,29 +134,33 @@ class _Screening:
     def _piece(
         self, doc_rows: torch.Tensor, prepared: gpu_screen.PreparedRows, first_doc: int, lo: int, hi: int
     ) -> None:
-        """Docs lo..hi of the chunk: screened, then re-scored and offered; in pieces if the survivors overflow."""
-        survivors, rows = self.survivors, self.queries.shape[0]
-        survivors.clear()
-        gpu_screen.screen(
-            self.prepared, prepared.rows(lo, hi), self.running.thresholds, survivors, metric=self.metric
-        )  # fmt: skip
-        found_rows = torch.where(self.slots < survivors.counts[0], survivors.pairs[:, 0].long(), rows)
-        per_row = torch.zeros(rows + 1, dtype=torch.int64, device=found_rows.device)
-        per_row.index_add_(0, found_rows, torch.ones_like(found_rows))
-        # The one synchronisation: survivors found, overflowed, and the most of them one row got
-        found, overflowed, most = torch.cat([survivors.counts, per_row[:rows].max().reshape(1)]).tolist()
-        if overflowed:
-            # Pieces that would each fit if the survivors were spread evenly; the pools are cut after each, so
-            # that their thresholds rise (a piece of one doc always fits: the buffer holds a pair per row)
-            pieces = min(hi - lo, 2 + 2 * found // survivors.pairs.shape[0])
-            bounds = [lo + (hi - lo) * piece // pieces for piece in range(pieces + 1)]
-            for piece_lo, piece_hi in zip(bounds, bounds[1:], strict=False):
-                self._piece(doc_rows, prepared, first_doc, piece_lo, piece_hi)
-                self.running.cut()
-            return
+        """Docs lo..hi of the chunk: screened, then re-scored and offered. If the survivors overflow the buffer, a
+        first piece that would fit at their density (halved) is done on its own, the pools are cut (their
+        thresholds rise: a pass's first docs keep every pair), and the rest is screened again; a piece of one doc
+        always fits (the buffer holds a pair per row)."""
+        survivors, rows, capacity = self.survivors, self.queries.shape[0], self.survivors.pairs.shape[0]
+        while lo < hi:
+            survivors.clear()
+            gpu_screen.screen(self.prepared, prepared.rows(lo, hi), self.running.thresholds, survivors,
+                              metric=self.metric)  # fmt: skip
+            found_rows = torch.where(self.slots < survivors.counts[0], survivors.pairs[:, 0].long(), rows)
+            per_row = torch.zeros(rows + 1, dtype=torch.int64, device=found_rows.device)
+            per_row.index_add_(0, found_rows, torch.ones_like(found_rows))
+            # The one synchronisation: survivors found, overflowed, and the most of them one row got
+            found, overflowed, most = torch.cat([survivors.counts, per_row[:rows].max().reshape(1)]).tolist()
+            if not overflowed:
+                self._offer(doc_rows, first_doc, lo, hi, found, most)
+                return
+            piece = max(1, (hi - lo) * capacity // (2 * found))
+            self._piece(doc_rows, prepared, first_doc, lo, lo + piece)
+            self.running.cut()
+            lo += piece
+
+    def _offer(self, doc_rows: torch.Tensor, first_doc: int, lo: int, hi: int, found: int, most: int) -> None:
+        """The buffer's `found` pairs (docs lo..hi of the chunk), scored exactly and offered to the pools."""
         if not found:
             return
-        pairs = survivors.pairs[:found]
+        pairs = self.survivors.pairs[:found]
         scores = gpu_screen.rescore(self.queries, doc_rows[lo:hi], pairs, metric=self.metric,
                                     block_pairs=self.block_pairs)  # fmt: skip
         if self.l2:

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .backend import available_bytes, default_budget_bytes, resolve
-from .engine import _host_chunks, _matmul_precision, _refuse_non_finite, _scored
+from .engine import _matmul_precision
 from .errors import InvalidInputError, MemoryBudgetError, TinyKnnWarning
 from .estimators import Estimator, Operand, make_estimator
 from .exclusions import Exclusions
@@ -48,6 +48,7 @@ from .plan import (
     selection_state_bytes,
 )
 from .sources import RowRange, Source, check_compatible
+from .streaming import host_chunks, refuse_non_finite, scored
 from .topk import MAX_KERNEL_DOCS, RunningTopK, ThresholdTopK
 
 # An uncapped pool's room past a chunk of docs: the kernels' k is the padded chunk and RANGE_K_MARGIN (more docs
@@ -450,11 +451,11 @@ def _range_batch(
     try:
         for first_doc, doc_count, doc_operand in _chunks(doc_view, search, estimator):
             if selector.add_chunk(estimator, operand, doc_operand, first_doc, doc_count):
-                _refuse_non_finite(doc_view, first_doc, doc_count, search)
+                refuse_non_finite(doc_view, first_doc, doc_count, search)
             if isinstance(selector, RangeSelector):
                 for found in selector.drain(group):
                     emit(*found)
-            _scored(doc_view, first_doc, doc_count, on_docs_scored)
+            scored(doc_view, first_doc, doc_count, on_docs_scored)
         if isinstance(selector, CappedSelector):
             for found in selector.pairs():
                 emit(*found)
@@ -470,7 +471,7 @@ def _chunks(docs: Source, search: Plan, estimator: Estimator) -> Iterator[tuple[
             normalize(buffer[:count])
         return estimator.prepare(buffer, query=False, slot=slot), None, 0.0
 
-    for first_doc, doc_count, operand, _, _, _ in _host_chunks(docs, search, prepare, check=False):
+    for first_doc, doc_count, operand, _, _, _ in host_chunks(docs, search, prepare, check=False):
         yield first_doc, doc_count, operand
 
 

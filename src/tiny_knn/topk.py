@@ -366,7 +366,8 @@ class PoolTopK(RunningTopK):
         if not count:
             return
         keys = torch.where(docs < 0, _EMPTY, _pack(scores, docs.clamp(min=0)))
-        per_row = torch.zeros(self.rows, dtype=torch.int64, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+        per_row = torch.zeros(self.rows, dtype=torch.int64, device=rows.device)
+        per_row.index_add_(0, rows, torch.ones_like(rows))
         most = int(per_row.max()) if most is None else most
         order = torch.argsort(rows, stable=True)
         rows, keys = rows[order], keys[order]
@@ -376,12 +377,11 @@ class PoolTopK(RunningTopK):
             turn = min(room, most - first)
             if self._fill_bound + turn > self.capacity:
                 self.cut()
-            if turn == most:
-                turn_rows, turn_keys, slots = rows, keys, self._fills[rows] + rank
-            else:  # a row with more keys than room (a pass's first docs): reads the turn's size back, once a turn
+            turn_rows, turn_keys, turn_rank = rows, keys, rank
+            if turn < most:  # a row with more keys than room (a pass's first docs): reads the turn's size back
                 inside = torch.nonzero((rank >= first) & (rank < first + turn)).flatten()
-                turn_rows, turn_keys, slots = rows[inside], keys[inside], self._fills[rows[inside]] + rank[inside] - first
-            self._pool[turn_rows, slots.long()] = turn_keys
+                turn_rows, turn_keys, turn_rank = rows[inside], keys[inside], rank[inside] - first
+            self._pool[turn_rows, self._fills[turn_rows].long() + turn_rank] = turn_keys
             self._fills += (per_row - first).clamp(0, turn).to(torch.int32)
             self._fill_bound += turn
         self.survivors += count
