@@ -341,3 +341,32 @@ def test_cuda_keeps_the_path_by_keys_unless_triton_is_forced(inputs, monkeypatch
     assert (chosen.device, chosen.estimator, chosen.selection) == ("cuda", None, "pool")
     monkeypatch.setenv("TINY_KNN_PRODUCT", "torch")
     assert backend.resolve(queries, docs, 3, force_cpu=False, metric="ip", precision="exact").estimator is None
+
+
+# ---- On a GPU (skipped visibly without one; TINY_KNN_REQUIRE_CUDA=1 makes that a failure)
+
+
+@pytest.fixture
+def cuda() -> None:
+    if not torch.cuda.is_available():
+        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
+            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
+        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_cuda_triton_path_answers_the_cpus_answer_byte_for_byte(cuda, tmp_path, monkeypatch, metric) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU: tensor cores' estimates, the GPU's exact scores and the pools give the CPU's bytes, ties and
+    excluded pairs included; k=10 (a first chunk that overflows the buffer) and k=300 (sampled thresholds)."""
+    generator = torch.Generator().manual_seed(7)
+    queries, docs = torch.randn(300, 96, generator=generator), torch.randn(20000, 96, generator=generator)
+    docs[1000:1010], docs[15000:15005] = docs[3], docs[3]
+    queries[:5] = docs[3]
+    pairs = np.array([(0, 3), (0, 1000), (1, 1001), *((row, (row * 61) % 20000) for row in range(300))])
+    for k, chunk in ((10, None), (300, 4096)):
+        options = dict(metric=metric, chunk_size=chunk, exclude_pairs=pairs)
+        reference = search(queries, docs, k, device="cpu", **options)
+        monkeypatch.setenv("TINY_KNN_PRODUCT", "triton")
+        assert_same(search(queries, docs, k, device="cuda", **options), reference)
+        monkeypatch.delenv("TINY_KNN_PRODUCT")
