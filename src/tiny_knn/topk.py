@@ -6,7 +6,8 @@ below rely on score tiles arriving in ascending document order for any given que
 
 `ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
 `PoolTopK` is the GPU path (a Triton pass appends each row's scores above its threshold to a pool of packed
-64-bit keys, cut back to the k best by torch.topk now and then); `PackedTopK` the GPU's without Triton
+64-bit keys, cut back to the k best by torch.topk now and then; the GPU's screen offers it scattered exact
+scores instead, `offer`); `PackedTopK` the GPU's without Triton
 (torch.topk of every tile's packed keys). Neither sorts until the end.
 `SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
 both are tested against, bit for bit.
