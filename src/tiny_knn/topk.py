@@ -362,7 +362,8 @@ class PoolTopK(RunningTopK):
 
         Unlike add, any order of docs is fine: the keys are kept as they come, and each cut keeps the k smallest
         keys, (score, doc) together. The pools are cut before they could overflow (a row offered more than a cut
-        pool holds takes its keys in turns), and when cutting would raise the thresholds much."""
+        pool holds takes its keys in turns), and when cutting would raise the thresholds much. A pool is fed by
+        offer or by add, never both: each keeps its own count of the room left."""
         count = rows.numel()
         if not count:
             return
