@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call (its image has torch, pytest, hypothesis; no faiss):
 #   1. the C kernel built for that machine's Python;
-#   2. tests/test_cuda.py with CUDA required, then the whole suite with CUDA present;
+#   2. tests/test_cuda.py with CUDA required, the Triton screen's check (benchmarks/gpu_screen_check.py, 5 minutes at
+#      most), then the whole suite with CUDA present;
 #   3. a 1-GPU torchrun run against the plain command (same result file);
 #   4. bfloat16 products on the tensor cores: their rate, and their distance from the emulated keys;
 #   5. benchmarks/gpu.py's figures, with the arguments given to this script;
@@ -24,6 +25,9 @@ python3 -c "import tiny_knn.topk as t; print('C kernel:', t.kernel_available())"
 
 step CUDA tests
 TINY_KNN_REQUIRE_CUDA=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -4
+
+step "the Triton screen (TINY_KNN_PRODUCT=triton): bits, bound, time against today's path"
+timeout 300 python3 benchmarks/gpu_screen_check.py --out "$WORK/screen" 2>&1 | tail -22
 
 step whole suite, CUDA present
 timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 tests 2>&1 | tee "$OUT/suite.log" | tail -12

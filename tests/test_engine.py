@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_exact
 
-from tiny_knn import engine, estimators
+from tiny_knn import engine, estimators, streaming
 from tiny_knn.api import prepare
 from tiny_knn.estimators import Tiled
 from tiny_knn.options import SearchOptions
@@ -207,7 +207,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     starts = []
     unprepared = lambda buffer, count, slot: (buffer, None, 0.0)  # noqa: E731
-    for start, count, rows, *_ in engine.host_chunks(source, plan, unprepared, pieces=pieces):
+    for start, count, rows, *_ in streaming.host_chunks(source, plan, unprepared, pieces=pieces):
         assert torch.equal(rows[:count], docs[start : start + count])  # buffers are reused: check each now
         starts.append(start)
     assert starts == [0, 256, 512, 768]
@@ -215,7 +215,7 @@ def test_chunks_read_in_pieces_hold_the_rows_and_name_the_first_bad_one(pair, pi
     docs[700, 1] = float("inf")
     _queries, source, plan = prepare(*pair(torch.randn(4, 8), docs), 5, SearchOptions(force_cpu=True, chunk_size=256))
     with pytest.raises(InvalidInputError, match=r"row 600 holds NaN or Inf"):
-        list(engine.host_chunks(source, plan, unprepared, pieces=pieces))
+        list(streaming.host_chunks(source, plan, unprepared, pieces=pieces))
 
 
 # 0xFFFFFFFF is a NaN too, one that bfloat16 rounding would wrap to zero if it were not caught first.

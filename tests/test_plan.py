@@ -6,8 +6,10 @@ from hypothesis import strategies as st
 
 from tiny_knn.plan import (
     COL_ALIGN,
+    GPU_SURVIVOR_BYTES,
     ROW_ALIGN,
     estimate_bytes,
+    gpu_survivor_capacity,
     make_plan,
     parse_size,
     threshold_sample_docs,
@@ -136,3 +138,15 @@ def test_the_estimators_copies_are_counted_and_named() -> None:
     assert l2.refined and l2.candidates > 2000 and "re-scored exactly" in l2.describe()[3]
     exact_l2 = plan(budget_bytes=2**34, metric="l2", estimator="torch")
     assert not exact_l2.refined and exact_l2.candidates == 2000  # scored exactly in the pass: no margin
+
+
+def test_the_gpu_screen_samples_start_thresholds_and_counts_its_survivor_buffer() -> None:
+    """The Triton path (estimator "triton", the pool selector) samples start thresholds as the CPU's screen does,
+    and its memory counts the survivor buffer and the pools' cut, not a score tile."""
+    assert threshold_sample_docs(200_000, 2000, "pool", screened=True) == 2048
+    assert threshold_sample_docs(200_000, 2000, "pool") == 0
+    plan = make_plan(queries=1000, docs=200_000, dim=64, k=2000, device="cuda", budget_bytes=2**33, selection="pool",
+                     estimator="triton")  # fmt: skip
+    assert plan.threshold_sample_docs == 2048 and not plan.refined
+    assert gpu_survivor_capacity(1000) * GPU_SURVIVOR_BYTES < plan.peak_bytes
+    assert any("Triton path" in line for line in plan.describe())

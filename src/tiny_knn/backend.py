@@ -12,6 +12,10 @@ version, the threads, dim, metric, a k bucket and few against many queries. A se
 measurement to pay for itself (MEASURE_MIN_PAIRS) takes the cached verdict, else the first estimator in
 UNMEASURED_ORDER that runs here. TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces one; one that cannot run
 is an error, never a silent fallback.
+
+TINY_KNN_PRODUCT=triton forces the GPU's screen (gpu_engine.py): on CUDA, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, --cpu), where its kernels run on CPU tensors. It is never chosen unforced: it has not yet run on
+a GPU (benchmarks/gpu_screen_check.py is that check). Unforced, CUDA takes the path by keys.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import gpu_screen
 from .errors import InvalidInputError
 from .estimators import ESTIMATORS, available, make_estimator
 from .kernel import KERNEL
@@ -52,6 +57,8 @@ MEASURE_MIN_PAIRS = 50 * len(ESTIMATORS) * 2 * (2 * SAMPLE_ROWS_PER_THREAD * SAM
 # estimators, whose speed varies least across CPUs (a bfloat16 one is fast only where the CPU has the instructions
 # for it: on an Intel Xeon, VDPBF16PS ran at half MKL's float32 rate, oneDNN's AMX path at 4 times it).
 UNMEASURED_ORDER = ("kernel", "torch", "torch-bf16", "screen")
+# What TINY_KNN_PRODUCT may name: the CPU's estimators, or the GPU's screen (Triton)
+PRODUCTS = (*ESTIMATORS, "triton")
 FEW_QUERIES = 64  # fewer queries than this are a different case for the estimators (few rows per thread)
 CACHE_FILE = "estimators.json"
 
@@ -86,8 +93,8 @@ def resolve(
     device = "cuda" if not force_cpu and torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
     forced = os.environ.get("TINY_KNN_PRODUCT", "auto")
-    if forced not in ("auto", *ESTIMATORS):
-        raise InvalidInputError(f"TINY_KNN_PRODUCT={forced!r}: expected auto or one of {', '.join(ESTIMATORS)}")
+    if forced not in ("auto", *PRODUCTS):
+        raise InvalidInputError(f"TINY_KNN_PRODUCT={forced!r}: expected auto or one of {', '.join(PRODUCTS)}")
     # Screened: the CPU, the kernel, an exact search, and the threshold selector (a selector asked for by name,
     # as tests do, takes the path by keys)
     screened = (
@@ -100,9 +107,12 @@ def resolve(
     if selection == "auto":
         selection = default_selection(device, docs.rows)
     if forced != "auto":
-        why = _cannot_force(forced, device, precision)
+        why = _cannot_force(forced, device, precision, docs)
         if why:
             raise InvalidInputError(f"TINY_KNN_PRODUCT={forced}: {why}")
+    if forced == "triton":  # one pass screens a whole batch: no threads of its own
+        where = "on CUDA" if device == "cuda" else "on the CPU, by Triton's interpreter"
+        return Backend(device, "pool", "triton", 1, f"forced by TINY_KNN_PRODUCT; {where}")
     if not screened:  # the GPU's path, or a selector by keys asked for by name (tests)
         return Backend(device, selection, None, threads)
     if forced != "auto":
@@ -111,8 +121,10 @@ def resolve(
     return Backend(device, "threshold", estimator, threads, choice, measured)
 
 
-def _cannot_force(name: str, device: str, precision: str) -> str:
+def _cannot_force(name: str, device: str, precision: str, docs: Source) -> str:
     """Why the forced estimator cannot run for this search ('' if it can)."""
+    if name == "triton":
+        return _cannot_screen_with_triton(device, precision, docs)
     if device == "cuda":  # torch: the GPU's float32 products, its own path by keys
         return "" if name == "torch" else "runs on the CPU only (run with --cpu), or use torch on the GPU"
     if KERNEL is None:
@@ -121,6 +133,24 @@ def _cannot_force(name: str, device: str, precision: str) -> str:
         return f"estimators screen exact searches; --precision {precision} is not one"
     if name not in available():
         return f"this CPU cannot run it (here: {', '.join(available())})"
+    return ""
+
+
+def _cannot_screen_with_triton(device: str, precision: str, docs: Source) -> str:
+    """Why the GPU's screen (gpu_engine.py) cannot run for this search ('' if it can)."""
+    if not gpu_screen.available():
+        return "needs Triton (it comes with torch's CUDA builds; pip install triton), and TINY_KNN_NO_TRITON unset"
+    if precision != "exact":
+        return f"the screen is for exact searches; --precision {precision} is not one"
+    if device == "cpu" and not gpu_screen.interpreted():
+        return (
+            "runs on CUDA, or on the CPU only under Triton's interpreter (TRITON_INTERPRET=1 set before "
+            "Triton is imported)"
+        )
+    if docs.dim > gpu_screen.MAX_DIM:
+        return f"the screen's bound holds up to {gpu_screen.MAX_DIM} dims, not {docs.dim}"
+    if docs.rows >= MAX_KERNEL_DOCS:
+        return f"the pools take fewer than 2**32 docs, not {docs.rows}"
     return ""
 
 

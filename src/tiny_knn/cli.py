@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "TINY_KNN_PRODUCT=screen|kernel|torch|torch-bf16 forces the CPU's estimator (which product picks the pairs "
         "to score exactly; never the answer): by default each is timed on a sample of the data at the first search "
         "of its kind and the fastest is kept in ~/.cache/tiny-knn (TINY_KNN_CACHE_DIR), as --dry-run shows; "
+        "TINY_KNN_PRODUCT=triton forces the GPU's screen (opt-in: not yet checked on a GPU; on the CPU only under "
+        "TRITON_INTERPRET=1); "
         "TINY_KNN_NO_KERNEL=1 and TINY_KNN_NO_TRITON=1 turn the compiled CPU kernel and the "
         "Triton GPU kernel off; TINY_KNN_DIST_TIMEOUT sets torchrun's collective timeout (seconds); "
         "TINY_KNN_DEBUG=1 prints a traceback with unexpected errors.",

@@ -1,5 +1,5 @@
 """Searching: the streaming loop. For each batch of queries, stream the docs in chunks and offer every (query,
-doc) pair of each chunk to the running top-k, by one of two paths (chosen by the plan, `Plan.estimator`):
+doc) pair of each chunk to the running top-k, by one of three paths (chosen by the plan, `Plan.estimator`):
 
 - screened (the CPU, with the compiled kernel): an estimator (estimators.py) estimates every pair within a proven
   bound, and only the pairs the bound cannot rule out are scored exactly (tiny-knn's one definition of a score,
@@ -8,27 +8,28 @@ doc) pair of each chunk to the running top-k, by one of two paths (chosen by the
 - by search keys (a GPU; the CPU without the kernel; --precision bf16-unsafe): one matrix product per (query
   block x doc chunk) tile, whose values are the keys selected; for l2 the candidates are then re-scored exactly
   and certified (refine.py).
+- the GPU's screen (TINY_KNN_PRODUCT=triton, gpu_engine.py): the screened path's design in Triton kernels, with
+  the same answer, bit for bit.
 
 Excluded pairs (exclusions.py) are never offered to the screened path's selection; on the path by keys their
 products are set to -inf before the selection sees them, so they take no place from another doc. A query left
 with fewer than k docs is padded with index -1 (score -inf; +inf for l2).
 
-A background thread reads the next doc chunk from disk (page cache) while the current one is scored, and on the
-screened path prepares it for the estimator. The engine knows nothing of file formats: a Source hands it rows.
+A background thread (streaming.py) reads the next doc chunk from disk (page cache) while the current one is scored,
+and on the screened path prepares it for the estimator. The engine knows nothing of file formats: a Source hands it
+rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import gpu_engine
 from .estimators import Estimator, Operand, make_estimator
 from .exclusions import Exclusions, drop_excluded, mask_excluded
 from .kernel import KERNEL
@@ -40,17 +41,22 @@ from .plan import (
     Plan,
     doc_tiles,
     round_up,
-    threshold_sample_rank,
 )
 from .refine import drop_self, exact_search, refine
 from .sources import Source, from_array
 from .store import MemoryStore, Store
+from .streaming import (
+    Chunk,
+    ProgressCallback,
+    host_chunks,
+    on_device,
+    read_pieces,
+    refuse_non_finite,
+    sample_positions,
+    scored,
+    threshold_sample,
+)
 from .topk import RunningTopK, SortMergeTopK, ThresholdTopK, make_running_topk
-
-ProgressCallback = Callable[[int], None]
-
-# Threads that read each doc chunk for a GPU, in pieces (at most half the cores).
-GPU_READ_THREADS = 8
 
 
 def search(
@@ -132,7 +138,9 @@ def _search_batch(
     if excluded is not None:  # this batch's, by the docs' own rows (a share's from 0)
         batch_rows = np.arange(batch_start, batch_stop, dtype=np.int64) + queries.first_row
         excluded = excluded.rows(batch_rows, docs.first_row, docs.rows)
-    if plan.estimator is not None:
+    if plan.estimator == "triton":
+        scores, indices = gpu_engine.search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
+    elif plan.estimator is not None:
         scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
     else:
         scores, indices = _search_by_keys(host_queries, rows, docs, plan, on_docs_scored, excluded)
@@ -199,7 +207,7 @@ def _screen(
     for first_doc, doc_count, operand, _, _, _ in host_chunks(docs, plan, prepare, check=False):
         if running.add_chunk(estimator, queries, operand, first_doc, doc_count):
             refuse_non_finite(docs, first_doc, doc_count, plan)
-        after_chunk(docs, first_doc, doc_count, on_docs_scored)
+        scored(docs, first_doc, doc_count, on_docs_scored)
     return running
 
 
@@ -263,33 +271,12 @@ def _sampled_thresholds(
 
     Only an estimate: the selector certifies each row afterwards (see ThresholdTopK).
     """
-    sample_docs, rank = _threshold_sample(docs, plan)
+    sample_docs, rank = threshold_sample(docs, plan)
     if excluded is not None:
-        excluded = excluded.sampled(_sample_positions(docs, plan).numpy())
+        excluded = excluded.sampled(sample_positions(docs, plan).numpy())
     running = _screen(queries, rows, from_array(sample_docs, "docs sample"), plan, estimator, rank, None, None,
                       excluded)  # fmt: skip
     return running.result()[0][:, -1]
-
-
-def _sample_positions(docs: Source, plan: Plan) -> torch.Tensor:
-    """The rows of the strided sample of the docs, ascending."""
-    sample = plan.threshold_sample_docs
-    return torch.arange(sample, dtype=torch.int64) * docs.rows // sample
-
-
-def _threshold_sample(docs: Source, plan: Plan) -> tuple[torch.Tensor, int]:
-    """The strided sample of the docs for starting thresholds (refusing NaN and Inf in it), and the rank within it
-    whose score at least `candidates` docs probably beat."""
-    sample = plan.threshold_sample_docs
-    positions = _sample_positions(docs, plan)
-    sample_docs = torch.empty((sample, docs.dim), dtype=plan.compute_dtype)
-    docs.read_rows(positions, sample_docs)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if not np.isfinite(sample_docs.numpy().sum()):  # read_rows does not check
-            bad = positions[~torch.isfinite(sample_docs).all(dim=1)]
-            if bad.numel():  # name the first bad row in the file, which may lie before the sampled one
-                refuse_non_finite(docs, 0, int(bad[0]) + 1, plan)
-    return sample_docs, threshold_sample_rank(docs.rows, plan.candidates, sample, plan.sample_sigmas)
 
 
 # ---- The path by search keys.
@@ -308,8 +295,8 @@ def _search_by_keys(
     query_rows = multiplied.to(device)
     start_thresholds = None
     if plan.threshold_sample_docs:
-        sample_docs, rank = _threshold_sample(docs, plan)
-        in_sample = excluded.sampled(_sample_positions(docs, plan).numpy()) if excluded is not None else None
+        sample_docs, rank = threshold_sample(docs, plan)
+        in_sample = excluded.sampled(sample_positions(docs, plan).numpy()) if excluded is not None else None
         sample_source = from_array(sample_docs, "docs sample")
         sampled, _ = _search_rows(query_rows, rows, sample_source, plan, rank, None, None, excluded=in_sample)
         start_thresholds = sampled.result()[0][:, -1]
@@ -460,37 +447,8 @@ def _search_rows(
                 if excluded is not None:
                     mask_excluded(tile[:block_rows, :real], excluded, block_start, first_doc + doc_lo)
                 running.add(tile[:block_rows, :real], block_start, first_doc + doc_lo)
-        after_chunk(docs, first_doc, doc_count, on_docs_scored)
+        scored(docs, first_doc, doc_count, on_docs_scored)
     return running, largest_sq
-
-
-def after_chunk(docs: Source, first_doc: int, doc_count: int, on_docs_scored: ProgressCallback | None) -> None:
-    """After a chunk: progress, and the tests' pause."""
-    if on_docs_scored is not None:
-        on_docs_scored(doc_count)
-    if first_doc == 0 and docs.role == "docs":
-        _pause_for_tests()
-
-
-def _pause_for_tests() -> None:
-    """Test-only: with TINY_KNN_TEST_PAUSE=PATH, every pass over the docs stops after its first chunk, creates
-    PATH and waits until PATH is deleted, so that a test can act at a known point of a real search (cut an
-    input, start a second run, fill the disk) without racing the search on a slow machine."""
-    path = os.environ.get("TINY_KNN_TEST_PAUSE")
-    if not path:
-        return
-    with open(path, "w"):
-        pass
-    while os.path.exists(path):
-        time.sleep(0.01)
-
-
-def refuse_non_finite(docs: Source, first_doc: int, doc_count: int, plan: Plan) -> None:
-    """Reads docs first_doc... again, checked: raises InvalidInputError naming the first row with NaN or Inf.
-    Returns if there is none (finite docs whose keys overflowed float32)."""
-    rows = torch.empty((min(doc_count, plan.doc_chunk_rows), docs.dim), dtype=plan.compute_dtype)
-    for start in range(first_doc, first_doc + doc_count, rows.shape[0]):
-        docs.read_into(start, min(start + rows.shape[0], first_doc + doc_count), rows, check=True)
 
 
 def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chunk]:
@@ -500,8 +458,6 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
     On the CPU the rows are reused two chunks later, so the caller must be done with them before asking for the
     next-but-one."""
     cuda = device.type == "cuda"
-    # A GPU scores faster than one thread copies (and checks) from the page cache: read in parallel pieces.
-    pieces = max(1, min(GPU_READ_THREADS, (os.cpu_count() or 1) // 2)) if cuda else 1
 
     def prepare(buffer: torch.Tensor, count: int, slot: int) -> tuple[Any, torch.Tensor | None, float]:
         offsets, largest_sq = prepare_docs(buffer[:count], plan.metric, plan.precision)
@@ -511,81 +467,4 @@ def _doc_chunks(docs: Source, plan: Plan, device: torch.device) -> Iterator[Chun
         padded[:count] = offsets
         return buffer, padded, largest_sq
 
-    chunks = host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=pieces)
-    if not cuda:
-        yield from ((start, count, rows, offsets, sq) for start, count, rows, offsets, sq, _ in chunks)
-        return
-    stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    uploaded: Chunk | None = None
-    for start, count, rows, offsets, largest_sq, copied in chunks:
-        with torch.cuda.stream(stream):
-            on_device = rows.to(device, non_blocking=True)
-            device_offsets = None if offsets is None else offsets.pin_memory().to(device, non_blocking=True)
-            assert copied is not None
-            copied.record(stream)  # the reader waits for this before it refills the host buffer
-        if uploaded is not None:
-            yield uploaded  # scored while the next chunk is on its way
-        torch.cuda.current_stream(device).wait_stream(stream)
-        for tensor in (on_device, device_offsets):
-            if tensor is not None:
-                tensor.record_stream(torch.cuda.current_stream(device))
-        uploaded = (start, count, on_device, device_offsets, largest_sq)
-    if uploaded is not None:
-        yield uploaded
-
-
-Chunk = tuple[int, int, Any, torch.Tensor | None, float]
-HostChunk = tuple[int, int, Any, torch.Tensor | None, float, "torch.cuda.Event | None"]
-# prepare(padded rows, real rows, buffer number) -> (what the chunk is scored from, key offsets, largest |d|^2)
-Prepare = Callable[[torch.Tensor, int, int], tuple[Any, torch.Tensor | None, float]]
-
-
-def host_chunks(
-    docs: Source, plan: Plan, prepare: Prepare, check: bool = True, pinned: bool = False, pieces: int = 1
-) -> Iterator[HostChunk]:
-    """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of
-    the rows) while the one before is used, into two buffers in turn, and handed to `prepare` on the same thread
-    (padded with zero rows to the alignment, with the buffer's number); `check`: refuse NaN and Inf (see
-    Source.read_into). With `pinned`, the buffers are pinned and each chunk comes with a CUDA event: once recorded
-    after the chunk's copy to the GPU, the reader waits for it before filling that buffer again."""
-    chunk_rows = plan.doc_chunk_rows
-    buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pinned) for _ in range(2)]
-    copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # type: ignore[no-untyped-call]
-    starts = range(0, docs.rows, chunk_rows)
-
-    piece_readers = ThreadPoolExecutor(pieces, thread_name_prefix="tiny-knn-read-piece") if pieces > 1 else None
-
-    def read_piece(start: int, lo: int, hi: int, buffer: torch.Tensor) -> None:
-        docs.read_into(start + lo, start + hi, buffer[lo:], check)
-
-    def read(index: int) -> HostChunk:
-        start = starts[index]
-        count = min(chunk_rows, docs.rows - start)
-        buffer, event = buffers[index % 2], copied[index % 2]
-        if event is not None:
-            event.synchronize()  # returns at once if never recorded
-        if piece_readers is None:
-            docs.read_into(start, start + count, buffer, check)
-        else:
-            step = -(-count // pieces)
-            ranges = [(lo, min(lo + step, count)) for lo in range(0, count, step)]
-            for done in [piece_readers.submit(read_piece, start, lo, hi, buffer) for lo, hi in ranges]:
-                done.result()  # in order: the first bad row named is the first in the file
-        padded = round_up(count, COL_ALIGN)
-        buffer[count:padded].numpy().fill(0)
-        operand, offsets, largest_sq = prepare(buffer[:padded], count, index % 2)
-        return start, count, operand, offsets, largest_sq, event
-
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiny-knn-read") as reader:
-            pending: Future[HostChunk] = reader.submit(read, 0)
-            for index in range(len(starts)):
-                chunk = pending.result()
-                if index + 1 < len(starts):
-                    # The other buffer was last used by the previous chunk, whose tiles are fully scored (or,
-                    # on a GPU, whose copy the reader waits for).
-                    pending = reader.submit(read, index + 1)
-                yield chunk
-    finally:
-        if piece_readers is not None:
-            piece_readers.shutdown()
+    yield from on_device(host_chunks(docs, plan, prepare, check=True, pinned=cuda, pieces=read_pieces(device)), device)

@@ -44,6 +44,12 @@ def available() -> bool:
     return gpu_survivors.available()
 
 
+def interpreted() -> bool:
+    """Whether Triton interprets these kernels in this process (TRITON_INTERPRET=1 when Triton was imported): they
+    then run on CPU tensors. Imports Triton."""
+    return bool(_kernels()[1].interpreted)
+
+
 @dataclass(frozen=True)
 class PreparedRows:
     """Rows as the screen takes them (tk_prepare_rows's outputs for a bfloat16 estimator):
@@ -57,6 +63,11 @@ class PreparedRows:
     second: torch.Tensor
     third: torch.Tensor | None
     query: bool
+
+    def rows(self, start: int, stop: int) -> PreparedRows:
+        """Rows start..stop of these (views, no copy)."""
+        third = None if self.third is None else self.third[start:stop]
+        return PreparedRows(self.values[start:stop], self.first[start:stop], self.second[start:stop], third, self.query)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,13 @@ CPU_DOC_CHUNK_ROWS = 4096
 CPU_TILE_DOCS = 1024
 CUDA_QUERY_BLOCK_ROWS = 8192
 CUDA_DOC_CHUNK_ROWS = 65536
-# Sampled starting threshold (threshold selection only): score each query against a strided sample of
+# The GPU screen's survivor buffer (gpu_engine.py): room for this many pairs per query row of a batch, within bounds
+# (never less than the batch's rows: a piece of one doc then always fits). A chunk whose survivors do not fit is
+# screened again in pieces; the bytes count the pairs, their exact scores and the offer's temporaries.
+GPU_SURVIVORS_PER_ROW = 128
+GPU_SURVIVORS_MIN, GPU_SURVIVORS_MAX = 2**12, 2**24
+GPU_SURVIVOR_BYTES = 96
+# Sampled starting threshold (threshold selection, and the screens): score each query against a strided sample of
 # the docs and start from a score that, with high probability, at least k docs beat. Used only where the
 # expected rank of the k-th best doc within the sample is large enough for the estimate to be tight. A row
 # whose estimate was too high needs a second pass over the docs, which costs about as much as the sample
@@ -168,14 +174,24 @@ class Plan:
             + (", excluding each query's own row" if self.exclude_self else "")
             + (f", precision {self.precision}" if self.precision != "exact" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
-            f"query batch {self.query_batch_rows} rows ({order}), matrix-product block {self.query_block_rows} "
-            f"rows{' per thread' if self.estimator else ''}, doc chunk {self.doc_chunk_rows} rows",
             (
-                f"scores: exact (tiny-knn's one definition), screened by the {self.estimator} estimator"
-                + (f" ({self.estimator_choice})" if self.estimator_choice else "")
+                f"query batch {self.query_batch_rows} rows ({order}), screened whole against each doc chunk of "
+                f"{self.doc_chunk_rows} rows, survivors in a buffer of {gpu_survivor_capacity(self.query_batch_rows)} "
+                "pairs"
+                if self.estimator == "triton"
+                else f"query batch {self.query_batch_rows} rows ({order}), matrix-product block "
+                f"{self.query_block_rows} rows{' per thread' if self.estimator else ''}, doc chunk "
+                f"{self.doc_chunk_rows} rows"
+            ),
+            (
+                "scores: exact (tiny-knn's one definition), screened by the Triton path (gpu_screen: bfloat16 "
+                "estimates within a proven bound, survivors re-scored in tk_dot's order)"
+                if self.estimator == "triton"
+                else f"scores: exact (tiny-knn's one definition), screened by the {self.estimator} estimator"
                 if self.estimator
                 else "scores: the products' own (by search keys" + (", re-scored exactly)" if self.refined else ")")
-            ),
+            )
+            + (f" ({self.estimator_choice})" if self.estimator and self.estimator_choice else ""),
             f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
         ]
 
@@ -185,6 +201,11 @@ def pool_capacity(k: int) -> int:
     """Keys a query row of topk.ThresholdTopK can hold before compaction: at least k spare slots, so
     compaction is rare."""
     return k + max(k, 256)
+
+
+def gpu_survivor_capacity(rows: int) -> int:
+    """Pairs the GPU screen's survivor buffer holds for a batch of `rows` query rows."""
+    return max(rows, min(GPU_SURVIVORS_MAX, max(GPU_SURVIVORS_MIN, rows * GPU_SURVIVORS_PER_ROW)))
 
 
 def gpu_pool_capacity(k: int) -> int:
@@ -201,10 +222,11 @@ def selection_state_bytes(k: int, selection: str) -> int:
     return k * (SCORE_BYTES + INDEX_BYTES)
 
 
-def threshold_sample_docs(docs: int, k: int, selection: str) -> int:
-    """How many docs to sample for a starting threshold (0: not worth it, or not the threshold selector)."""
+def threshold_sample_docs(docs: int, k: int, selection: str, screened: bool = False) -> int:
+    """How many docs to sample for a starting threshold (0: not worth it, or neither the threshold selector nor a
+    screen)."""
     sample = round_up(max(COL_ALIGN, int(docs * THRESHOLD_SAMPLE_FRACTION)), COL_ALIGN)
-    if selection != "threshold" or sample >= docs or k * sample / docs < THRESHOLD_SAMPLE_MIN_RANK:
+    if (selection != "threshold" and not screened) or sample >= docs or k * sample / docs < THRESHOLD_SAMPLE_MIN_RANK:
         return 0
     return sample
 
@@ -239,11 +261,13 @@ def estimate_bytes(
     results_on_disk: bool = False,
     threads: int = 1,
     screened: bool = False,
+    triton: bool = False,
 ) -> int:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
     for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings).
     `screened`: the estimator also holds its form of the queries and of both doc buffers (at most as large
-    again), and their factors."""
+    again), and their factors. `triton` (the GPU screen, with the pool selector): no tile, but the survivor buffer
+    and the pools' cut of the whole batch (its k best, and a fresh pool)."""
     candidates = candidates or k
     copies = 2 if screened else 1
     resident_queries = copies * round_up(batch_rows, ROW_ALIGN) * dim * 4
@@ -263,9 +287,12 @@ def estimate_bytes(
             # their scores copied, their pools and the tile's best keys joined
             pool_bytes = selection_state_bytes(candidates, selection)
             tile += block_rows * pool_bytes + -(-block_rows // 8) * (chunk_rows * SCORE_BYTES + 3 * pool_bytes)
+    if triton:
+        cut = batch_rows * (selection_state_bytes(candidates, selection) + candidates * 2 * INDEX_BYTES)
+        tile = gpu_survivor_capacity(batch_rows) * GPU_SURVIVOR_BYTES + cut
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
-    sample = threshold_sample_docs(docs, candidates, selection)
+    sample = threshold_sample_docs(docs, candidates, selection, screened)
     sample_bytes = sample * (dim * 4 + block_rows * SCORE_BYTES)  # sampled docs and one block's scores
     return resident_queries + state + doc_buffers + tile + results + sample_bytes
 
@@ -327,6 +354,7 @@ def make_plan(
             results_on_disk=results_on_disk,
             threads=threads,
             screened=screened,
+            triton=estimator == "triton",
         )
 
     while True:
@@ -361,7 +389,7 @@ def make_plan(
         query_block_rows=block,
         doc_chunk_rows=chunk,
         selection=selection,
-        threshold_sample_docs=threshold_sample_docs(docs, candidates, selection),
+        threshold_sample_docs=threshold_sample_docs(docs, candidates, selection, screened),
         budget_bytes=budget_bytes,
         peak_bytes=cost(batch, block, chunk),
         metric=metric,

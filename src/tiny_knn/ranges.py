@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .backend import available_bytes, default_budget_bytes, resolve
-from .engine import after_chunk, host_chunks, matmul_precision, refuse_non_finite
+from .engine import matmul_precision
 from .errors import InvalidInputError, MemoryBudgetError, TinyKnnWarning
 from .estimators import Estimator, Operand, make_estimator
 from .exclusions import Exclusions
@@ -48,6 +48,7 @@ from .plan import (
     selection_state_bytes,
 )
 from .sources import RowRange, Source, check_compatible
+from .streaming import host_chunks, refuse_non_finite, scored
 from .topk import MAX_KERNEL_DOCS, RunningTopK, ThresholdTopK
 
 # An uncapped pool's room past a chunk of docs: the kernels' k is the padded chunk and RANGE_K_MARGIN (more docs
@@ -201,6 +202,8 @@ def plan_ranges(
     if docs.rows >= MAX_KERNEL_DOCS:
         raise InvalidInputError(f"{docs.label()}: {docs.rows} rows; a range search takes fewer than 2**32 docs")
     backend = resolve(queries, docs, cap or 10, force_cpu=True, metric=metric, precision="exact")
+    if backend.estimator == "triton":
+        raise InvalidInputError("TINY_KNN_PRODUCT=triton: range search runs on the CPU's estimators only; unset it")
     assert backend.estimator is not None
     budget = max_memory if max_memory is not None else default_budget_bytes("cpu")
     there = available_bytes("cpu")
@@ -452,7 +455,7 @@ def _range_batch(
             if isinstance(selector, RangeSelector):
                 for found in selector.drain(group):
                     emit(*found)
-            after_chunk(doc_view, first_doc, doc_count, on_docs_scored)
+            scored(doc_view, first_doc, doc_count, on_docs_scored)
         if isinstance(selector, CappedSelector):
             for found in selector.pairs():
                 emit(*found)

@@ -6,7 +6,8 @@ below rely on score tiles arriving in ascending document order for any given que
 
 `ThresholdTopK` is the fast CPU path (a small C kernel: one compare per score, work only for survivors).
 `PoolTopK` is the GPU path (a Triton pass appends each row's scores above its threshold to a pool of packed
-64-bit keys, cut back to the k best by torch.topk now and then); `PackedTopK` the GPU's without Triton
+64-bit keys, cut back to the k best by torch.topk now and then; the GPU's screen offers it scattered exact
+scores instead, `offer`); `PackedTopK` the GPU's without Triton
 (torch.topk of every tile's packed keys). Neither sorts until the end.
 `SortMergeTopK` is the straightforward method, in plain PyTorch on any device; it is also the reference
 both are tested against, bit for bit.
@@ -303,12 +304,28 @@ class PoolTopK(RunningTopK):
     that tile's keys from tile_best_keys instead. Needs fewer than 2**32 docs.
     """
 
-    def __init__(self, rows: int, k: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, rows: int, k: int, device: torch.device | str = "cpu", start_thresholds: torch.Tensor | None = None
+    ) -> None:
         super().__init__(rows, k)
         self.capacity = gpu_pool_capacity(k)
         self._pool = torch.full((rows, self.capacity), _EMPTY, dtype=torch.int64, device=device)
         self._fills = torch.zeros(rows, dtype=torch.int32, device=device)
-        self._thresholds = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+        # A start threshold (offer only) is a floor under each row's threshold, as in ThresholdTopK
+        self._floor = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)
+        if start_thresholds is not None:
+            self._floor.copy_(start_thresholds)
+        self._thresholds = self._floor.clone()
+        self._uncertain = torch.empty(0, dtype=torch.int64)
+        # offer's host-side bookkeeping, so that it needs no synchronisation: no row holds more keys than
+        # _fill_bound; _open until the first cut after some row may hold k keys
+        self._fill_bound, self._open = 0, True
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Each row's threshold (float32, on the pool's device): every doc that can still enter the row's k best
+        scores at least this (its k-th best at the last cut, at least the start threshold)."""
+        return self._thresholds
 
     def add(self, scores: torch.Tensor, row_start: int, first_doc: int) -> None:
         if not scores.numel():
@@ -337,9 +354,51 @@ class PoolTopK(RunningTopK):
         if most_filled + 2 * most_added + 64 > self.capacity:  # the next tile might not fit
             self._cut(rows, self._pool[rows])
 
+    def offer(self, rows: torch.Tensor, docs: torch.Tensor, scores: torch.Tensor, most: int | None = None) -> None:
+        """Offers scattered exact scores: scores[i] (float32) of doc docs[i] for row rows[i] (int64, on the pool's
+        device; docs numbered as the answer numbers them), in any order, each (row, doc) at most once over the
+        whole search. A doc < 0 is no doc (an excluded pair): it takes no place. `most`: how many of them any one
+        row receives at most, if the caller knows (else it is counted here, which reads it back to the host).
+
+        Unlike add, any order of docs is fine: the keys are kept as they come, and each cut keeps the k smallest
+        keys, (score, doc) together. The pools are cut before they could overflow (a row offered more than a cut
+        pool holds takes its keys in turns), and when cutting would raise the thresholds much. A pool is fed by
+        offer or by add, never both: each keeps its own count of the room left."""
+        count = rows.numel()
+        if not count:
+            return
+        keys = torch.where(docs < 0, _EMPTY, _pack(scores, docs.clamp(min=0)))
+        per_row = torch.zeros(self.rows, dtype=torch.int64, device=rows.device)
+        per_row.index_add_(0, rows, torch.ones_like(rows))
+        most = int(per_row.max()) if most is None else most
+        order = torch.argsort(rows, stable=True)
+        rows, keys = rows[order], keys[order]
+        rank = torch.arange(count, device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+        room = self.capacity - self.k  # what a cut pool holds besides its k best
+        for first in range(0, most, room):
+            turn = min(room, most - first)
+            if self._fill_bound + turn > self.capacity:
+                self.cut()
+            turn_rows, turn_keys, turn_rank = rows, keys, rank
+            if turn < most:  # a row with more keys than room (a pass's first docs): reads the turn's size back
+                inside = torch.nonzero((rank >= first) & (rank < first + turn)).flatten()
+                turn_rows, turn_keys, turn_rank = rows[inside], keys[inside], rank[inside] - first
+            self._pool[turn_rows, self._fills[turn_rows].long() + turn_rank] = turn_keys
+            self._fills += (per_row - first).clamp(0, turn).to(torch.int32)
+            self._fill_bound += turn
+        self.survivors += count
+        if (self._open and self._fill_bound >= self.k) or self._fill_bound + 2 * min(most, room) + 64 > self.capacity:
+            self.cut()
+            self._open = False
+
+    def cut(self) -> None:
+        """Cuts every row's pool back to its k best, raising the thresholds to the k-th best's score."""
+        self._cut(slice(None), self._pool)
+        self._fill_bound = self.k
+
     def _cut(self, rows: slice | torch.Tensor, keys: torch.Tensor) -> None:
         """Sets the pools of `rows` to the k best of `keys` (one row of keys each) and their thresholds to the
-        k-th best's score (-inf while fewer than k docs are held)."""
+        k-th best's score (-inf while fewer than k docs are held), or the start threshold if higher."""
         best = torch.topk(keys, self.k, dim=1, largest=False, sorted=False).values
         worst = best.max(dim=1).values
         scores, _ = _unpack(worst)
@@ -347,11 +406,19 @@ class PoolTopK(RunningTopK):
         pool[:, : self.k] = best
         self._pool[rows] = pool
         self._fills[rows] = self.k
-        self._thresholds[rows] = scores.masked_fill(worst == _EMPTY, float("-inf"))
+        self._thresholds[rows] = torch.maximum(scores.masked_fill(worst == _EMPTY, float("-inf")), self._floor[rows])
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         best = torch.topk(self._pool, self.k, dim=1, largest=False, sorted=False).values
-        return _sorted_result(best)
+        scores, indices = _sorted_result(best)
+        # With a start threshold, docs scoring at or below it may have been left out (offer's caller screens by
+        # the thresholds): the row is certified only if its k-th best is above it, as in ThresholdTopK
+        floor = self._floor.cpu()
+        self._uncertain = torch.nonzero((scores[:, -1] <= floor) & (floor > float("-inf"))).flatten()
+        return scores, indices
+
+    def uncertain_rows(self) -> torch.Tensor:
+        return self._uncertain
 
 
 def tile_best_keys(scores: torch.Tensor, first_doc: int, k: int) -> torch.Tensor:

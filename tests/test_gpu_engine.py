@@ -1,0 +1,374 @@
+"""The GPU's screened search (gpu_engine.py, TINY_KNN_PRODUCT=triton) against the CPU's screened one, byte for byte,
+run by Triton's interpreter on CPU tensors; and the pools' offer of scattered survivors (topk.PoolTopK.offer)
+against the reference selector, bit for bit.
+
+As in test_gpu_screen.py, whatever runs the kernels runs in a process of its own that interprets them (Triton
+decides when it is imported); the CPU's answers, the reference, are computed here. One test runs the command
+itself, as a user would: `TRITON_INTERPRET=1 TINY_KNN_PRODUCT=triton tiny-knn Q D --cpu`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from capabilities import needs_kernel, needs_triton
+from test_gpu_screen import interpreted  # noqa: F401  (the fixture: a process that interprets)
+
+from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search
+from tiny_knn.api import prepare
+from tiny_knn.errors import InvalidInputError
+from tiny_knn.exclusions import Exclusions, drop_excluded, exclusions_from_array
+from tiny_knn.options import SearchOptions, plan_search
+from tiny_knn.plan import gpu_pool_capacity
+from tiny_knn.sources import from_array
+from tiny_knn.topk import PoolTopK, SortMergeTopK
+
+# ---- PoolTopK.offer: scattered exact scores, against SortMergeTopK
+
+
+def tied_scores(rows: int, docs: int, seed: int) -> torch.Tensor:
+    """Scores with many ties (few distinct values), -0.0 beside +0.0, and real docs scoring -inf."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-6, 7, (rows, docs), generator=generator).float() / 4
+    scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=generator) < 0.5, -0.0, 0.0)
+    scores[torch.rand(rows, docs, generator=generator) < 0.02] = float("-inf")
+    return scores
+
+
+def reference_top(
+    scores: torch.Tensor, k: int, chunk: int, excluded: Exclusions | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SortMergeTopK over the chunks, the excluded pairs masked and then dropped (with room for them all)."""
+    widest = 0 if excluded is None else excluded.widest()
+    reference = SortMergeTopK(scores.shape[0], k + widest)
+    for start in range(0, scores.shape[1], chunk):
+        tile = scores[:, start : start + chunk].clone()
+        if excluded is not None:
+            rows, docs = excluded.block(0, scores.shape[0], start, start + tile.shape[1])
+            tile[torch.from_numpy(rows), torch.from_numpy(docs)] = float("-inf")
+        reference.add(tile, 0, start)
+    best, indices = reference.result()
+    if excluded is None:
+        return best, indices
+    return drop_excluded(best, indices, excluded, k, float("-inf"))
+
+
+def offered(
+    scores: torch.Tensor,
+    k: int,
+    chunk: int,
+    excluded: Exclusions | None,
+    keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    start_thresholds: torch.Tensor | None = None,
+    tell_most: bool = True,
+) -> PoolTopK:
+    """Every chunk's pairs (those `keep` keeps of them, given the scores and the pool's thresholds) offered to a
+    PoolTopK in a random order, excluded pairs as doc -1."""
+    rows, docs = scores.shape
+    pool = PoolTopK(rows, k, start_thresholds=start_thresholds)
+    generator = torch.Generator().manual_seed(k)
+    for start in range(0, docs, chunk):
+        tile = scores[:, start : start + chunk]
+        chosen = torch.ones_like(tile, dtype=torch.bool) if keep is None else keep(tile, pool.thresholds)
+        row, column = torch.nonzero(chosen, as_tuple=True)
+        order = torch.randperm(row.numel(), generator=generator)
+        row, column = row[order], column[order]
+        doc = column + start
+        if excluded is not None:
+            doc = torch.where(_excluded(excluded, row, doc), -1, doc)
+        most = int(torch.bincount(row, minlength=rows).max()) if row.numel() and tell_most else None
+        pool.offer(row, doc, tile[row, column], most=most)
+    return pool
+
+
+def _excluded(excluded: Exclusions, rows: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Whether each (row, doc) is excluded."""
+    return torch.tensor([int(doc) in set(excluded.docs[excluded.offsets[row] : excluded.offsets[row + 1]].tolist())
+                         for row, doc in zip(rows.tolist(), docs.tolist(), strict=True)], dtype=torch.bool)  # fmt: skip
+
+
+def assert_same(ours: tuple[torch.Tensor, torch.Tensor], theirs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert torch.equal(ours[1], theirs[1]), (ours[1], theirs[1])
+    assert torch.equal(ours[0].view(torch.int32), theirs[0].view(torch.int32))
+
+
+@pytest.mark.parametrize(("rows", "docs", "k", "chunk"), [(7, 300, 5, 64), (5, 900, 40, 128), (3, 50, 60, 16)])
+@pytest.mark.parametrize("tell_most", [True, False])
+def test_offered_survivors_in_any_order_select_as_the_sort_does(rows, docs, k, chunk, tell_most) -> None:  # type: ignore[no-untyped-def]
+    """Every pair offered, scattered: the k best by (score, doc), ties, -0.0 and -inf included; k above the docs
+    (k=60 of 50) pads with -1 and -inf, as the sort does."""
+    scores = tied_scores(rows, docs, k)
+    pool = offered(scores, k, chunk, None, tell_most=tell_most)
+    assert_same(pool.result(), reference_top(scores, k, chunk, None))
+    assert pool.uncertain_rows().numel() == 0
+
+
+def test_rows_offered_more_than_a_cut_pool_holds_take_them_in_turns() -> None:
+    """A chunk of 3000 docs at once: more than the pool's room after a cut (its capacity less k), every row."""
+    scores = tied_scores(4, 6000, 1)
+    assert gpu_pool_capacity(8) - 8 < 3000
+    assert_same(offered(scores, 8, 3000, None).result(), reference_top(scores, 8, 3000, None))
+
+
+def test_excluded_pairs_offered_as_no_doc_take_no_place() -> None:
+    """Doc -1 (an excluded pair) is never selected, even where a row is left with fewer than k docs, nor pushes out
+    a real doc scoring -inf."""
+    scores = tied_scores(6, 200, 2)
+    generator = torch.Generator().manual_seed(3)
+    pairs = [(row, doc) for row in range(6) for doc in torch.randperm(200, generator=generator)[:30].tolist()]
+    pairs += [(5, doc) for doc in range(200) if (5, doc) not in pairs[-30:]]  # row 5: no doc left at all
+    excluded = exclusions_from_array(np.array(pairs), 6, 200)
+    assert_same(offered(scores, 20, 64, excluded).result(), reference_top(scores, 20, 64, excluded))
+
+
+def test_only_what_the_thresholds_keep_is_offered_and_start_thresholds_are_certified() -> None:
+    """Offered only the pairs at or above each row's threshold (as the screen keeps them), from start thresholds:
+    rows whose k-th best is above its start threshold are the sort's answer; the others are uncertain."""
+    scores = tied_scores(9, 800, 4)
+    reference = reference_top(scores, 12, 100, None)
+    start = reference[0][:, -1].clone()
+    start[:3] = float("-inf")  # none: certain
+    start[3:6] = torch.nextafter(start[3:6], torch.tensor(float("-inf")))  # just below the k-th: certain
+    # rows 6..8: at the k-th best itself (ties below it may be lost): uncertain
+    pool = offered(scores, 12, 100, None, keep=lambda tile, thresholds: ~(tile < thresholds[:, None]),
+                   start_thresholds=start)  # fmt: skip
+    ours = pool.result()
+    assert pool.uncertain_rows().tolist() == [6, 7, 8]
+    assert_same((ours[0][:6], ours[1][:6]), (reference[0][:6], reference[1][:6]))
+
+
+# ---- The search under Triton's interpreter, against the CPU's
+
+
+def duplicated_rows(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """40 queries x 700 docs x 24 dims with ties: docs repeated (one of them 12 times, in several chunks), and
+    queries that are docs."""
+    generator = torch.Generator().manual_seed(seed)
+    queries, docs = torch.randn(40, 24, generator=generator), torch.randn(700, 24, generator=generator)
+    docs[100:112] = docs[5]
+    docs[650:655] = docs[5]
+    docs[300:310] = docs[301]
+    queries[3], queries[17], queries[30] = docs[5], docs[301], docs[650] * 3
+    return queries, docs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The files: queries, docs, and a file of excluded pairs (rows 3 and 17 lose their tied docs)."""
+    folder = tmp_path_factory.mktemp("gpu-engine")
+    queries, docs = duplicated_rows(0)
+    paths = {"queries": str(folder / "q.pt"), "docs": str(folder / "d.pt"), "pairs": str(folder / "pairs.txt")}
+    torch.save(queries, paths["queries"])
+    torch.save(docs, paths["docs"])
+    pairs = [(3, doc) for doc in (5, *range(100, 106), 652)] + [(17, doc) for doc in range(300, 310)]
+    pairs += [(row, (row * 37) % 700) for row in range(40)]
+    with open(paths["pairs"], "w") as stream:
+        stream.writelines(f"{row} {doc}\n" for row, doc in pairs)
+    return paths
+
+
+@contextlib.contextmanager
+def product(name: str) -> Iterator[None]:
+    """TINY_KNN_PRODUCT=name for the duration."""
+    saved = os.environ.get("TINY_KNN_PRODUCT")
+    os.environ["TINY_KNN_PRODUCT"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TINY_KNN_PRODUCT"]
+        else:
+            os.environ["TINY_KNN_PRODUCT"] = saved
+
+
+def run_command(argv: list[str], triton: bool) -> int:
+    """cli.main(argv), by the Triton path or the CPU's default."""
+    with product("triton") if triton else contextlib.nullcontext():
+        return cli.main(argv)
+
+
+def same_files(ours: str, theirs: str) -> None:
+    mine, reference = torch.load(ours, weights_only=True), torch.load(theirs, weights_only=True)
+    assert mine["device"] == reference["device"] == "cpu"
+    assert torch.equal(mine["indices"], reference["indices"]), (mine["indices"] != reference["indices"]).nonzero()
+    assert torch.equal(mine["scores"].view(torch.int32), reference["scores"].view(torch.int32))
+
+
+def search_arguments(inputs: dict[str, str], out: str, metric: str, k: int, extra: list[str]) -> list[str]:
+    return [inputs["queries"], inputs["docs"], "--cpu", "--k", str(k), "--metric", metric, "--quiet",
+            "--output-path", out, *extra]  # fmt: skip
+
+
+@needs_kernel
+@needs_triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_the_triton_path_answers_the_cpus_answer_byte_for_byte(interpreted, inputs, tmp_path, metric) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """ip, cosine and l2 with ties: k=10 in chunks of 128 docs and in one chunk (whose survivors overflow the buffer:
+    it is screened again in pieces); k=300, more than a chunk brings, from sampled start thresholds; and with
+    excluded pairs (rows left with their tied docs excluded)."""
+    cases = [
+        (10, ["--chunk-size", "128"]),
+        (10, []),
+        (300, ["--chunk-size", "128", "--batch-size", "16"]),
+        (25, ["--chunk-size", "192", "--exclude-pairs", inputs["pairs"]]),
+    ]
+    for number, (k, extra) in enumerate(cases):
+        theirs, ours = str(tmp_path / f"cpu{number}.pt"), str(tmp_path / f"triton{number}.pt")
+        assert run_command(search_arguments(inputs, theirs, metric, k, extra), triton=False) == 0
+        assert interpreted(run_command, search_arguments(inputs, ours, metric, k, extra), True) == 0
+        same_files(ours, theirs)
+
+
+def check_dry_run(inputs: dict[str, str], capture: str) -> tuple[int, str]:
+    with open(capture, "w") as stream, contextlib.redirect_stdout(stream):
+        code = run_command([inputs["queries"], inputs["docs"], "--cpu", "--k", "10", "--dry-run"], True)
+    with open(capture) as stream:
+        return code, stream.read()
+
+
+@needs_triton
+def test_dry_run_names_the_triton_path(interpreted, inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    code, text = interpreted(check_dry_run, inputs, str(tmp_path / "plan.txt"))
+    assert code == 0
+    assert "screened by the Triton path" in text and "forced by TINY_KNN_PRODUCT; on the CPU, by Triton's " in text
+
+
+def hard_case() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """duplicated_rows, the first docs the queries themselves (ties with them), and excluded pairs."""
+    queries, docs = duplicated_rows(1)
+    docs[:40] = queries
+    pairs = np.array([(row, (row * 11) % 700) for row in range(40)] + [(3, 5), (3, 100), (3, 101)])
+    return queries, docs, pairs
+
+
+def check_hard_cases(metric: str) -> dict[str, Any]:
+    """The search with a small survivor buffer (8 pairs a row: most chunks are screened in many pieces), and
+    with start thresholds far too high (every row searched again): the answers, and how often each happened."""
+    queries, docs, pairs = hard_case()
+    counts = {"pieces": 0, "passes": 0}
+    piece, screen, capacity = gpu_engine._Screening._piece, gpu_engine._screen, gpu_engine.gpu_survivor_capacity
+
+    def counted_piece(self, doc_rows, prepared, first_doc, lo, hi) -> None:  # type: ignore[no-untyped-def]
+        counts["pieces"] += hi - lo < doc_rows.shape[0]  # a piece of a chunk, after an overflow
+        piece(self, doc_rows, prepared, first_doc, lo, hi)
+
+    def counted_screen(*args) -> Any:  # type: ignore[no-untyped-def]
+        counts["passes"] += 1
+        return screen(*args)
+
+    gpu_engine._Screening._piece = counted_piece  # type: ignore[method-assign]
+    gpu_engine._screen = counted_screen
+    answers = {}
+    try:
+        with product("triton"):
+            gpu_engine.gpu_survivor_capacity = lambda rows: 8 * rows
+            answers["small buffer"] = search(queries, docs, k=30, metric=metric, exclude_pairs=pairs, chunk_size=256)
+            gpu_engine.gpu_survivor_capacity = capacity
+            pieces, counts["pieces"] = counts["pieces"], 0
+            q_source, d_source = from_array(queries, "queries"), from_array(docs, "docs")
+            plan = plan_search(q_source, d_source, 300, SearchOptions(force_cpu=True, metric=metric, chunk_size=128))
+            assert plan.threshold_sample_docs > 0 and plan.estimator == "triton"
+            excluded = exclusions_from_array(pairs, 40, 700)
+            counts["passes"] = 0
+            scores, indices, _ = engine.search(q_source, d_source, replace(plan, sample_sigmas=-100.0),
+                                               excluded=excluded)  # fmt: skip
+            answers["redone"] = (scores, indices)
+    finally:
+        gpu_engine._Screening._piece, gpu_engine._screen = piece, screen  # type: ignore[method-assign]
+        gpu_engine.gpu_survivor_capacity = capacity
+    return {"answers": answers, "pieces": pieces, "passes": counts["passes"]}
+
+
+@needs_kernel
+@needs_triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_overflowing_buffers_and_start_thresholds_too_high_still_give_the_cpus_answer(interpreted, metric) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    result = interpreted(check_hard_cases, metric)
+    assert result["pieces"] > 10, result["pieces"]  # screened again in pieces
+    assert result["passes"] == 3  # the sample, the search, and the search again of every row
+    queries, docs, pairs = hard_case()
+    assert_same(result["answers"]["small buffer"], search(queries, docs, k=30, metric=metric, exclude_pairs=pairs))
+    assert_same(result["answers"]["redone"], search(queries, docs, k=300, metric=metric, exclude_pairs=pairs))
+
+
+@needs_kernel
+@needs_triton
+def test_the_command_runs_the_triton_path_under_the_interpreter(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`TRITON_INTERPRET=1 TINY_KNN_PRODUCT=triton tiny-knn Q D --cpu ...`, a process of its own, as a user runs it."""
+    theirs, ours = str(tmp_path / "cpu.pt"), str(tmp_path / "triton.pt")
+    arguments = search_arguments(inputs, theirs, "cosine", 20, ["--exclude-pairs", inputs["pairs"]])
+    assert cli.main(arguments) == 0
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "TINY_KNN_PRODUCT": "triton"}
+    arguments[arguments.index(theirs)] = ours
+    done = subprocess.run([sys.executable, "-m", "tiny_knn", *arguments], env=environment, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_files(ours, theirs)
+
+
+# ---- Forced where it cannot run: an error, never a fallback; never chosen unforced
+
+
+@needs_triton
+def test_forced_triton_without_the_interpreter_on_the_cpu_is_one_line_error(inputs, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    if gpu_screen.interpreted():
+        pytest.skip("this process interprets Triton's kernels (TRITON_INTERPRET=1): the Triton path runs here")
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "triton")
+    assert cli.main([inputs["queries"], inputs["docs"], "--cpu", "--k", "5", "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "TINY_KNN_PRODUCT=triton" in error and "TRITON_INTERPRET=1" in error
+
+
+def test_forced_triton_switched_off_is_an_error(inputs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "triton")
+    monkeypatch.setenv("TINY_KNN_NO_TRITON", "1")
+    with pytest.raises(InvalidInputError, match="TINY_KNN_PRODUCT=triton: needs Triton"):
+        prepare(inputs["queries"], inputs["docs"], 5, SearchOptions(force_cpu=True))
+
+
+def test_cuda_keeps_the_path_by_keys_unless_triton_is_forced(inputs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The Triton path has not run on a GPU: a CUDA search takes today's path unless it is forced."""
+    monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend, "default_selection", lambda device, docs: "pool")
+    queries, docs = from_array(torch.zeros(4, 8), "queries"), from_array(torch.zeros(9, 8), "docs")
+    chosen = backend.resolve(queries, docs, 3, force_cpu=False, metric="ip", precision="exact")
+    assert (chosen.device, chosen.estimator, chosen.selection) == ("cuda", None, "pool")
+    monkeypatch.setenv("TINY_KNN_PRODUCT", "torch")
+    assert backend.resolve(queries, docs, 3, force_cpu=False, metric="ip", precision="exact").estimator is None
+
+
+# ---- On a GPU (skipped visibly without one; TINY_KNN_REQUIRE_CUDA=1 makes that a failure)
+
+
+@pytest.fixture
+def cuda() -> None:
+    if not torch.cuda.is_available():
+        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
+            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
+        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_cuda_triton_path_answers_the_cpus_answer_byte_for_byte(cuda, tmp_path, monkeypatch, metric) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU: tensor cores' estimates, the GPU's exact scores and the pools give the CPU's bytes, ties and
+    excluded pairs included; k=10 (a first chunk that overflows the buffer) and k=300 (sampled thresholds)."""
+    generator = torch.Generator().manual_seed(7)
+    queries, docs = torch.randn(300, 96, generator=generator), torch.randn(20000, 96, generator=generator)
+    docs[1000:1010], docs[15000:15005] = docs[3], docs[3]
+    queries[:5] = docs[3]
+    pairs = np.array([(0, 3), (0, 1000), (1, 1001), *((row, (row * 61) % 20000) for row in range(300))])
+    for k, chunk in ((10, None), (300, 4096)):
+        options = dict(metric=metric, chunk_size=chunk, exclude_pairs=pairs)
+        reference = search(queries, docs, k, device="cpu", **options)
+        monkeypatch.setenv("TINY_KNN_PRODUCT", "triton")
+        assert_same(search(queries, docs, k, device="cuda", **options), reference)
+        monkeypatch.delenv("TINY_KNN_PRODUCT")
