@@ -203,8 +203,8 @@ void tk_prepare_rows(const float *x, int64_t row_stride, int64_t rows, int64_t d
 /* K for l2 (see the bound above): a lower bound on the key of any pair whose exact score is at least t. */
 static inline float tk_l2_key_bound(float t, float query_sq)
 {
-    double magnitude = fabs((double)t), wide = (double)t - ldexp(magnitude, -22) + (double)query_sq;
-    return tk_round_down(wide * 0.5 - ldexp(magnitude + (double)query_sq, -50));
+    double magnitude = fabs((double)t), wide = (double)t - magnitude * 0x1p-22 + (double)query_sq;
+    return tk_round_down(wide * 0.5 - (magnitude + (double)query_sq) * 0x1p-50);
 }
 
 /* ---- The screen on estimates in registers (AVX-512): the products and the screen in one pass. */
@@ -305,12 +305,16 @@ TK_AVX512 static inline __m512 tk_lowest(float bound, float a, float b, const fl
                 c++;                                                                                                \
             }                                                                                                       \
             for (int64_t c = 0; c < count;) {                                                                       \
+                /* the row's exact scores are its candidates' (its mask's lanes), in lane order: expanded into     \
+                 * their lanes (not stored lane by lane and loaded whole, which stalls store forwarding) */        \
                 int64_t row = r0 + (codes[c] >> 5);                                                                 \
-                float scores[TK_NR] = {0};                                                                          \
-                for (; c < count && r0 + (codes[c] >> 5) == row; c++) scores[codes[c] & 31] = exact[c];            \
-                uint32_t offered = masks[row - r0] & ~tk_excluded32(excluded_offsets, excluded_docs, row, first_doc + j); \
+                uint32_t found = masks[row - r0];                                                                   \
+                __m512 e0 = _mm512_maskz_expandloadu_ps((__mmask16)found, exact + c);                               \
+                __m512 e1 = _mm512_maskz_expandloadu_ps((__mmask16)(found >> 16),                                   \
+                                                        exact + c + __builtin_popcount(found & 0xffffu));           \
+                c += __builtin_popcount(found);                                                                     \
+                uint32_t offered = found & ~tk_excluded32(excluded_offsets, excluded_docs, row, first_doc + j);     \
                 __mmask16 m0 = (__mmask16)offered, m1 = (__mmask16)(offered >> 16);                                 \
-                __m512 e0 = _mm512_loadu_ps(scores), e1 = _mm512_loadu_ps(scores + 16);                             \
                 bad |= tk_non_finite(m0, e0) | tk_non_finite(m1, e1);                                               \
                 survivors += tk_append32_avx512(e0, e1, m0, m1, (uint32_t)(first_doc + j), &thresholds[row],        \
                                                 pools + row * capacity, capacity, &fills[row], k);                  \
@@ -509,7 +513,7 @@ static void tk_tile_bounds(tk_tile_row *row)
     row->key_bound = row->l2 ? tk_l2_key_bound(t, row->query_sq) : t;
     double slack = (double)row->a * row->norm_max + (double)row->b * row->resid_max;
     double coarse = (double)row->key_bound - slack;
-    row->coarse = tk_round_down(coarse - ldexp(fabs((double)row->key_bound) + slack, -50));
+    row->coarse = tk_round_down(coarse - (fabs((double)row->key_bound) + slack) * 0x1p-50);
 }
 
 /* Estimates to compare with the coarse bound: for l2, estimate - h_d (rounded to nearest: rounding is monotone,
@@ -570,7 +574,7 @@ static int64_t tk_tile_fine(const tk_tile_row *row, const int32_t *found, int64_
         int64_t c = found[i];
         double estimate = (double)row->estimates[c], half = row->halves ? (double)row->halves[c] : 0.0;
         double slack = (double)row->a * row->norms[c] + (double)row->b * row->resid[c];
-        double margin = ldexp(fabs((double)row->key_bound) + slack + fabs(estimate) + half, -50);
+        double margin = (fabs((double)row->key_bound) + slack + fabs(estimate) + half) * 0x1p-50;
         if (!(estimate - half < (double)row->key_bound - slack - margin)) kept[left++] = (int32_t)c; /* NaN passes */
     }
     return left;
@@ -647,7 +651,7 @@ static void tk_tile_seed(tk_tile_row *row, int64_t cols, uint64_t *keys)
     for (int64_t c = 0; c < cols; c++) {
         double estimate = (double)row->estimates[c];
         double slack = (double)row->a * row->norms[c] + (double)row->b * row->resid[c];
-        float low = tk_round_down(estimate - slack - ldexp(fabs(estimate) + slack, -50));
+        float low = tk_round_down(estimate - slack - (fabs(estimate) + slack) * 0x1p-50);
         int usable = low == low && !tk_is_excluded(row->excluded_offsets, row->excluded_docs, 0, row->first_doc + c);
         keys[c] = tk_key(usable ? low : -INFINITY, (uint32_t)c);
     }
