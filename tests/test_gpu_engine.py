@@ -22,7 +22,7 @@ import torch
 from capabilities import needs_kernel, needs_triton
 from test_gpu_screen import interpreted  # noqa: F401  (the fixture: a process that interprets)
 
-from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search
+from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search, topk
 from tiny_knn.api import prepare
 from tiny_knn.errors import InvalidInputError
 from tiny_knn.exclusions import Exclusions, drop_excluded, exclusions_from_array
@@ -143,6 +143,26 @@ def test_only_what_the_thresholds_keep_is_offered_and_start_thresholds_are_certi
     ours = pool.result()
     assert pool.uncertain_rows().tolist() == [6, 7, 8]
     assert_same((ours[0][:6], ours[1][:6]), (reference[0][:6], reference[1][:6]))
+
+
+def test_the_pools_answer_leaves_in_slices_of_rows(monkeypatch) -> None:
+    """PoolTopK.result takes and copies out a few rows at a time (here 3 of 10): the same answer, and no topk over
+    more rows than a slice."""
+    scores = tied_scores(10, 500, 6)
+    pool = offered(scores, 17, 128, None)
+    sizes: list[int] = []
+    original = torch.topk
+
+    def counted(keys, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(keys.shape[0])
+        return original(keys, *args, **kwargs)
+
+    monkeypatch.setattr(topk, "gpu_result_slice_rows", lambda k: 3)
+    monkeypatch.setattr(topk.torch, "topk", counted)
+    ours = pool.result()
+    monkeypatch.setattr(topk.torch, "topk", original)
+    assert sizes == [3, 3, 3, 1]
+    assert_same(ours, reference_top(scores, 17, 128, None))
 
 
 # ---- The search under Triton's interpreter, against the CPU's

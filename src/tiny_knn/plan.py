@@ -37,6 +37,10 @@ CUDA_DOC_CHUNK_ROWS = 65536
 GPU_SURVIVORS_PER_ROW = 128
 GPU_SURVIVORS_MIN, GPU_SURVIVORS_MAX = 2**12, 2**24
 GPU_SURVIVOR_BYTES = 96
+# The pools' answer leaves the device in slices of rows of about this many bytes of temporaries (about this many a
+# key: the k best keys, their order, their scores and doc numbers)
+GPU_RESULT_SLICE_BYTES = 64 * 2**20
+GPU_RESULT_BYTES_PER_KEY = 48
 # The GPU screen keeps the docs on the device across query batches (gpu_engine.ResidentDocs) when they take at most
 # this share of the device budget: later passes then read no disk and copy nothing to the device. A doc row held
 # there costs its float32 values (the exact re-scoring's), its bfloat16 values and three float32 factors.
@@ -282,6 +286,12 @@ def gpu_survivor_capacity(rows: int) -> int:
 def gpu_pool_capacity(k: int) -> int:
     """Keys a row of topk.PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
     return round_up(max(3 * k, k + 1024), 64)
+
+
+def gpu_result_slice_rows(k: int) -> int:
+    """Rows of topk.PoolTopK's pools whose answer is taken and copied to the host at a time: their temporaries (the
+    k best keys, sorted, unpacked: under GPU_RESULT_SLICE_BYTES) stay far below the pools' own cut."""
+    return max(1, GPU_RESULT_SLICE_BYTES // (k * GPU_RESULT_BYTES_PER_KEY))
 
 
 def selection_state_bytes(k: int, selection: str) -> int:
