@@ -104,17 +104,20 @@ def _search_batches(
     excluded: Exclusions | None,
 ) -> Plan:
     batch_start = store.done_rows
+    resident = gpu_engine.ResidentDocs() if plan.docs_resident else None  # the GPU screen's docs, kept
     while batch_start < queries.rows:
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
         try:
-            found = _search_batch(queries, docs, batch_start, batch_stop, plan, on_docs_scored, excluded)
+            found = _search_batch(queries, docs, batch_start, batch_stop, plan, on_docs_scored, excluded, resident)
         except torch.cuda.OutOfMemoryError:
             found = None  # handled below, once the exception no longer holds the batch's tensors
         if found is None:
-            # The batches saved are kept; this one is searched again by a smaller plan (Plan.halved: the query
-            # batch too, where its pools are what filled the device)
+            # The batches saved are kept; this one is searched again by a smaller plan (Plan.halved: resident docs
+            # given up first, then the query batch too, where its pools are what filled the device)
+            resident = None
             _release_device_memory()
             plan = plan.halved()
+            resident = gpu_engine.ResidentDocs() if plan.docs_resident else None
             continue
         store.save(batch_start, *found)
         del found  # not alive while the next batch runs: memory is one batch's
@@ -136,6 +139,7 @@ def _search_batch(
     plan: Plan,
     on_docs_scored: ProgressCallback | None,
     excluded: Exclusions | None,
+    resident: gpu_engine.ResidentDocs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows = batch_stop - batch_start
     # Zero rows pad the last block up to the alignment; their scores are never offered.
@@ -147,7 +151,7 @@ def _search_batch(
         batch_rows = np.arange(batch_start, batch_stop, dtype=np.int64) + queries.first_row
         excluded = excluded.rows(batch_rows, docs.first_row, docs.rows)
     if plan.estimator == "triton":
-        scores, indices = gpu_engine.search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
+        scores, indices = gpu_engine.search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded, resident)
     elif plan.estimator is not None:
         scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
     else:
