@@ -504,3 +504,36 @@ def test_half_precision_docs_travel_as_they_are(interpreted, half_precision_inpu
     reference = cpu_answer(paths, metric, 12)
     assert_same(result[True], reference)
     assert_same(result[False], reference)
+
+
+def check_out_of_memory(paths: dict[str, str]) -> dict[str, Any]:
+    """The Triton path in batches of 16 with the docs resident, every batch over 8 rows running out of device
+    memory: the plan used at the end, and the answer."""
+    screened = gpu_engine.search_screened
+
+    def too_big(host_queries, rows, *args) -> Any:  # type: ignore[no-untyped-def]
+        if rows > 8:
+            raise torch.cuda.OutOfMemoryError("simulated: the pools do not fit")
+        return screened(host_queries, rows, *args)
+
+    gpu_engine.search_screened = too_big
+    try:
+        with product("triton"):
+            options = SearchOptions(force_cpu=True, metric="l2", batch_size=16, chunk_size=128)
+            queries, docs, plan = prepare(paths["queries"], paths["docs"], 150, options)
+        scores, indices, used = engine.search(queries, docs, plan)
+    finally:
+        gpu_engine.search_screened = screened
+    return {"planned": plan, "used": used, "answer": (scores, indices)}
+
+
+@needs_kernel
+@needs_triton
+def test_out_of_memory_gives_up_resident_docs_then_halves_the_query_batch(interpreted, inputs) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Running out of memory while a batch of more than 8 rows is searched: the batch is retried without resident
+    docs, then in smaller plans, until it is 8 rows; the answer is the CPU's, byte for byte."""
+    result = interpreted(check_out_of_memory, inputs)
+    planned, used = result["planned"], result["used"]
+    assert planned.docs_resident and planned.query_batch_rows == 16
+    assert not used.docs_resident and used.query_batch_rows == 8  # (the order of the halvings: test_plan.py)
+    assert_same(result["answer"], cpu_answer(inputs, "l2", 150))
