@@ -219,7 +219,11 @@ def test_the_gpu_screen_keeps_docs_resident_across_batches_when_they_fit() -> No
     shape = dict(docs=10**6, dim=768, k=1000, device="cuda", selection="pool", estimator="triton",
                  host_budget_bytes=2**40)  # fmt: skip
     several = make_plan(queries=16_384, budget_bytes=40 * 2**30, batch_rows=4096, **shape)
-    assert several.docs_resident and several.doc_passes == 4 and "then kept on the device" in several.describe()[2]
+    assert (
+        several.docs_resident
+        and several.doc_passes == 4
+        and "kept on the device for all 4 passes" in several.describe()[2]
+    )
     assert several.peak_bytes >= resident_doc_bytes(10**6, 768) and several.peak_bytes <= several.budget_bytes
     assert not make_plan(queries=4096, budget_bytes=40 * 2**30, **shape).docs_resident  # one pass: nothing to keep
     small = make_plan(queries=16_384, budget_bytes=8 * 2**30, batch_rows=4096, **shape)  # docs over half of it

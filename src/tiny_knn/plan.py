@@ -225,6 +225,8 @@ class Plan:
     def describe(self) -> list[str]:
         """The plan in a few human lines (for --dry-run, logs and the demo)."""
         order = "docs read once" if self.doc_passes == 1 else f"docs read {self.doc_passes} times"
+        if self.docs_resident:
+            order = f"docs read once and kept on the device for all {self.doc_passes} passes"
         return [
             f"device {self.device}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}, "
             f"selection {self.selection}"
@@ -238,9 +240,8 @@ class Plan:
             + (f", precision {self.precision}" if self.precision != "exact" else "")
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             (
-                f"query batch {self.query_batch_rows} rows ({order}"
-                + (", then kept on the device" if self.docs_resident else "")
-                + f"), screened whole against each doc chunk of {self.doc_chunk_rows} rows"
+                f"query batch {self.query_batch_rows} rows ({order}), screened whole against each doc chunk of "
+                f"{self.doc_chunk_rows} rows"
                 + (
                     f" (copied as {str(self.chunk_dtype).removeprefix('torch.')})"
                     if self.chunk_dtype.itemsize < 4
