@@ -17,6 +17,10 @@ Steps (each prints its lines; the table comes last, and OUT/gpu_screen.json hold
      against the CPU's exact search.
   e. time: 100,000 x 4,000,000 x 768 at k=1000 (clustered), the same way, if the disk and memory allow (the
      issue's target: <= 2.5 s on an H100 or H200).
+  f. the engine around the screen, 16,384 x 1,000,000 x 768 (normalised Gaussian rows) at k=1000 in 4 query batches
+     of 4096: the docs kept resident on the GPU after the first pass against read and copied every pass; then the
+     same docs as a float16 file against float32 in one pass (bytes read into the host's buffers and copied to the
+     GPU, per chunk and per pass, and the time); 64 rows of each checked byte for byte against the CPU's.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ import psutil
 import torch
 
 from tiny_knn import compute_topk, gpu_screen, search
+from tiny_knn import plan as planning
+from tiny_knn.api import prepare
 from tiny_knn.demo import make_corpus
 from tiny_knn.kernel import KERNEL
+from tiny_knn.options import SearchOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = {"torch": "today's path (TINY_KNN_PRODUCT=torch)", "triton": "the Triton screen"}
@@ -133,12 +140,12 @@ def write_rows(path: str, rows: torch.Tensor) -> str:
     return path
 
 
-def timed_search(q_path: str, d_path: str, k: int, out: str, product: str, cuda: bool) -> float:
+def timed_search(q_path: str, d_path: str, k: int, out: str, product: str, cuda: bool, **options: Any) -> float:
     with mock.patch.dict(os.environ, {"TINY_KNN_PRODUCT": product}):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        compute_topk(q_path, d_path, k=k, out_path=out, force_cpu=not cuda, progress=False)
+        compute_topk(q_path, d_path, k=k, out_path=out, force_cpu=not cuda, progress=False, **options)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -174,6 +181,46 @@ def time_case(
             row[f"{product} TFLOP/s"] = flops / row[product] / 1e12
         row["check"] = checked_rows(q_path, d_path, k, os.path.join(folder, f"triton-{k}.pt"), sample)
         print(f"  {name} k={k}: torch {row['torch']:.3f} s, triton {row['triton']:.3f} s; {row['check']}", flush=True)
+        rows.append(row)
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def time_engine(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, batch: int, repeats: int, out: str, cuda: bool
+) -> list[dict[str, Any]]:
+    """f. The Triton screen in several query batches with the docs resident and without (the plan's share for
+    resident docs set to 0), then float16 docs against float32 in one pass: the median of `repeats` runs after a
+    warm-up, the plan's chunk (rows, dtype, host bytes a chunk) and 64 rows checked."""
+    folder = os.path.join(out, "engine")
+    os.makedirs(folder, exist_ok=True)
+    q_path = write_rows(os.path.join(folder, "queries.npy"), queries)
+    paths = {"float32": write_rows(os.path.join(folder, "docs.npy"), docs)}
+    paths["float16"] = write_rows(os.path.join(folder, "docs-f16.npy"), docs.half())
+    sample = torch.randperm(queries.shape[0], generator=torch.Generator().manual_seed(3))[:64].sort().values
+    cases = [("resident", "float32", batch, None), ("read every pass", "float32", batch, 0.0),
+             ("float32 docs", "float32", None, None), ("float16 docs", "float16", None, None)]  # fmt: skip
+    rows = []
+    for name, dtype, batch_size, share in cases:
+        resident_share = planning.RESIDENT_DOCS_MAX_SHARE if share is None else share
+        with mock.patch.object(planning, "RESIDENT_DOCS_MAX_SHARE", resident_share):
+            with mock.patch.dict(os.environ, {"TINY_KNN_PRODUCT": "triton"}):
+                options = SearchOptions(force_cpu=not cuda, batch_size=batch_size)
+                plan = prepare(q_path, paths[dtype], k, options)[2]
+            result = os.path.join(folder, f"{name.replace(' ', '-')}.pt")
+            times = [timed_search(q_path, paths[dtype], k, result, "triton", cuda, batch_size=batch_size)
+                     for _ in range(repeats + 1)][1:]  # fmt: skip
+        chunk_bytes = plan.doc_chunk_rows * plan.dim * plan.chunk_dtype.itemsize
+        row: dict[str, Any] = {
+            "case": f"{name} ({plan.doc_passes} passes{', resident' if plan.docs_resident else ''})",
+            "seconds": statistics.median(times),
+            "chunk": f"{plan.doc_chunk_rows} rows {str(plan.chunk_dtype).removeprefix('torch.')}",
+            "MiB a chunk": chunk_bytes / 2**20,
+            "MiB a pass": docs.shape[0] * plan.dim * plan.chunk_dtype.itemsize / 2**20,
+            "check": checked_rows(q_path, paths[dtype], k, result, sample),
+        }
+        print(f"  {row['case']}: {row['seconds']:.3f} s; chunks of {row['chunk']}, {row['MiB a chunk']:.1f} MiB each "
+              f"({row['MiB a pass']:.0f} MiB a pass); {row['check']}", flush=True)  # fmt: skip
         rows.append(row)
     shutil.rmtree(folder, ignore_errors=True)
     return rows
@@ -243,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
                                  [100 if small else 1000], 1, args.out, cuda)  # fmt: skip
             del clustered
     report["timings"] = timings
+    if "f" not in skip:
+        step("f. the engine: resident docs across query batches; float16 docs as they are")
+        queries, docs, dim, batch = (64, 3000, 32, 16) if small else (16384, 1_000_000, 768, 4096)
+        generator = torch.Generator().manual_seed(5)
+        gaussian = torch.nn.functional.normalize(torch.randn(docs + queries, dim, generator=generator), dim=1)
+        report["engine"] = time_engine(gaussian[docs:], gaussian[:docs], 100 if small else 1000, batch, args.repeats,
+                                       args.out, cuda)  # fmt: skip
+        del gaussian
     with open(os.path.join(args.out, "gpu_screen.json"), "w") as stream:
         json.dump(report, stream, indent=1)
     print_table(report)
@@ -265,6 +320,9 @@ def print_table(report: dict[str, Any]) -> None:
                    f"{row['triton TFLOP/s']:.1f}", row["check"]))  # fmt: skip
     if "large" in report:
         print(f"large case: {report['large']}")
+    for row in report.get("engine", []):
+        print(f"engine {row['case']:38s} {row['seconds']:.3f} s  chunks of {row['chunk']} ({row['MiB a chunk']:.1f} "
+              f"MiB, {row['MiB a pass']:.0f} MiB a pass)  {row['check']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from tiny_knn.api import prepare
 from tiny_knn.estimators import Tiled
 from tiny_knn.options import SearchOptions
 from tiny_knn.sources import FileSource
+from tiny_knn.store import MemoryStore
 from tiny_knn.topk import kernel_available
 
 SELECTIONS = ["threshold", "sort"] if kernel_available() else ["sort"]
@@ -288,3 +289,38 @@ def test_a_bad_row_before_a_sampled_bad_row_is_the_one_named(pair) -> None:  # t
     docs[5, 1] = docs[1500, 2] = float("nan")  # only 1500 falls in the threshold sample
     with pytest.raises(InvalidInputError, match=r"row 5 holds NaN or Inf"):
         run(*pair(torch.randn(10, 6), docs), 700)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_out_of_memory_halves_the_query_batch_and_keeps_finished_rows(pair, monkeypatch, selection) -> None:  # type: ignore[no-untyped-def]
+    """Running out of device memory while a batch's pools are too big (here: any batch over 10 rows) retries that
+    batch with smaller plans until the query batch itself is small enough; the batches already saved are not
+    searched again, and the answer is the same, byte for byte."""
+    generator = torch.Generator().manual_seed(5)
+    queries, docs = torch.randn(40, 24, generator=generator), torch.randn(700, 24, generator=generator)
+    paths = pair(queries, docs)
+    source_queries, source_docs, plan = prepare(*paths, 300, SearchOptions(force_cpu=True, selection=selection,
+                                                                           batch_size=24))  # fmt: skip
+    reference_scores, reference_indices, _ = engine.search(source_queries, source_docs, plan)
+    attempts: list[int] = []
+    for name in ("_search_screened", "_search_by_keys"):
+        original = getattr(engine, name)
+
+        def too_big(host_queries, rows, *args, original=original):  # type: ignore[no-untyped-def]
+            attempts.append(rows)
+            if rows > 10:
+                raise torch.cuda.OutOfMemoryError("simulated: the pools do not fit")
+            return original(host_queries, rows, *args)
+
+        monkeypatch.setattr(engine, name, too_big)
+    saved: list[tuple[int, int]] = []
+    store = MemoryStore(40, plan.k)
+    save = store.save
+    monkeypatch.setattr(store, "save", lambda start, s, i: (saved.append((start, s.shape[0])), save(start, s, i)))
+    scores, indices, used = engine.search(source_queries, source_docs, plan, store=store)
+    assert used.query_batch_rows <= 10 < plan.query_batch_rows and attempts[-1] <= 10
+    assert [start for start, _ in saved] == sorted({start for start, _ in saved})  # each row saved once, in order
+    assert sum(rows for _, rows in saved) == 40
+    assert torch.equal(indices, reference_indices) and torch.equal(
+        scores.view(torch.int32), reference_scores.view(torch.int32)
+    )

@@ -9,6 +9,7 @@ itself, as a user would: `TRITON_INTERPRET=1 TINY_KNN_PRODUCT=triton tiny-knn Q 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from capabilities import needs_kernel, needs_triton
 from test_gpu_screen import interpreted  # noqa: F401  (the fixture: a process that interprets)
 
-from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search
+from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search, topk
 from tiny_knn.api import prepare
 from tiny_knn.errors import InvalidInputError
 from tiny_knn.exclusions import Exclusions, drop_excluded, exclusions_from_array
@@ -145,6 +146,26 @@ def test_only_what_the_thresholds_keep_is_offered_and_start_thresholds_are_certi
     assert_same((ours[0][:6], ours[1][:6]), (reference[0][:6], reference[1][:6]))
 
 
+def test_the_pools_answer_leaves_in_slices_of_rows(monkeypatch) -> None:
+    """PoolTopK.result takes and copies out a few rows at a time (here 3 of 10): the same answer, and no topk over
+    more rows than a slice."""
+    scores = tied_scores(10, 500, 6)
+    pool = offered(scores, 17, 128, None)
+    sizes: list[int] = []
+    original = torch.topk
+
+    def counted(keys, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(keys.shape[0])
+        return original(keys, *args, **kwargs)
+
+    monkeypatch.setattr(topk, "gpu_result_slice_rows", lambda k: 3)
+    monkeypatch.setattr(topk.torch, "topk", counted)
+    ours = pool.result()
+    monkeypatch.setattr(topk.torch, "topk", original)
+    assert sizes == [3, 3, 3, 1]
+    assert_same(ours, reference_top(scores, 17, 128, None))
+
+
 # ---- The search under Triton's interpreter, against the CPU's
 
 
@@ -254,17 +275,17 @@ def check_hard_cases(metric: str) -> dict[str, Any]:
     with start thresholds far too high (every row searched again): the answers, and how often each happened."""
     queries, docs, pairs = hard_case()
     counts = {"pieces": 0, "passes": 0}
-    piece, screen, capacity = gpu_engine._Screening._piece, gpu_engine._screen, gpu_engine.gpu_survivor_capacity
+    piece, screen, capacity = gpu_engine._Screening._launch, gpu_engine._screen, gpu_engine.gpu_survivor_capacity
 
-    def counted_piece(self, doc_rows, prepared, first_doc, lo, hi) -> None:  # type: ignore[no-untyped-def]
-        counts["pieces"] += hi - lo < doc_rows.shape[0]  # a piece of a chunk, after an overflow
-        piece(self, doc_rows, prepared, first_doc, lo, hi)
+    def counted_piece(self, chunk, survivors, lo, hi) -> Any:  # type: ignore[no-untyped-def]
+        counts["pieces"] += hi - lo < chunk.count  # a piece of a chunk, after an overflow
+        return piece(self, chunk, survivors, lo, hi)
 
     def counted_screen(*args) -> Any:  # type: ignore[no-untyped-def]
         counts["passes"] += 1
         return screen(*args)
 
-    gpu_engine._Screening._piece = counted_piece  # type: ignore[method-assign]
+    gpu_engine._Screening._launch = counted_piece  # type: ignore[method-assign]
     gpu_engine._screen = counted_screen
     answers = {}
     try:
@@ -282,7 +303,7 @@ def check_hard_cases(metric: str) -> dict[str, Any]:
                                                excluded=excluded)  # fmt: skip
             answers["redone"] = (scores, indices)
     finally:
-        gpu_engine._Screening._piece, gpu_engine._screen = piece, screen  # type: ignore[method-assign]
+        gpu_engine._Screening._launch, gpu_engine._screen = piece, screen  # type: ignore[method-assign]
         gpu_engine.gpu_survivor_capacity = capacity
     return {"answers": answers, "pieces": pieces, "passes": counts["passes"]}
 
@@ -372,3 +393,147 @@ def test_cuda_triton_path_answers_the_cpus_answer_byte_for_byte(cuda, tmp_path, 
         monkeypatch.setenv("TINY_KNN_PRODUCT", "triton")
         assert_same(search(queries, docs, k, device="cuda", **options), reference)
         monkeypatch.delenv("TINY_KNN_PRODUCT")
+
+
+# ---- The engine around the screen: resident docs, the lagged synchronisation, half-precision docs as they are
+
+
+def check_engine_around_the_screen(paths: dict[str, str], metric: str, k: int, batch: int) -> dict[str, Any]:
+    """Searches by the Triton path, with the docs resident and without: the answers, how many times the docs file
+    was read (Source.read_into: the sample comes by read_rows) and in which dtype, and the order in which chunks
+    were screened and their counts read."""
+    results: dict[str, Any] = {"reads": {}, "dtypes": set(), "order": []}
+    launch, settle = gpu_engine._Screening._launch, gpu_engine._Screening._settle
+
+    def logged_launch(self, chunk, survivors, lo, hi) -> Any:  # type: ignore[no-untyped-def]
+        results["order"].append(("screen", chunk.first_doc))
+        return launch(self, chunk, survivors, lo, hi)
+
+    def logged_settle(self, screened) -> None:  # type: ignore[no-untyped-def]
+        results["order"].append(("read", screened.chunk.first_doc))
+        settle(self, screened)
+
+    gpu_engine._Screening._launch, gpu_engine._Screening._settle = logged_launch, logged_settle  # type: ignore[method-assign]
+    try:
+        with product("triton"):
+            options = SearchOptions(force_cpu=True, metric=metric, batch_size=batch, chunk_size=128)
+            queries, docs, plan = prepare(paths["queries"], paths["docs"], k, options)
+        results["plan"] = plan
+        for resident in (True, False):
+            reads = []
+            original = docs.read_into
+
+            def counted(start, stop, out, check=True, original=original, reads=reads):  # type: ignore[no-untyped-def]
+                reads.append(stop - start)
+                results["dtypes"].add(out.dtype)
+                original(start, stop, out, check)
+
+            docs.read_into = counted  # type: ignore[method-assign]
+            scores, indices, _ = engine.search(queries, docs, replace(plan, docs_resident=resident))
+            docs.read_into = original  # type: ignore[method-assign]
+            results["reads"][resident] = reads
+            results[resident] = (scores, indices)
+            if resident:
+                results["order"], first_pass = [], list(results["order"])
+        results["order"] = first_pass
+    finally:
+        gpu_engine._Screening._launch, gpu_engine._Screening._settle = launch, settle  # type: ignore[method-assign]
+    return results
+
+
+def cpu_answer(paths: dict[str, str], metric: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    queries, docs, plan = prepare(paths["queries"], paths["docs"], k, SearchOptions(force_cpu=True, metric=metric))
+    scores, indices, _ = engine.search(queries, docs, plan)
+    return scores, indices
+
+
+@needs_kernel
+@needs_triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_docs_kept_resident_are_read_once_for_every_batch(interpreted, inputs, metric) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Three query batches (16 rows each; k=150 from sampled thresholds): with the docs resident the file (and the
+    sample) is read once, without it once a batch; the answers are the CPU's, byte for byte."""
+    result = interpreted(check_engine_around_the_screen, inputs, metric, 150, 16)
+    plan = result["plan"]
+    assert plan.docs_resident and plan.doc_passes == 3 and plan.threshold_sample_docs
+    once = 700 + plan.threshold_sample_docs  # every doc, and the sample (read_rows reads through read_into)
+    assert sum(result["reads"][True]) == once and sum(result["reads"][False]) == 3 * once
+    reference = cpu_answer(inputs, metric, 150)
+    assert_same(result[True], reference)
+    assert_same(result[False], reference)
+
+
+@needs_kernel
+@needs_triton
+def test_the_host_reads_a_chunks_counts_after_the_next_chunks_screen_is_queued(interpreted, inputs) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """One synchronisation a chunk, lagged: chunk n+1 is screened (by thresholds one chunk stale) before the host
+    reads chunk n's counts; every chunk is read once (no overflow here: k=5, a buffer of 128 pairs a row)."""
+    result = interpreted(check_engine_around_the_screen, inputs, "ip", 5, 40)
+    chunks = list(range(0, 700, 128))
+    expected = [("screen", 0)]
+    for before, chunk in itertools.pairwise(chunks):
+        expected += [("screen", chunk), ("read", before)]
+    assert result["order"] == [*expected, ("read", chunks[-1])]
+    assert_same(result[True], cpu_answer(inputs, "ip", 5))
+
+
+@pytest.fixture(scope="module")
+def half_precision_inputs(inputs, tmp_path_factory) -> dict[str, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The docs of `inputs` as float16 and as bfloat16 files."""
+    folder = tmp_path_factory.mktemp("half-docs")
+    docs = torch.load(inputs["docs"], weights_only=True)
+    paths = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        path = str(folder / f"d-{dtype}.pt".replace("torch.", ""))
+        torch.save(docs.to(dtype), path)
+        paths[str(dtype)] = {"queries": inputs["queries"], "docs": path}
+    return paths
+
+
+@needs_kernel
+@needs_triton
+@pytest.mark.parametrize("dtype", ["torch.float16", "torch.bfloat16"])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_half_precision_docs_travel_as_they_are(interpreted, half_precision_inputs, dtype, metric) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """float16 and bfloat16 docs are read into host buffers of their own dtype (half the bytes of float32) and
+    widened on the device (ip, l2); cosine's are scaled on the host in float32. The answers are the CPU's."""
+    paths = half_precision_inputs[dtype]
+    result = interpreted(check_engine_around_the_screen, paths, metric, 12, 16)
+    expected = torch.float32 if metric == "cosine" else getattr(torch, dtype.removeprefix("torch."))
+    assert result["plan"].chunk_dtype == expected and result["dtypes"] == {expected}
+    reference = cpu_answer(paths, metric, 12)
+    assert_same(result[True], reference)
+    assert_same(result[False], reference)
+
+
+def check_out_of_memory(paths: dict[str, str]) -> dict[str, Any]:
+    """The Triton path in batches of 16 with the docs resident, every batch over 8 rows running out of device
+    memory: the plan used at the end, and the answer."""
+    screened = gpu_engine.search_screened
+
+    def too_big(host_queries, rows, *args) -> Any:  # type: ignore[no-untyped-def]
+        if rows > 8:
+            raise torch.cuda.OutOfMemoryError("simulated: the pools do not fit")
+        return screened(host_queries, rows, *args)
+
+    gpu_engine.search_screened = too_big
+    try:
+        with product("triton"):
+            options = SearchOptions(force_cpu=True, metric="l2", batch_size=16, chunk_size=128)
+            queries, docs, plan = prepare(paths["queries"], paths["docs"], 150, options)
+        scores, indices, used = engine.search(queries, docs, plan)
+    finally:
+        gpu_engine.search_screened = screened
+    return {"planned": plan, "used": used, "answer": (scores, indices)}
+
+
+@needs_kernel
+@needs_triton
+def test_out_of_memory_gives_up_resident_docs_then_halves_the_query_batch(interpreted, inputs) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Running out of memory while a batch of more than 8 rows is searched: the batch is retried without resident
+    docs, then in smaller plans, until it is 8 rows; the answer is the CPU's, byte for byte."""
+    result = interpreted(check_out_of_memory, inputs)
+    planned, used = result["planned"], result["used"]
+    assert planned.docs_resident and planned.query_batch_rows == 16
+    assert not used.docs_resident and used.query_batch_rows == 8  # (the order of the halvings: test_plan.py)
+    assert_same(result["answer"], cpu_answer(inputs, "l2", 150))

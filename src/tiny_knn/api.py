@@ -198,7 +198,9 @@ def compute_topk(
         force_cpu: run on the CPU even when CUDA is available.
         out_path: where to write the result; default `top{k}_{queries}_x_{docs}.pt` beside the queries.
         max_memory: memory budget (GPU memory on CUDA, RAM on CPU): bytes, or a size such as "512MB" or "8GiB";
-            default 60% of what is free. A budget over what is there is used, with a TinyKnnWarning.
+            default 60% of what is free. A budget over what is there is used, with a TinyKnnWarning. On CUDA the
+            host's buffers (pinned doc chunks, the batch's queries, the results) have a budget of their own, 60% of
+            the RAM available.
         batch_size: queries per pass over the docs (default: as many as the budget allows).
         chunk_size: docs per chunk read from disk (default: tuned per device).
         progress: show a progress bar on stderr.

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-memory",
         type=_size,
         metavar="SIZE",
-        help="memory budget: GPU memory on CUDA, RAM on CPU, e.g. 512MB or 8GiB (default: 60%% of what is free)",
+        help="memory budget: GPU memory on CUDA (the host's buffers then take 60%% of free RAM as their own budget), "
+        "RAM on CPU, e.g. 512MB or 8GiB (default: 60%% of what is free)",
     )
     parser.add_argument(
         "--batch-size", type=_positive_int, metavar="N", help="queries per pass over the docs (default: planned)"

@@ -72,8 +72,9 @@ def search(
     `excluded`: pairs left out, by the whole query file's rows and doc file's rows.
 
     Each finished query batch is handed to `store` (default: kept in memory); the search starts after the
-    rows the store already holds, which is how a checkpoint resumes. On CUDA, running out of device
-    memory halves the blocks and retries the current batch; the returned plan says which blocks were used.
+    rows the store already holds, which is how a checkpoint resumes. Running out of device memory retries the
+    current batch with a smaller plan (Plan.halved: blocks, chunks or the query batch); the returned plan says
+    which sizes were used last.
     """
     store = store if store is not None else MemoryStore(queries.rows, plan.k)
     with matmul_precision("medium" if plan.estimator == "torch-bf16" else "highest"):
@@ -102,22 +103,32 @@ def _search_batches(
     store: Store,
     excluded: Exclusions | None,
 ) -> Plan:
-    for batch_start in range(store.done_rows, queries.rows, plan.query_batch_rows):
+    batch_start = store.done_rows
+    resident = gpu_engine.ResidentDocs() if plan.docs_resident else None  # the GPU screen's docs, kept
+    while batch_start < queries.rows:
         batch_stop = min(batch_start + plan.query_batch_rows, queries.rows)
-        while True:
-            try:
-                batch_scores, batch_indices = _search_batch(
-                    queries, docs, batch_start, batch_stop, plan, on_docs_scored, excluded
-                )
-                break
-            except torch.cuda.OutOfMemoryError:
-                if plan.device != "cuda":
-                    raise
-                torch.cuda.empty_cache()
-                plan = plan.halved()
-        store.save(batch_start, batch_scores, batch_indices)
-        del batch_scores, batch_indices  # not alive while the next batch runs: memory is one batch's
+        try:
+            found = _search_batch(queries, docs, batch_start, batch_stop, plan, on_docs_scored, excluded, resident)
+        except torch.cuda.OutOfMemoryError:
+            found = None  # handled below, once the exception no longer holds the batch's tensors
+        if found is None:
+            # The batches saved are kept; this one is searched again by a smaller plan (Plan.halved: resident docs
+            # given up first, then the query batch too, where its pools are what filled the device)
+            resident = None
+            _release_device_memory()
+            plan = plan.halved()
+            resident = gpu_engine.ResidentDocs() if plan.docs_resident else None
+            continue
+        store.save(batch_start, *found)
+        del found  # not alive while the next batch runs: memory is one batch's
+        batch_start = batch_stop
     return plan
+
+
+def _release_device_memory() -> None:
+    """Hands the allocator's cached blocks back to the GPU, after running out of its memory."""
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.empty_cache()
 
 
 def _search_batch(
@@ -128,6 +139,7 @@ def _search_batch(
     plan: Plan,
     on_docs_scored: ProgressCallback | None,
     excluded: Exclusions | None,
+    resident: gpu_engine.ResidentDocs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows = batch_stop - batch_start
     # Zero rows pad the last block up to the alignment; their scores are never offered.
@@ -139,7 +151,7 @@ def _search_batch(
         batch_rows = np.arange(batch_start, batch_stop, dtype=np.int64) + queries.first_row
         excluded = excluded.rows(batch_rows, docs.first_row, docs.rows)
     if plan.estimator == "triton":
-        scores, indices = gpu_engine.search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
+        scores, indices = gpu_engine.search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded, resident)
     elif plan.estimator is not None:
         scores, indices = _search_screened(host_queries, rows, docs, plan, on_docs_scored, excluded)
     else:

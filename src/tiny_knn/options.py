@@ -121,6 +121,9 @@ def plan_search(queries: Source, docs: Source, k: int, options: SearchOptions) -
             results_on_disk=options.results_on_disk,
             precision=precision,
             threads=backend.threads,
+            docs_dtype=docs.dtype,
+            # Beside a GPU, the host's buffers have a budget of their own; --max-memory is the GPU's
+            host_budget_bytes=default_budget_bytes("cpu") if device == "cuda" else None,
         )
     except ValueError as exc:
         raise MemoryBudgetError(str(exc)) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -36,6 +37,16 @@ CUDA_DOC_CHUNK_ROWS = 65536
 GPU_SURVIVORS_PER_ROW = 128
 GPU_SURVIVORS_MIN, GPU_SURVIVORS_MAX = 2**12, 2**24
 GPU_SURVIVOR_BYTES = 96
+# The pools' answer leaves the device in slices of rows of about this many bytes of temporaries (about this many a
+# key: the k best keys, their order, their scores and doc numbers)
+GPU_RESULT_SLICE_BYTES = 64 * 2**20
+GPU_RESULT_BYTES_PER_KEY = 48
+# The GPU screen keeps the docs on the device across query batches (gpu_engine.ResidentDocs) when they take at most
+# this share of the device budget: later passes then read no disk and copy nothing to the device. A doc row held
+# there costs its float32 values (the exact re-scoring's), its bfloat16 values and three float32 factors.
+RESIDENT_DOCS_MAX_SHARE = 0.5
+RESIDENT_DOC_VALUE_BYTES = 4 + 2
+RESIDENT_DOC_ROW_BYTES = 3 * 4
 # Sampled starting threshold (threshold selection, and the screens): score each query against a strided sample of
 # the docs and start from a score that, with high probability, at least k docs beat. Used only where the
 # expected rank of the k-th best doc within the sample is large enough for the estimate to be tight. A row
@@ -134,6 +145,15 @@ class Plan:
     # margin in a sampled starting threshold (see threshold_sample_rank); fields so that tests can vary them.
     tile_docs: int = CPU_TILE_DOCS
     sample_sigmas: float = THRESHOLD_SAMPLE_SIGMAS
+    results_on_disk: bool = False  # several batches go to a checkpoint: one batch's results are held
+    # The dtype doc chunks are read in and copied to the device: float32, or on the GPU screen the docs' own float16
+    # or bfloat16 (widened on the device: half the bytes moved; see transfer_dtype)
+    chunk_dtype: torch.dtype = torch.float32
+    docs_resident: bool = False  # the GPU screen keeps the docs on the device after the first pass
+    # On CUDA, the host's own budget and estimated peak (pinned doc chunks, the batch's queries, the results), apart
+    # from the device's (budget_bytes, peak_bytes); 0 on the CPU, where one budget covers both.
+    host_budget_bytes: int = 0
+    host_peak_bytes: int = 0
 
     @property
     def refined(self) -> bool:
@@ -151,17 +171,62 @@ class Plan:
         """How many times the docs are read: once per query batch."""
         return -(-self.queries // self.query_batch_rows)
 
+    def memory(self, batch: int, block: int, chunk: int, docs_resident: bool | None = None) -> MemoryEstimate:
+        """The peak bytes of this plan with other sizes (estimate_memory)."""
+        return estimate_memory(
+            batch_rows=batch,
+            block_rows=block,
+            chunk_rows=chunk,
+            dim=self.dim,
+            k=self.k,
+            queries=self.queries,
+            selection=self.selection,
+            docs=self.docs,
+            candidates=self.candidates,
+            refine=self.refined,
+            results_on_disk=self.results_on_disk,
+            threads=self.threads,
+            screened=self.estimator is not None,
+            triton=self.estimator == "triton",
+            cuda=self.device == "cuda",
+            chunk_value_bytes=self.chunk_dtype.itemsize,
+            docs_resident=self.docs_resident if docs_resident is None else docs_resident,
+        )
+
     def halved(self) -> Plan:
-        """A plan with half-size blocks, for retrying after running out of device memory."""
-        if self.query_block_rows <= ROW_ALIGN and self.doc_chunk_rows <= COL_ALIGN:
-            raise MemoryError("already at the smallest blocks")
-        block = max(ROW_ALIGN, round_up(self.query_block_rows // 2, ROW_ALIGN))
-        chunk = max(COL_ALIGN, round_up(self.doc_chunk_rows // 2, COL_ALIGN))
-        return replace(self, query_block_rows=block, doc_chunk_rows=chunk)
+        """A smaller plan, for retrying after running out of device memory: resident docs are dropped first; then
+        the query batch halves where it holds most of the device's estimate (its queries, pools and survivor
+        buffer: smaller blocks cannot help there), else the blocks and chunks do; each halves when the other is at
+        its floor.
+
+        Raises:
+            MemoryError: one query at a time in the smallest blocks.
+        """
+        if self.docs_resident:
+            return self._resized(self.query_batch_rows, self.query_block_rows, self.doc_chunk_rows, False)
+        batch, block, chunk = self.query_batch_rows, self.query_block_rows, self.doc_chunk_rows
+        blocks_at_floor = block <= ROW_ALIGN and chunk <= COL_ALIGN
+        if batch <= 1 and blocks_at_floor:
+            raise MemoryError("already one query at a time in the smallest blocks")
+        batch_bytes = self.memory(batch, block, chunk).device_bytes - self.memory(0, block, chunk).device_bytes
+        if batch > 1 and (blocks_at_floor or 2 * batch_bytes >= self.peak_bytes):
+            half = -(-batch // 2)
+            return self._resized(half, min(block, round_up(half, ROW_ALIGN)), chunk, False)
+        block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
+        chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
+        return self._resized(batch, block, chunk, False)
+
+    def _resized(self, batch: int, block: int, chunk: int, docs_resident: bool) -> Plan:
+        memory = self.memory(batch, block, chunk, docs_resident)
+        return replace(self, query_batch_rows=batch, query_block_rows=block, doc_chunk_rows=chunk,
+                       docs_resident=docs_resident, peak_bytes=memory.device_bytes,
+                       host_peak_bytes=memory.host_bytes)  # fmt: skip
 
     def describe(self) -> list[str]:
         """The plan in a few human lines (for --dry-run, logs and the demo)."""
         order = "docs read once" if self.doc_passes == 1 else f"docs read {self.doc_passes} times"
+        if self.docs_resident:
+            order = f"docs read once and kept on the device for all {self.doc_passes} passes"
         return [
             f"device {self.device}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}, "
             f"selection {self.selection}"
@@ -176,8 +241,13 @@ class Plan:
             + (f", {self.candidates} candidates per query re-scored" if self.refined else ""),
             (
                 f"query batch {self.query_batch_rows} rows ({order}), screened whole against each doc chunk of "
-                f"{self.doc_chunk_rows} rows, survivors in a buffer of {gpu_survivor_capacity(self.query_batch_rows)} "
-                "pairs"
+                f"{self.doc_chunk_rows} rows"
+                + (
+                    f" (copied as {str(self.chunk_dtype).removeprefix('torch.')})"
+                    if self.chunk_dtype.itemsize < 4
+                    else ""
+                )
+                + f", survivors in two buffers of {gpu_survivor_capacity(self.query_batch_rows)} pairs"
                 if self.estimator == "triton"
                 else f"query batch {self.query_batch_rows} rows ({order}), matrix-product block "
                 f"{self.query_block_rows} rows{' per thread' if self.estimator else ''}, doc chunk "
@@ -192,7 +262,13 @@ class Plan:
                 else "scores: the products' own (by search keys" + (", re-scored exactly)" if self.refined else ")")
             )
             + (f" ({self.estimator_choice})" if self.estimator and self.estimator_choice else ""),
-            f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget",
+            f"memory: about {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget"
+            + (
+                f" of GPU memory; host: about {format_bytes(self.host_peak_bytes)} of a "
+                f"{format_bytes(self.host_budget_bytes)} budget of RAM"
+                if self.device == "cuda"
+                else ""
+            ),
         ]
 
 
@@ -211,6 +287,12 @@ def gpu_survivor_capacity(rows: int) -> int:
 def gpu_pool_capacity(k: int) -> int:
     """Keys a row of topk.PoolTopK holds before it is cut back to k: room for a few tiles' survivors."""
     return round_up(max(3 * k, k + 1024), 64)
+
+
+def gpu_result_slice_rows(k: int) -> int:
+    """Rows of topk.PoolTopK's pools whose answer is taken and copied to the host at a time: their temporaries (the
+    k best keys, sorted, unpacked: under GPU_RESULT_SLICE_BYTES) stay far below the pools' own cut."""
+    return max(1, GPU_RESULT_SLICE_BYTES // (k * GPU_RESULT_BYTES_PER_KEY))
 
 
 def selection_state_bytes(k: int, selection: str) -> int:
@@ -246,7 +328,47 @@ def search_candidates(k: int, docs: int, metric: str, exclude_self: bool, refine
     return min(docs, wanted)
 
 
-def estimate_bytes(
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A plan's peak bytes by where they lie: the device's, and, beside a GPU, the host's (pinned doc chunks, the
+    batch's queries, the results). On the CPU the host is the device: everything is device_bytes."""
+
+    device_bytes: int
+    host_bytes: int = 0
+
+
+def transfer_dtype(docs_dtype: torch.dtype, estimator: str | None, metric: str) -> torch.dtype:
+    """The dtype doc chunks are read in and copied to the device: the GPU screen takes float16 and bfloat16 docs
+    as they are (widening them on the device is exact, and halves the bytes read into host buffers and copied),
+    except for cosine, whose rows are scaled to unit length on the host in float32 (tiny-knn's one normalisation,
+    metrics.normalize). Every other path reads float32."""
+    if estimator == "triton" and metric != "cosine" and docs_dtype in (torch.float16, torch.bfloat16):
+        return docs_dtype
+    return torch.float32
+
+
+def resident_doc_bytes(docs: int, dim: int) -> int:
+    """Device bytes of every doc kept resident by the GPU screen (RESIDENT_DOC_VALUE_BYTES a value, and factors)."""
+    rows = round_up(docs, COL_ALIGN)
+    return rows * (dim * RESIDENT_DOC_VALUE_BYTES + RESIDENT_DOC_ROW_BYTES)
+
+
+def gpu_screen_doc_bytes(chunk_rows: int, dim: int, value_bytes: int) -> int:
+    """Device bytes of doc chunks on the GPU screen, whose host synchronisation lags a chunk: three chunks as copied
+    (the one whose survivors are read, the one screened, the one arriving), two of them widened to float32 if they
+    came narrower, and two chunks' prepared rows (bfloat16 values, three factors)."""
+    values = chunk_rows * dim
+    widened = 2 * values * 4 if value_bytes < 4 else 0
+    return 3 * values * value_bytes + widened + 2 * chunk_rows * (dim * 2 + RESIDENT_DOC_ROW_BYTES)
+
+
+def estimate_bytes(**shape: Any) -> int:
+    """Peak bytes a plan allocates, the host's and the device's together (estimate_memory)."""
+    memory = estimate_memory(**shape)
+    return memory.device_bytes + memory.host_bytes
+
+
+def estimate_memory(
     *,
     batch_rows: int,
     block_rows: int,
@@ -262,15 +384,23 @@ def estimate_bytes(
     threads: int = 1,
     screened: bool = False,
     triton: bool = False,
-) -> int:
+    cuda: bool = False,
+    chunk_value_bytes: int = 4,
+    docs_resident: bool = False,
+) -> MemoryEstimate:
     """Peak bytes a plan allocates: resident queries, top-k state, doc buffers, score tile, results, and
     for l2 the re-scoring of `candidates` per query (gathered rows, float64 differences, orderings).
     `screened`: the estimator also holds its form of the queries and of both doc buffers (at most as large
-    again), and their factors. `triton` (the GPU screen, with the pool selector): no tile, but the survivor buffer
-    and the pools' cut of the whole batch (its k best, and a fresh pool)."""
+    again), and their factors. `triton` (the GPU screen, with the pool selector): no tile, but two survivor buffers
+    (its synchronisation lags a chunk), the pools' cut of the whole batch (its k best, and a fresh pool), its doc
+    chunks (gpu_screen_doc_bytes, read as `chunk_value_bytes` a value) and, `docs_resident`, every doc.
+
+    `cuda`: the host's bytes apart (MemoryEstimate): the batch's queries, the two pinned doc buffers, the results
+    and the sampled docs; on the device, their copies and the rest."""
     candidates = candidates or k
     copies = 2 if screened else 1
-    resident_queries = copies * round_up(batch_rows, ROW_ALIGN) * dim * 4
+    padded_batch = round_up(batch_rows, ROW_ALIGN)
+    resident_queries = copies * padded_batch * dim * 4
     state = batch_rows * selection_state_bytes(candidates, selection)
     if refine:
         state += batch_rows * candidates * 6 * INDEX_BYTES + 4 * REFINE_GATHER_BYTES
@@ -289,12 +419,18 @@ def estimate_bytes(
             tile += block_rows * pool_bytes + -(-block_rows // 8) * (chunk_rows * SCORE_BYTES + 3 * pool_bytes)
     if triton:
         cut = batch_rows * (selection_state_bytes(candidates, selection) + candidates * 2 * INDEX_BYTES)
-        tile = gpu_survivor_capacity(batch_rows) * GPU_SURVIVOR_BYTES + cut
+        tile = 2 * gpu_survivor_capacity(batch_rows) * GPU_SURVIVOR_BYTES + cut
+        doc_buffers = gpu_screen_doc_bytes(chunk_rows, dim, chunk_value_bytes)
+        if docs_resident:
+            doc_buffers += resident_doc_bytes(docs, dim)
     # Finished batches go to a checkpoint on disk when there are several; only one batch's are then held.
     results = (batch_rows if results_on_disk and batch_rows < queries else queries) * k * (SCORE_BYTES + INDEX_BYTES)
     sample = threshold_sample_docs(docs, candidates, selection, screened)
     sample_bytes = sample * (dim * 4 + block_rows * SCORE_BYTES)  # sampled docs and one block's scores
-    return resident_queries + state + doc_buffers + tile + results + sample_bytes
+    if not cuda:
+        return MemoryEstimate(resident_queries + state + doc_buffers + tile + results + sample_bytes)
+    host = padded_batch * dim * 4 + 2 * chunk_rows * dim * chunk_value_bytes + results + sample * dim * 4
+    return MemoryEstimate(resident_queries + state + doc_buffers + tile + sample_bytes, host)
 
 
 def make_plan(
@@ -315,9 +451,16 @@ def make_plan(
     results_on_disk: bool = False,
     precision: str = "exact",
     threads: int = 1,
+    docs_dtype: torch.dtype = torch.float32,
+    host_budget_bytes: int | None = None,
 ) -> Plan:
     """Chooses block sizes that fit `budget_bytes`, holding as many queries per pass as possible, for the backend
     given (device, selection, estimator: None for the path by search keys; threads).
+
+    On CUDA `budget_bytes` is the GPU's, and the host's buffers (pinned doc chunks, the batch's queries, the
+    results) count against `host_budget_bytes` instead (None: not limited); on the CPU one budget covers all. The
+    GPU screen keeps the docs resident on the device across query batches when there are several and the docs take
+    at most RESIDENT_DOCS_MAX_SHARE of the budget (the batch is then planned in what is left).
 
     Raises:
         ValueError: even the smallest blocks do not fit the budget (the message says what would).
@@ -338,60 +481,21 @@ def make_plan(
     if batch_rows:
         batch_rows = min(batch_rows, queries)
         block = min(block, round_up(-(-batch_rows // sharing), ROW_ALIGN))
-
-    def cost(batch: int, block: int, chunk: int) -> int:
-        return estimate_bytes(
-            batch_rows=batch,
-            block_rows=block,
-            chunk_rows=chunk,
-            dim=dim,
-            k=k,
-            queries=queries,
-            selection=selection,
-            docs=docs,
-            candidates=candidates,
-            refine=refined,
-            results_on_disk=results_on_disk,
-            threads=threads,
-            screened=screened,
-            triton=estimator == "triton",
-        )
-
-    while True:
-        if batch_rows:
-            batch = batch_rows
-        else:
-            fixed = cost(0, block, chunk)
-            per_query = cost(1, block, chunk) - fixed
-            batch = min(queries, max(0, (budget_bytes - fixed) // per_query))
-        if batch_rows or (batch >= 1 and cost(batch, block, chunk) <= budget_bytes):
-            break
-        if block <= ROW_ALIGN and (chunk_rows or chunk <= COL_ALIGN):
-            smallest = cost(1, ROW_ALIGN, chunk)
-            all_results = format_bytes(queries * k * (SCORE_BYTES + INDEX_BYTES))
-            results = "" if results_on_disk else f" (the {queries} x {k} results alone take {all_results})"
-            raise ValueError(
-                f"memory budget {format_bytes(budget_bytes)} is too small: even one query at a time needs about "
-                f"{format_bytes(smallest)}{results}; raise --max-memory or lower --k"
-            )
-        block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
-        if not chunk_rows:
-            chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
-    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
-    return Plan(
+    host_budget = host_budget_bytes if cuda else None
+    draft = Plan(
         device=device,
         compute_dtype=torch.float32,
         k=k,
         queries=queries,
         docs=docs,
         dim=dim,
-        query_batch_rows=batch,
+        query_batch_rows=0,
         query_block_rows=block,
         doc_chunk_rows=chunk,
         selection=selection,
         threshold_sample_docs=threshold_sample_docs(docs, candidates, selection, screened),
         budget_bytes=budget_bytes,
-        peak_bytes=cost(batch, block, chunk),
+        peak_bytes=0,
         metric=metric,
         exclude_self=exclude_self,
         search_k=candidates,
@@ -399,4 +503,63 @@ def make_plan(
         estimator=estimator,
         estimator_choice=estimator_choice,
         threads=threads,
+        results_on_disk=results_on_disk,
+        chunk_dtype=transfer_dtype(docs_dtype, estimator, metric),
+        host_budget_bytes=host_budget or 0,
+    )
+
+    def fits(memory: MemoryEstimate) -> bool:
+        return memory.device_bytes <= budget_bytes and (host_budget is None or memory.host_bytes <= host_budget)
+
+    def largest_batch(block: int, chunk: int, resident: bool) -> int:
+        """The most query rows that fit (0 if none), by bisection: the estimate grows with the batch, but not in
+        proportion (the survivor buffer has a floor; results held jump to every query's at one batch)."""
+        if batch_rows:
+            return batch_rows
+        fitting, too_many = 0, queries + 1
+        while too_many - fitting > 1:
+            middle = (fitting + too_many) // 2
+            fitting, too_many = (
+                (middle, too_many) if fits(draft.memory(middle, block, chunk, resident)) else (fitting, middle)
+            )
+        return fitting
+
+    while True:
+        batch = largest_batch(block, chunk, False)
+        if batch >= 1:
+            break
+        if block <= ROW_ALIGN and (chunk_rows or chunk <= COL_ALIGN):
+            raise ValueError(_too_small(draft.memory(1, ROW_ALIGN, chunk, False), budget_bytes, host_budget, draft))
+        block = max(ROW_ALIGN, round_up(block // 2, ROW_ALIGN))
+        if not chunk_rows:
+            chunk = max(COL_ALIGN, round_up(chunk // 2, COL_ALIGN))
+    resident = False
+    if (
+        estimator == "triton"
+        and batch < queries
+        and resident_doc_bytes(docs, dim) <= RESIDENT_DOCS_MAX_SHARE * budget_bytes
+    ):
+        resident_batch = largest_batch(block, chunk, True)
+        if resident_batch >= 1 and fits(draft.memory(resident_batch, block, chunk, True)):
+            batch, resident = resident_batch, True
+    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
+    memory = draft.memory(batch, block, chunk, resident)
+    return replace(draft, query_batch_rows=batch, query_block_rows=block, doc_chunk_rows=chunk, docs_resident=resident,
+                   peak_bytes=memory.device_bytes, host_peak_bytes=memory.host_bytes)  # fmt: skip
+
+
+def _too_small(smallest: MemoryEstimate, budget: int, host_budget: int | None, plan: Plan) -> str:
+    """Why even one query at a time does not fit: the device's budget, or the host's beside a GPU."""
+    all_results = format_bytes(plan.queries * plan.k * (SCORE_BYTES + INDEX_BYTES))
+    results = "" if plan.results_on_disk else f" (the {plan.queries} x {plan.k} results alone take {all_results})"
+    if host_budget is not None and smallest.device_bytes <= budget:
+        return (
+            f"host memory budget {format_bytes(host_budget)} (RAM beside the GPU) is too small: "
+            f"even one query at a time needs about {format_bytes(smallest.host_bytes)} of RAM{results}; free some "
+            "RAM or lower --k"
+        )
+    return (
+        f"memory budget {format_bytes(budget)} is too small: even one query at a time needs about "
+        f"{format_bytes(smallest.device_bytes)}{results}; "
+        "raise --max-memory or lower --k"
     )

@@ -293,8 +293,11 @@ def _check_finite(block: torch.Tensor, start: int, label: str) -> None:
     """Raises InvalidInputError naming the first row of `block` (row `start` of its file) with NaN or Inf."""
     # NaN and Inf survive any sum, so one cheap pass suffices; only then look for the row (a sum of huge
     # finite values can overflow too, hence the second, exact check).
-    with np.errstate(over="ignore", invalid="ignore"):
-        suspicious = not np.isfinite(block.numpy().sum())
+    if block.dtype == torch.bfloat16:  # numpy has no bfloat16: a value is not finite where its exponent is all ones
+        suspicious = bool(((block.view(torch.int16).numpy() & 0x7F80) == 0x7F80).any())
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspicious = not np.isfinite(block.numpy().sum())
     if suspicious and not bool(torch.isfinite(block).all()):
         bad = int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0, 0]) + start
         raise InvalidInputError(f"{label}: row {bad} holds NaN or Inf; expected finite values (clean or drop that row)")

@@ -109,15 +109,23 @@ def on_device(chunks: Iterator[HostChunk], device: torch.device) -> Iterator[Chu
 
 
 def host_chunks(
-    docs: Source, plan: Plan, prepare: Prepare, check: bool = True, pinned: bool = False, pieces: int = 1
+    docs: Source,
+    plan: Plan,
+    prepare: Prepare,
+    check: bool = True,
+    pinned: bool = False,
+    pieces: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[HostChunk]:
     """The doc chunks in host memory, each read on a background thread (by `pieces` threads, each a share of
     the rows) while the one before is used, into two buffers in turn, and handed to `prepare` on the same thread
     (padded with zero rows to the alignment, with the buffer's number); `check`: refuse NaN and Inf (see
     Source.read_into). With `pinned`, the buffers are pinned and each chunk comes with a CUDA event: once recorded
-    after the chunk's copy to the GPU, the reader waits for it before filling that buffer again."""
+    after the chunk's copy to the GPU, the reader waits for it before filling that buffer again. `dtype`: the
+    buffers' (default the plan's compute dtype; the GPU screen's float16 or bfloat16 docs come as they are)."""
     chunk_rows = plan.doc_chunk_rows
-    buffers = [torch.zeros((chunk_rows, docs.dim), dtype=plan.compute_dtype, pin_memory=pinned) for _ in range(2)]
+    dtype = dtype or plan.compute_dtype
+    buffers = [torch.zeros((chunk_rows, docs.dim), dtype=dtype, pin_memory=pinned) for _ in range(2)]
     copied = [torch.cuda.Event() if pinned else None for _ in range(2)]  # type: ignore[no-untyped-call]
     starts = range(0, docs.rows, chunk_rows)
 
@@ -140,7 +148,7 @@ def host_chunks(
             for done in [piece_readers.submit(read_piece, start, lo, hi, buffer) for lo, hi in ranges]:
                 done.result()  # in order: the first bad row named is the first in the file
         padded = round_up(count, COL_ALIGN)
-        buffer[count:padded].numpy().fill(0)
+        _numpy(buffer[count:padded]).fill(0)
         operand, offsets, largest_sq = prepare(buffer[:padded], count, index % 2)
         return start, count, operand, offsets, largest_sq, event
 
@@ -157,3 +165,8 @@ def host_chunks(
     finally:
         if piece_readers is not None:
             piece_readers.shutdown()
+
+
+def _numpy(rows: torch.Tensor) -> np.ndarray:
+    """The rows as numpy sees them (bfloat16's as int16 bits: numpy has no bfloat16)."""
+    return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()

@@ -25,7 +25,7 @@ from . import gpu_survivors
 from .estimators import Estimator, Operand
 from .exclusions import Exclusions
 from .kernel import KERNEL, kernel_available
-from .plan import ROW_ALIGN, gpu_pool_capacity, pool_capacity, round_up
+from .plan import ROW_ALIGN, gpu_pool_capacity, gpu_result_slice_rows, pool_capacity, round_up
 
 __all__ = [
     "MAX_KERNEL_DOCS",
@@ -409,8 +409,14 @@ class PoolTopK(RunningTopK):
         self._thresholds[rows] = torch.maximum(scores.masked_fill(worst == _EMPTY, float("-inf")), self._floor[rows])
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        best = torch.topk(self._pool, self.k, dim=1, largest=False, sorted=False).values
-        scores, indices = _sorted_result(best)
+        """The k best of each row, best first, on the host: taken and copied out a slice of rows at a time
+        (gpu_result_slice_rows), so that a big batch's answer never needs a second full-size copy on the device."""
+        scores = torch.empty((self.rows, self.k), dtype=torch.float32)
+        indices = torch.empty((self.rows, self.k), dtype=torch.int64)
+        step = gpu_result_slice_rows(self.k)
+        for lo in range(0, self.rows, step):
+            best = torch.topk(self._pool[lo : lo + step], self.k, dim=1, largest=False, sorted=False).values
+            scores[lo : lo + step], indices[lo : lo + step] = _sorted_result(best)
         # With a start threshold, docs scoring at or below it may have been left out (offer's caller screens by
         # the thresholds): the row is certified only if its k-th best is above it, as in ThresholdTopK
         floor = self._floor.cpu()
