@@ -15,9 +15,13 @@ twice the CPU's: it adds gamma b_q n_d (>= gamma |q| |d|) to the CPU's slack, th
 the estimate's sums (tests/test_gpu_screen.py checks that model; on a GPU, estimate_tile against slack measures
 the hardware). Products and sums that tensor cores may flush to zero are covered by a_q's floor, as on the CPU.
 
+float16 docs are screened as they are (issue #20, item 1): their values are not rounded to bfloat16, the queries
+are rounded to float16 with a power-of-two scale a row, and the products are float16's, exact on tensor cores; their
+slack is the accumulation's and the queries' rounding only (see _prepare_half_kernel). screen_values_dtype chooses.
+
 Optional: without Triton, or with TINY_KNN_NO_TRITON set, `available()` is False. Under TRITON_INTERPRET=1 the
-kernels run on CPU tensors (the tests do so); there the bfloat16 values are widened to float32 before tl.dot,
-whose interpreted form multiplies bfloat16's storage as integers.
+kernels run on CPU tensors (the tests do so); there the 16-bit values are widened to float32 before tl.dot, whose
+interpreted form multiplies bfloat16's storage as integers (and is not trusted with float16's either).
 """
 
 from __future__ import annotations
@@ -52,22 +56,29 @@ def interpreted() -> bool:
 
 @dataclass(frozen=True)
 class PreparedRows:
-    """Rows as the screen takes them (tk_prepare_rows's outputs for a bfloat16 estimator):
+    """Rows as the screen takes them (tk_prepare_rows's outputs for a bfloat16 estimator, or their float16 form):
     - values: the rows in bfloat16, (rows, dim), as tk_bf16 rounds: to nearest even, NaN kept, subnormals flushed;
+      or in float16 (screen_values_dtype): docs as they are, query rows times 2^s_q rounded to nearest even, and
+      float16's subnormals flushed in both;
     - first, second: for queries a_q and b_q, for docs n_d and r_d (float32, rounded up; infinite for rows whose
       norm is 2^60 or more, or not finite, so that all their pairs survive);
-    - third (l2 only): |q|^2 for queries, |d|^2 / 2 for docs (float32, rounded down; 0 for those rows)."""
+    - third (l2 only): |q|^2 for queries, |d|^2 / 2 for docs (float32, rounded down; 0 for those rows);
+    - unscale (float16 queries only): 2^-s_q a row (float32), what a row's products are multiplied by."""
 
     values: torch.Tensor
     first: torch.Tensor
     second: torch.Tensor
     third: torch.Tensor | None
     query: bool
+    unscale: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> PreparedRows:
         """Rows start..stop of these (views, no copy)."""
         third = None if self.third is None else self.third[start:stop]
-        return PreparedRows(self.values[start:stop], self.first[start:stop], self.second[start:stop], third, self.query)
+        unscale = None if self.unscale is None else self.unscale[start:stop]
+        return PreparedRows(
+            self.values[start:stop], self.first[start:stop], self.second[start:stop], third, self.query, unscale
+        )
 
 
 @dataclass(frozen=True)
@@ -105,32 +116,66 @@ class ScreenTiles:
     stages: int = 3
 
 
+def screen_values_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The screen's variant for docs of `dtype`, chosen here only: float16 docs are screened in float16, as they
+    are (nothing to round, products exact on tensor cores: the smaller slack); float32 and bfloat16 docs in
+    bfloat16 (bfloat16's are as they are too; float32's have no exact 16-bit form, and bfloat16 never overflows).
+    The queries follow their docs: prepare_rows(queries, values=docs.values.dtype)."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
 def prepare_rows(
-    rows: torch.Tensor, *, query: bool, l2: bool, block_rows: int = 16, block_dims: int = 128
+    rows: torch.Tensor,
+    *,
+    query: bool,
+    l2: bool,
+    values: torch.dtype | None = None,
+    block_rows: int = 16,
+    block_dims: int = 128,
 ) -> PreparedRows:
-    """Prepares rows (float32, float16 or bfloat16; each contiguous) for the screen, on their device: what
-    tk_prepare_rows computes with TK_BF16 (TK_QUERY for queries, TK_L2 for l2). The bfloat16 values are tk_bf16's
-    bit for bit. The factors are tk_prepare_rows's, or a float32 step or two more generous (never less): the sums
-    of squares are added in another order here, so they carry a margin of (dim + 8) 2^-50.
+    """Prepares rows (float32, float16 or bfloat16; each contiguous) for the screen, on their device, with 16-bit
+    values of dtype `values` (by default screen_values_dtype(rows.dtype)).
+
+    bfloat16: what tk_prepare_rows computes with TK_BF16 (TK_QUERY for queries, TK_L2 for l2). The bfloat16 values
+    are tk_bf16's bit for bit. The factors are tk_prepare_rows's, or a float32 step or two more generous (never
+    less): the sums of squares are added in another order here, so they carry a margin of (dim + 8) 2^-50.
+    float16 (docs that are float16; queries of any dtype, scaled by a power of two a row: `unscale`): the same
+    factors, from the values of _prepare_half_kernel.
 
     Raises:
-        ValueError: rows that are not a 2-D float tensor with contiguous rows.
+        ValueError: rows that are not a 2-D float tensor with contiguous rows; float16 values for docs that are
+            not float16 (they would be rounded, and could overflow); values neither bfloat16 nor float16.
     """
     _check_rows(rows, "rows", (torch.float32, torch.float16, torch.bfloat16))
+    values = screen_values_dtype(rows.dtype) if values is None else values
+    if values not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the screen's values are bfloat16 or float16, not {values}")
+    if values == torch.float16 and not query and rows.dtype != torch.float16:
+        raise ValueError(f"float16 values are for float16 docs (kept as they are), not {rows.dtype} docs")
     count, dim = rows.shape
     device = rows.device
-    values = torch.empty((count, dim), dtype=torch.bfloat16, device=device)
+    out = torch.empty((count, dim), dtype=values, device=device)
     first, second = torch.empty(count, device=device), torch.empty(count, device=device)
     third = torch.empty(count, device=device) if l2 else None
+    unscale = torch.empty(count, device=device) if values == torch.float16 and query else None
     if count:
         triton, kernels = _kernels()
         widened = rows.dtype == torch.bfloat16  # as bits: see _prepare_kernel
-        kernels.prepare[(triton.cdiv(count, block_rows),)](
-            rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
-            values.view(torch.int16), values.stride(0), first, second, first if third is None else third,
-            QUERY=query, L2=l2, BF16_BITS=widened, BLOCK_R=block_rows, BLOCK_D=block_dims,
-        )  # fmt: skip
-    return PreparedRows(values, first, second, third, query)
+        grid = (triton.cdiv(count, block_rows),)
+        factors = (first, second, first if third is None else third)
+        if values == torch.float16:
+            kernels.prepare_half[grid](
+                rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
+                out.view(torch.int16), out.stride(0), first if unscale is None else unscale, *factors,
+                QUERY=query, L2=l2, BF16_BITS=widened, BLOCK_R=block_rows, BLOCK_D=block_dims,
+            )  # fmt: skip
+        else:
+            kernels.prepare[grid](
+                rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
+                out.view(torch.int16), out.stride(0), *factors,
+                QUERY=query, L2=l2, BF16_BITS=widened, BLOCK_R=block_rows, BLOCK_D=block_dims,
+            )  # fmt: skip
+    return PreparedRows(out, first, second, third, query, unscale)
 
 
 def screen(
@@ -241,12 +286,14 @@ def _launch_screen(
     unused = queries.first  # for the pointers a mode does not read
     kernels.screen[(triton.cdiv(rows, tiles.rows), triton.cdiv(doc_count, tiles.docs))](
         queries.values, queries.values.stride(0), docs.values, docs.values.stride(0), rows, doc_count, dim,
-        _gamma(dim), queries.first, queries.second, queries.third if l2 else unused,
+        _gamma(dim), unused if queries.unscale is None else queries.unscale,
+        queries.first, queries.second, queries.third if l2 else unused,
         unused if thresholds is None else thresholds, docs.first, docs.second, docs.third if l2 else unused,
         unused if survivors is None else survivors.pairs, 0 if survivors is None else survivors.pairs.shape[0],
         unused if survivors is None else survivors.counts, unused if tile is None else tile,
         0 if tile is None else tile.stride(0),
-        L2=l2, WIDEN=kernels.interpreted, GIVEN=tile is not None and not write, WRITE=write,
+        L2=l2, WIDEN=kernels.interpreted, SCALED=queries.unscale is not None, GIVEN=tile is not None and not write,
+        WRITE=write,
         BLOCK_M=tiles.rows, BLOCK_N=tiles.docs, BLOCK_K=tiles.dims, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
 
@@ -275,6 +322,13 @@ def _check_operands(queries: PreparedRows, docs: PreparedRows, l2: bool) -> tupl
         )
     if dim > MAX_DIM:
         raise ValueError(f"the screen's bound holds up to {MAX_DIM} dims, not {dim}")
+    if queries.values.dtype != docs.values.dtype:
+        raise ValueError(
+            f"queries prepared in {queries.values.dtype} and docs in {docs.values.dtype}: prepare the queries with "
+            "values=docs.values.dtype"
+        )
+    if (queries.values.dtype == torch.float16) != (queries.unscale is not None):
+        raise ValueError("float16 queries, and only they, carry their scales (unscale): prepare them by prepare_rows")
     if l2 and (queries.third is None or docs.third is None):
         raise ValueError("l2 needs rows prepared with l2=True (their squared norms)")
     return rows, dim
@@ -311,31 +365,27 @@ def _bf16_bits(x) -> Any:  # type: ignore[no-untyped-def]
     return tl.where((half & 0x7F80) != 0, half, half & 0x8000)
 
 
-def _prepare_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, x_stride, rows, dim, gamma, out_ptr, out_stride, first_ptr, second_ptr, third_ptr,
-    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+def _f16_bits(x) -> Any:  # type: ignore[no-untyped-def]
+    """The float16 bits of float32 x, to nearest even, NaN kept, subnormals flushed (as _bf16_bits flushes), so
+    that tensor cores read these values whether they flush float16's subnormals or not."""
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return tl.where((bits & 0x7C00) != 0, bits, bits & 0x8000)
+
+
+def _as_float32(x, BF16_BITS: tl.constexpr) -> Any:  # type: ignore[no-untyped-def]
+    """A block of rows as float32, exactly: bfloat16 rows (loaded as int16) widened by their bits (the
+    interpreter's conversion moves subnormals), others converted."""
+    if BF16_BITS:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+def _store_factors(  # type: ignore[no-untyped-def]
+    row, real, squares, rounded_squares, moved_squares, gamma, first_ptr, second_ptr, third_ptr,
+    QUERY: tl.constexpr, L2: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    real = row < rows
-    row = row.to(tl.int64)
-    squares = tl.zeros([BLOCK_R], tl.float64)
-    rounded_squares = tl.zeros([BLOCK_R], tl.float64)
-    moved_squares = tl.zeros([BLOCK_R], tl.float64)
-    for start in range(0, dim, BLOCK_D):
-        col = start + tl.arange(0, BLOCK_D)
-        inside = real[:, None] & (col < dim)[None, :]
-        x = tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0)
-        if BF16_BITS:  # bfloat16 rows, widened by their bits (the interpreter's conversion moves subnormals)
-            x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x = x.to(tl.float32)
-        half = _bf16_bits(x)
-        tl.store(out_ptr + row[:, None] * out_stride + col[None, :], half.to(tl.int16), mask=inside)
-        value = x.to(tl.float64)
-        rounded = (half << 16).to(tl.float32, bitcast=True).to(tl.float64)
-        squares += tl.sum(value * value, axis=1)
-        rounded_squares += tl.sum(rounded * rounded, axis=1)
-        moved_squares += tl.sum((rounded - value) * (rounded - value), axis=1)
+    """tk_prepare_rows's factors from a block of rows' float64 sums: |x|^2, |x~|^2 and |x~ - x|^2, where x~ is the
+    row as the screen's products read it."""
     # tk_prepare_rows's arithmetic, from sums raised by (dim + 8) 2^-50 and square roots raised by 2^-50: each
     # float64 sum errs by less than dim 2^-53 (of nonnegative terms, in any order), a square root by 2 ulps.
     gamma = gamma + tl.zeros([BLOCK_R], tl.float64)
@@ -363,11 +413,98 @@ def _prepare_kernel(  # type: ignore[no-untyped-def]
         tl.store(third_ptr + row, tl.where(huge, 0.0, _round_down(low)), mask=real)
 
 
+def _prepare_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, x_stride, rows, dim, gamma, out_ptr, out_stride, first_ptr, second_ptr, third_ptr,
+    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    real = row < rows
+    row = row.to(tl.int64)
+    squares = tl.zeros([BLOCK_R], tl.float64)
+    rounded_squares = tl.zeros([BLOCK_R], tl.float64)
+    moved_squares = tl.zeros([BLOCK_R], tl.float64)
+    for start in range(0, dim, BLOCK_D):
+        col = start + tl.arange(0, BLOCK_D)
+        inside = real[:, None] & (col < dim)[None, :]
+        x = _as_float32(tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0), BF16_BITS)
+        half = _bf16_bits(x)
+        tl.store(out_ptr + row[:, None] * out_stride + col[None, :], half.to(tl.int16), mask=inside)
+        value = x.to(tl.float64)
+        rounded = (half << 16).to(tl.float32, bitcast=True).to(tl.float64)
+        squares += tl.sum(value * value, axis=1)
+        rounded_squares += tl.sum(rounded * rounded, axis=1)
+        moved_squares += tl.sum((rounded - value) * (rounded - value), axis=1)
+    _store_factors(row, real, squares, rounded_squares, moved_squares, gamma, first_ptr, second_ptr, third_ptr,
+                   QUERY, L2, BLOCK_R)  # fmt: skip
+
+
+# The float16 screen's bound. Docs are float16 on disk, and their values are kept (d~ = d) but for float16's
+# subnormals, flushed to zero here (_f16_bits) so that the tensor cores read the same values whether or not they
+# flush them (Fasi et al. found float16 subnormals supported; nothing here relies on it): r_d = |d~ - d|, 0 for a
+# row without subnormals, n_d = |d| >= |d~|. A query row q is scaled by 2^s, s = min(14 - e, 126) where 2^e is the
+# leading power of two of its largest |q_i| (e from the float32 exponent field; -127 for zeros and subnormals), and
+# rounded to float16: q' = f16(2^s q), with |q'_i| <= 2^15 < 65504 (no overflow), and every q_i within 2^-28 of
+# the largest keeps float16's 11 bits (the rest are flushed, and counted). The screen's estimate of a pair is
+# 2^-s fl(q'.d~), fl the tensor cores' float32 sum of exact products; 2^-s is a float32 in [2^-126, 2^114]
+# (s in [-114, 126]), and q^ = 2^-s q' is exact in float64, where r_q = |q^ - q| and |q|, |q^| are summed. Then
+#   estimate - q.d = 2^-s (fl(q'.d~) - q'.d~) + (q^ - q).d~ + q.(d~ - d) + u_back,
+# - the products of float16 values are exact in float32 (11 x 11 bits) on tensor cores (Fasi et al., op. cit.,
+#   whose measurements are of float16 inputs) and in the interpreter's widened float32 tl.dot, and the sum's error
+#   is relative: |2^-s (fl(q'.d~) - q'.d~)| <= (2.5 dim + 2) 2^-24 |q^| |d~|, covered as the bfloat16 path's is
+#   (a_q's 2 gamma' max(|q|, |q^|), plus gamma b_q for the tensor cores); tk_dot's error is within it too;
+# - |(q^ - q).d~| <= r_q n_d and |q.(d~ - d)| <= b_q r_d, b_q = max(|q|, |q^|): the bfloat16 path's terms;
+# - nothing underflows in the scaled sum: normal float16 values are multiples of 2^-24, so every product, and
+#   every sum of them (rounded or truncated to float32), is 0 or at least 2^-48 in size; nor overflows: below
+#   dim 2^15 65504 < 2^53 (dim <= MAX_DIM);
+# - u_back: 2^-s times a float32 is exact unless the result is below 2^-126, where it may lose 2^-126 (flushed);
+#   a_q's floor of 4 (dim + 8) 2^-86 (n_d >= 2^-40) was sized for 2 dim such flushes in the bfloat16 sums, of
+#   which this sum makes none. It cannot overflow: rows of norm 2^60 or more get infinite factors (every pair
+#   survives), others' estimates stay below 2^61 |d| (float16 docs: |d| < 2^27).
+# So the factors are the bfloat16 path's formulas (_store_factors) of these x~, with nothing added.
+def _prepare_half_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, x_stride, rows, dim, gamma, out_ptr, out_stride, unscale_ptr, first_ptr, second_ptr, third_ptr,
+    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    real = row < rows
+    row = row.to(tl.int64)
+    if QUERY:  # 2^s: the row's largest value to [2^14, 2^15)
+        largest = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, dim, BLOCK_D):
+            col = start + tl.arange(0, BLOCK_D)
+            inside = real[:, None] & (col < dim)[None, :]
+            x = _as_float32(tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0), BF16_BITS)
+            largest = tl.maximum(largest, tl.max(tl.abs(x), axis=1))
+        power = tl.minimum(141 - ((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF), 126)  # s = 14 - e
+        scale = ((power + 127) << 23).to(tl.float32, bitcast=True)
+        unscale = ((127 - power) << 23).to(tl.float32, bitcast=True)
+        tl.store(unscale_ptr + row, unscale, mask=real)
+    else:  # docs: float16 already, kept
+        scale = tl.full([BLOCK_R], 1.0, tl.float32)
+        unscale = scale
+    squares = tl.zeros([BLOCK_R], tl.float64)
+    rounded_squares = tl.zeros([BLOCK_R], tl.float64)
+    moved_squares = tl.zeros([BLOCK_R], tl.float64)
+    for start in range(0, dim, BLOCK_D):
+        col = start + tl.arange(0, BLOCK_D)
+        inside = real[:, None] & (col < dim)[None, :]
+        x = _as_float32(tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0), BF16_BITS)
+        half = _f16_bits(x * scale[:, None])  # exact product: a power of two, and |x| 2^s < 2^15
+        tl.store(out_ptr + row[:, None] * out_stride + col[None, :], half.to(tl.int16), mask=inside)
+        value = x.to(tl.float64)
+        rounded = half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float64) * unscale.to(tl.float64)[:, None]
+        squares += tl.sum(value * value, axis=1)
+        rounded_squares += tl.sum(rounded * rounded, axis=1)
+        moved_squares += tl.sum((rounded - value) * (rounded - value), axis=1)
+    _store_factors(row, real, squares, rounded_squares, moved_squares, gamma, first_ptr, second_ptr, third_ptr,
+                   QUERY, L2, BLOCK_R)  # fmt: skip
+
+
 def _screen_kernel(  # type: ignore[no-untyped-def]
-    q_ptr, q_stride, d_ptr, d_stride, rows, docs, dim, gamma,
+    q_ptr, q_stride, d_ptr, d_stride, rows, docs, dim, gamma, unscale_ptr,
     a_ptr, b_ptr, q_sq_ptr, thresholds_ptr, n_ptr, r_ptr, h_ptr,
     pairs_ptr, capacity, counts_ptr, tile_ptr, tile_stride,
-    L2: tl.constexpr, WIDEN: tl.constexpr, GIVEN: tl.constexpr, WRITE: tl.constexpr,
+    L2: tl.constexpr, WIDEN: tl.constexpr, SCALED: tl.constexpr, GIVEN: tl.constexpr, WRITE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -385,10 +522,12 @@ def _screen_kernel(  # type: ignore[no-untyped-def]
             k = start + tl.arange(0, BLOCK_K)
             q = tl.load(q_rows + k[None, :], mask=real_row[:, None] & (k < dim)[None, :], other=0.0)
             d = tl.load(d_rows + k[:, None], mask=real_doc[None, :] & (k < dim)[:, None], other=0.0)
-            if WIDEN:  # the interpreter's: exact products of the bfloat16 values, float32 sums
+            if WIDEN:  # the interpreter's: exact products of the 16-bit values, float32 sums
                 estimate = tl.dot(q.to(tl.float32), d.to(tl.float32), estimate, input_precision="ieee")
             else:
                 estimate = tl.dot(q, d, estimate)
+        if SCALED:  # float16 queries: their products times 2^-s_q, exact but for an underflow (_prepare_half_kernel)
+            estimate = estimate * tl.load(unscale_ptr + row, mask=real_row, other=1.0)[:, None]
     if WRITE:
         tl.store(tile_at, estimate, mask=real)
     else:
@@ -480,14 +619,17 @@ def _rescore_kernel(  # type: ignore[no-untyped-def]
     tl.store(out_ptr + pair, score, mask=real)
 
 
-_DEVICE_CODE = (_round_up, _round_down, _bf16_bits, _prepare_kernel, _screen_kernel, _lane_fma, _fold, _rescore_kernel)
+_DEVICE_CODE = (
+    _round_up, _round_down, _bf16_bits, _f16_bits, _as_float32, _store_factors, _prepare_kernel,
+    _prepare_half_kernel, _screen_kernel, _lane_fma, _fold, _rescore_kernel,
+)  # fmt: skip
 
 
 @functools.cache
 def _kernels() -> tuple[Any, types.SimpleNamespace]:
-    """Triton and the kernels (prepare, screen, rescore; `interpreted`: whether Triton interprets them, as it
-    does where TRITON_INTERPRET was set when it was imported), built on first use: Triton is optional, and slow
-    to import."""
+    """Triton and the kernels (prepare, prepare_half, screen, rescore; `interpreted`: whether Triton interprets
+    them, as it does where TRITON_INTERPRET was set when it was imported), built on first use: Triton is optional,
+    and slow to import."""
     import triton
     import triton.language
     from triton.runtime.interpreter import InterpretedFunction
@@ -497,6 +639,7 @@ def _kernels() -> tuple[Any, types.SimpleNamespace]:
         namespace[plain.__name__] = triton.jit(types.FunctionType(plain.__code__, namespace, plain.__name__))
     screen = namespace["_screen_kernel"]
     return triton, types.SimpleNamespace(
-        prepare=namespace["_prepare_kernel"], screen=screen, rescore=namespace["_rescore_kernel"],
+        prepare=namespace["_prepare_kernel"], prepare_half=namespace["_prepare_half_kernel"], screen=screen,
+        rescore=namespace["_rescore_kernel"],
         interpreted=isinstance(screen, InterpretedFunction),
     )  # fmt: skip
