@@ -248,6 +248,50 @@ def test_the_triton_path_answers_the_cpus_answer_byte_for_byte(interpreted, inpu
         same_files(ours, theirs)
 
 
+def run_recording_screens(argv: list[str]) -> tuple[int, set[torch.dtype]]:
+    """run_command(argv) by the Triton path, and the dtypes of the docs' values that its screens read."""
+    seen: set[torch.dtype] = set()
+    screen = gpu_screen.screen
+
+    def recorded(queries, docs, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        seen.add(docs.values.dtype)
+        screen(queries, docs, *args, **kwargs)
+
+    gpu_screen.screen = recorded
+    try:
+        return run_command(argv, True), seen
+    finally:
+        gpu_screen.screen = screen
+
+
+@needs_kernel
+@needs_triton
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_a_float16_docs_file_by_the_triton_path_answers_the_cpus_answer_byte_for_byte(  # type: ignore[no-untyped-def]
+    interpreted,  # noqa: F811
+    inputs,
+    half_precision_inputs,
+    tmp_path,
+    metric,
+) -> None:
+    """The docs as a float16 file, with their ties (repeated docs, queries that are docs), by the command: ip and l2
+    through the float16 screen (docs as they are), cosine through the bfloat16 screen (its docs are scaled on the
+    host in float32); k=10 in chunks of 128, k=300 from sampled thresholds, and excluded pairs."""
+    paths = {**inputs, "docs": half_precision_inputs["torch.float16"]["docs"]}
+    cases = [
+        (10, ["--chunk-size", "128"]),
+        (300, ["--chunk-size", "128", "--batch-size", "16"]),
+        (25, ["--chunk-size", "192", "--exclude-pairs", inputs["pairs"]]),
+    ]
+    for number, (k, extra) in enumerate(cases):
+        theirs, ours = str(tmp_path / f"cpu{number}.pt"), str(tmp_path / f"triton{number}.pt")
+        assert run_command(search_arguments(paths, theirs, metric, k, extra), triton=False) == 0
+        code, screens = interpreted(run_recording_screens, search_arguments(paths, ours, metric, k, extra))
+        assert code == 0
+        assert torch.float16 in screens if metric != "cosine" else screens == {torch.bfloat16}, screens
+        same_files(ours, theirs)
+
+
 def check_dry_run(inputs: dict[str, str], capture: str) -> tuple[int, str]:
     with open(capture, "w") as stream, contextlib.redirect_stdout(stream):
         code = run_command([inputs["queries"], inputs["docs"], "--cpu", "--k", "10", "--dry-run"], True)
@@ -402,11 +446,12 @@ def check_engine_around_the_screen(paths: dict[str, str], metric: str, k: int, b
     """Searches by the Triton path, with the docs resident and without: the answers, how many times the docs file
     was read (Source.read_into: the sample comes by read_rows) and in which dtype, and the order in which chunks
     were screened and their counts read."""
-    results: dict[str, Any] = {"reads": {}, "dtypes": set(), "order": []}
+    results: dict[str, Any] = {"reads": {}, "dtypes": set(), "order": [], "screens": set()}
     launch, settle = gpu_engine._Screening._launch, gpu_engine._Screening._settle
 
     def logged_launch(self, chunk, survivors, lo, hi) -> Any:  # type: ignore[no-untyped-def]
         results["order"].append(("screen", chunk.first_doc))
+        results["screens"].add((self._queries_for(chunk.prepared).values.dtype, chunk.prepared.values.dtype))
         return launch(self, chunk, survivors, lo, hi)
 
     def logged_settle(self, screened) -> None:  # type: ignore[no-untyped-def]
@@ -496,11 +541,15 @@ def half_precision_inputs(inputs, tmp_path_factory) -> dict[str, dict[str, str]]
 @pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
 def test_half_precision_docs_travel_as_they_are(interpreted, half_precision_inputs, dtype, metric) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """float16 and bfloat16 docs are read into host buffers of their own dtype (half the bytes of float32) and
-    widened on the device (ip, l2); cosine's are scaled on the host in float32. The answers are the CPU's."""
+    screened as they are (ip, l2: float16's by the float16 screen, the queries prepared to match); cosine's are
+    scaled on the host in float32, and screened in bfloat16. The answers are the CPU's."""
     paths = half_precision_inputs[dtype]
     result = interpreted(check_engine_around_the_screen, paths, metric, 12, 16)
     expected = torch.float32 if metric == "cosine" else getattr(torch, dtype.removeprefix("torch."))
     assert result["plan"].chunk_dtype == expected and result["dtypes"] == {expected}
+    screened = torch.float16 if expected == torch.float16 else torch.bfloat16
+    assert (screened, screened) in result["screens"]  # (queries, docs); a sample's float32 docs: bfloat16
+    assert result["screens"] <= {(screened, screened), (torch.bfloat16, torch.bfloat16)}, result["screens"]
     reference = cpu_answer(paths, metric, 12)
     assert_same(result[True], reference)
     assert_same(result[False], reference)

@@ -3,7 +3,7 @@ of topk.PoolTopK. Forced with TINY_KNN_PRODUCT=triton (backend.py); not the defa
 GPU (benchmarks/gpu_screen_check.py).
 
 Per query batch, as the CPU's screened path (engine._search_screened) does: the query rows are prepared once
-(bfloat16 values and their bound's factors); start thresholds are sampled (the same search over a strided sample of
+(16-bit values, the docs' kind, and factors); start thresholds are sampled (the same search over a strided sample of
 the docs keeps a high rank), and rows whose final k-th score is not above theirs are searched again. Per doc chunk:
 its rows are prepared, the whole batch is screened against them by each row's current threshold (its pool's k-th
 best at the last cut) into a bounded survivor buffer, and one host synchronisation reads how many pairs survived and
@@ -14,10 +14,11 @@ exactly (tk_dot's order; tk_l2's for l2, negated, as the selection keeps -distan
 excluded pairs as no doc. A buffer that overflowed is not read: the
 chunk is screened again from a first piece that fits, the pools cut after it so that their thresholds rise.
 
-float16 and bfloat16 docs arrive as they are (Plan.chunk_dtype: half the bytes read and copied) and are widened to
-float32 on the device, exactly. Where the plan keeps the docs resident (Plan.docs_resident), the first full pass
-keeps every chunk on the device, prepared, and later passes (query batches, rows searched again) use them without
-reading the disk (ResidentDocs).
+float16 and bfloat16 docs arrive as they are (Plan.chunk_dtype: half the bytes read and copied), are prepared for the
+screen as they are (float16's for the float16 screen: gpu_screen.screen_values_dtype), and are widened to float32 on
+the device, exactly, for the exact scores; the query rows are prepared for the screen of the docs' values. Where the
+plan keeps the docs resident (Plan.docs_resident), the first full pass keeps every chunk on the device, prepared, and
+later passes (query batches, rows searched again) use them without reading the disk (ResidentDocs).
 
 Every pair that can be among a row's k best is scored exactly, as the CPU scores it, and selected by (score, doc):
 the answer is the CPU's, byte for byte. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (--cpu): slowly,
@@ -170,7 +171,8 @@ def device_chunks(
     kept: list[DeviceChunk] = []
     for first_doc, doc_count, doc_rows, _, _ in on_device(read, device):
         rows = doc_rows[:doc_count].to(torch.float32, copy=not cuda)  # exact widening of float16 and bfloat16
-        chunk = DeviceChunk(first_doc, rows, gpu_screen.prepare_rows(rows, query=False, l2=l2))
+        prepared = gpu_screen.prepare_rows(doc_rows[:doc_count], query=False, l2=l2)  # in the docs' own dtype
+        chunk = DeviceChunk(first_doc, rows, prepared)
         if resident is not None:
             kept.append(chunk)
         yield chunk
@@ -199,7 +201,7 @@ class _Screening:
     ) -> None:
         self.queries, self.running, self.metric = queries, running, metric
         self.l2 = metric == "l2"
-        self.prepared = gpu_screen.prepare_rows(queries, query=True, l2=self.l2)
+        self.prepared: dict[torch.dtype, gpu_screen.PreparedRows] = {}
         rows, device = queries.shape[0], queries.device
         capacity = gpu_survivor_capacity(rows)
         self.buffers = [gpu_screen.Survivors.empty(capacity, device) for _ in range(2)]
@@ -238,13 +240,21 @@ class _Screening:
         """Queues the screen of docs lo..hi of the chunk into `survivors`, and the count of what it finds."""
         rows = self.queries.shape[0]
         survivors.clear()
-        gpu_screen.screen(self.prepared, chunk.prepared.rows(lo, hi), self.running.thresholds, survivors,
-                          metric=self.metric)  # fmt: skip
+        gpu_screen.screen(self._queries_for(chunk.prepared), chunk.prepared.rows(lo, hi), self.running.thresholds,
+                          survivors, metric=self.metric)  # fmt: skip
         found_rows = torch.where(self.slots < survivors.counts[0], survivors.pairs[:, 0].long(), rows)
         per_row = torch.zeros(rows + 1, dtype=torch.int64, device=found_rows.device)
         per_row.index_add_(0, found_rows, torch.ones_like(found_rows))
         counts = torch.cat([survivors.counts, per_row[:rows].max().reshape(1)])
         return _Screened(chunk, survivors, lo, hi, counts)
+
+    def _queries_for(self, docs: gpu_screen.PreparedRows) -> gpu_screen.PreparedRows:
+        """The query rows prepared for docs of these values (bfloat16, or float16 with their scales), once a pass:
+        a pass's chunks share one dtype, but a pass from sampled thresholds (float32 docs) may precede it."""
+        dtype = docs.values.dtype
+        if dtype not in self.prepared:
+            self.prepared[dtype] = gpu_screen.prepare_rows(self.queries, query=True, l2=self.l2, values=dtype)
+        return self.prepared[dtype]
 
     def _settle(self, screened: _Screened) -> None:
         """Reads a screen's counts and offers its survivors. If they overflowed the buffer, a first piece that would
