@@ -20,7 +20,11 @@ Steps (each prints its lines; the table comes last, and OUT/gpu_screen.json hold
   f. the engine around the screen, 16,384 x 1,000,000 x 768 (normalised Gaussian rows) at k=1000 in 4 query batches
      of 4096: the docs kept resident on the GPU after the first pass against read and copied every pass; then the
      same docs as a float16 file against float32 in one pass (bytes read into the host's buffers and copied to the
-     GPU, per chunk and per pass, and the time); 64 rows of each checked byte for byte against the CPU's.
+     GPU, per chunk and per pass, and the time); 64 rows of each checked byte for byte against the CPU's. For the
+     float16 docs, the float16 screen (docs as they are, queries scaled and rounded to float16) against the bfloat16
+     screen of the same docs widened: the fraction of pairs each keeps at the true k-th scores, each screen's time
+     (and its rows' preparation), and the worst |estimate - exact| / slack of the float16 screen on these rows and on
+     hard ones (float16 subnormals, values near 65504, cancellation, queries from 2^-140 to 2^100).
 """
 
 from __future__ import annotations
@@ -135,6 +139,91 @@ def check_bound(device: str, rows: int, dim: int) -> dict[str, float]:
     return ratios
 
 
+def hard_half_rows(count: int, dim: int, seed: int) -> torch.Tensor:
+    """float16 docs where the float16 screen's bound is thinnest: values from 2^-26 to 2^15 (subnormals, which are
+    flushed and counted, beside products near 2^31); values near 65504, float16's largest; rows of subnormals only;
+    rows that cancel."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(count, dim, generator=generator)
+    quarter = count // 4
+    rows[:quarter] *= torch.exp2(torch.randint(-26, 15, (quarter, dim), generator=generator).float())
+    rows[quarter : 2 * quarter] = torch.sign(rows[quarter : 2 * quarter]) * (65504 - 6000 * torch.rand(quarter, dim))
+    rows[2 * quarter : 3 * quarter] = torch.sign(rows[2 * quarter : 3 * quarter]) * 2.0**-16
+    cancel = rows[3 * quarter :]
+    half = dim // 2
+    cancel[:, half : 2 * half] = -cancel[:, :half] * (1 + 2.0**-9 * torch.randn(cancel.shape[0], half))
+    return rows.clamp(-65504, 65504).half()
+
+
+def half_bound(device: str, queries: torch.Tensor, docs: torch.Tensor) -> float:
+    """The worst |estimate - exact| / slack of the float16 screen (tk_dot on the CPU, and q.d in float64)."""
+    prepared = (
+        gpu_screen.prepare_rows(queries.to(device), query=True, l2=False, values=torch.float16),
+        gpu_screen.prepare_rows(docs.to(device), query=False, l2=False),
+    )
+    assert prepared[1].values.dtype == torch.float16
+    estimates = gpu_screen.estimate_tile(*prepared).double().cpu()
+    slack = gpu_screen.slack(*prepared).cpu()
+    exact, true = exact_tile(queries, docs.float(), False).double(), queries.double() @ docs.double().T
+    finite = torch.isfinite(slack) & torch.isfinite(exact) & (slack > 0)
+    error = torch.maximum((estimates - exact).abs(), (estimates - true).abs())
+    return float((error[finite] / slack[finite]).max())
+
+
+def timed(run: Callable[[], Any], repeats: int, cuda: bool) -> float:
+    """The median seconds of `repeats` runs of `run`, after one more (the warm-up: Triton compiles)."""
+    times = []
+    for _ in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def compare_half_screens(
+    queries: torch.Tensor, docs: torch.Tensor, result: str, k: int, repeats: int, cuda: bool
+) -> dict[str, Any]:
+    """f. float16 docs: the float16 screen of them against the bfloat16 screen of their float32 widening (the path
+    float32 docs take), at the true k-th scores (the search's own answer, `result`): pairs kept and seconds a
+    screen (and a preparation of the docs), and the float16 bound's worst observed ratio."""
+    device = "cuda" if cuda else "cpu"
+    thresholds = torch.load(result, weights_only=True)["scores"][:, k - 1].contiguous().to(device)
+    on_device = queries.to(device), docs.to(device)
+    pairs = queries.shape[0] * docs.shape[0]
+    survivors = gpu_screen.Survivors.empty(max(1, min(pairs, 64 * 2**20)), device)
+    report: dict[str, Any] = {}
+    for variant, doc_rows in (("float16", on_device[1]), ("bfloat16", on_device[1].float())):
+        prepared_docs = gpu_screen.prepare_rows(doc_rows, query=False, l2=False)
+        values = prepared_docs.values.dtype
+        assert str(values) == f"torch.{variant}", values
+        prepared_queries = gpu_screen.prepare_rows(on_device[0], query=True, l2=False, values=values)
+
+        def screen(prepared_queries: Any = prepared_queries, prepared_docs: Any = prepared_docs) -> None:
+            survivors.clear()
+            gpu_screen.screen(prepared_queries, prepared_docs, thresholds, survivors, metric="ip")
+
+        seconds = timed(screen, repeats, cuda)
+        prepare = timed(lambda doc_rows=doc_rows: gpu_screen.prepare_rows(doc_rows, query=False, l2=False), repeats,
+                        cuda)  # fmt: skip
+        found = int(survivors.counts[0])
+        report[variant] = {"kept": found / pairs, "seconds": seconds, "prepare seconds": prepare}
+        print(f"  {variant} screen of float16 docs: keeps {found / pairs:.3%} of pairs at the true k-th scores, "
+              f"{seconds:.4f} s a screen ({2 * pairs * docs.shape[1] / seconds / 1e12:.0f} TFLOP/s), "
+              f"{prepare:.4f} s to prepare the docs", flush=True)  # fmt: skip
+    sample = min(2048, queries.shape[0], docs.shape[0])
+    report["float16 bound"] = {
+        "gaussian": half_bound(device, queries[:sample].contiguous(), docs[:sample].contiguous()),
+        "hard": half_bound(device, hard_rows(sample, docs.shape[1], 7), hard_half_rows(sample, docs.shape[1], 8)),
+    }
+    for kind, ratio in report["float16 bound"].items():
+        print(f"  float16 screen's bound, {kind}: worst |estimate - exact| / slack = {ratio:.4f} (must be <= 1)")
+    return report
+
+
 def write_rows(path: str, rows: torch.Tensor) -> str:
     np.save(path, rows.numpy())
     return path
@@ -221,6 +310,8 @@ def time_engine(
         }
         print(f"  {row['case']}: {row['seconds']:.3f} s; chunks of {row['chunk']}, {row['MiB a chunk']:.1f} MiB each "
               f"({row['MiB a pass']:.0f} MiB a pass); {row['check']}", flush=True)  # fmt: skip
+        if dtype == "float16":
+            row["screens"] = compare_half_screens(queries, docs.half(), result, k, repeats, cuda)
         rows.append(row)
     shutil.rmtree(folder, ignore_errors=True)
     return rows
@@ -323,6 +414,13 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report.get("engine", []):
         print(f"engine {row['case']:38s} {row['seconds']:.3f} s  chunks of {row['chunk']} ({row['MiB a chunk']:.1f} "
               f"MiB, {row['MiB a pass']:.0f} MiB a pass)  {row['check']}")  # fmt: skip
+        screens = row.get("screens")
+        if screens:
+            half, bfloat16 = screens["float16"], screens["bfloat16"]
+            ratios = ", ".join(f"{kind} {ratio:.4f}" for kind, ratio in screens["float16 bound"].items())
+            print(f"  float16 docs, float16 screen against bfloat16's: keeps {half['kept']:.3%} against "
+                  f"{bfloat16['kept']:.3%} of pairs, {half['seconds']:.4f} s against {bfloat16['seconds']:.4f} s "
+                  f"a screen; the float16 bound's worst ratio {ratios}")  # fmt: skip
 
 
 if __name__ == "__main__":
