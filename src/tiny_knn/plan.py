@@ -255,7 +255,7 @@ class Plan:
             ),
             (
                 "scores: exact (tiny-knn's one definition), screened by the Triton path (gpu_screen: bfloat16 "
-                "estimates within a proven bound, survivors re-scored in tk_dot's order)"
+                "estimates, or float16 for float16 docs, within a proven bound, survivors re-scored in tk_dot's order)"
                 if self.estimator == "triton"
                 else f"scores: exact (tiny-knn's one definition), screened by the {self.estimator} estimator"
                 if self.estimator
