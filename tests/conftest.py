@@ -44,3 +44,13 @@ def _own_estimator_cache(tmp_path_factory, monkeypatch) -> None:  # type: ignore
 def _seeded() -> None:
     """Every test sees the same random data on every run: a failure is always reproducible."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cuda() -> None:
+    """Tests that need a GPU: skipped visibly without one; TINY_KNN_REQUIRE_CUDA=1 makes that a failure (a machine
+    that should have one cannot pass by skipping)."""
+    if not torch.cuda.is_available():
+        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
+            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
+        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")

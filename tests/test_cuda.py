@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from oracle import assert_exact
 
 from tiny_knn import compute_topk
-
-
-@pytest.fixture
-def cuda() -> None:
-    if not torch.cuda.is_available():
-        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
-            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
-        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

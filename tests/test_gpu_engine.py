@@ -413,14 +413,6 @@ def test_cuda_keeps_the_path_by_keys_unless_triton_is_forced(inputs, monkeypatch
 # ---- On a GPU (skipped visibly without one; TINY_KNN_REQUIRE_CUDA=1 makes that a failure)
 
 
-@pytest.fixture
-def cuda() -> None:
-    if not torch.cuda.is_available():
-        if os.environ.get("TINY_KNN_REQUIRE_CUDA") == "1":
-            pytest.fail("TINY_KNN_REQUIRE_CUDA=1 but no CUDA device is available")
-        pytest.skip("no CUDA device (set TINY_KNN_REQUIRE_CUDA=1 to make this a failure)")
-
-
 @needs_kernel
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_cuda_triton_path_answers_the_cpus_answer_byte_for_byte(cuda, tmp_path, monkeypatch, metric) -> None:  # type: ignore[no-untyped-def]
