@@ -17,7 +17,7 @@ the hardware). Products and sums that tensor cores may flush to zero are covered
 
 float16 docs are screened as they are (issue #20, item 1): their values are not rounded to bfloat16, the queries
 are rounded to float16 with a power-of-two scale a row, and the products are float16's, exact on tensor cores; their
-slack is the accumulation's and the queries' rounding only (see _prepare_half_kernel). screen_values_dtype chooses.
+slack is the accumulation's and the queries' rounding only (see _prepare_kernel). screen_values_dtype chooses.
 
 Optional: without Triton, or with TINY_KNN_NO_TRITON set, `available()` is False. Under TRITON_INTERPRET=1 the
 kernels run on CPU tensors (the tests do so); there the 16-bit values are widened to float32 before tl.dot, whose
@@ -140,7 +140,7 @@ def prepare_rows(
     are tk_bf16's bit for bit. The factors are tk_prepare_rows's, or a float32 step or two more generous (never
     less): the sums of squares are added in another order here, so they carry a margin of (dim + 8) 2^-50.
     float16 (docs that are float16; queries of any dtype, scaled by a power of two a row: `unscale`): the same
-    factors, from the values of _prepare_half_kernel.
+    factors, from the values of _prepare_kernel.
 
     Raises:
         ValueError: rows that are not a 2-D float tensor with contiguous rows; float16 values for docs that are
@@ -160,21 +160,15 @@ def prepare_rows(
     unscale = torch.empty(count, device=device) if values == torch.float16 and query else None
     if count:
         triton, kernels = _kernels()
-        widened = rows.dtype == torch.bfloat16  # as bits: see _prepare_kernel
+        widened = rows.dtype == torch.bfloat16  # as bits (BF16_BITS)
         grid = (triton.cdiv(count, block_rows),)
         factors = (first, second, first if third is None else third)
-        if values == torch.float16:
-            kernels.prepare_half[grid](
-                rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
-                out.view(torch.int16), out.stride(0), first if unscale is None else unscale, *factors,
-                QUERY=query, L2=l2, BF16_BITS=widened, BLOCK_R=block_rows, BLOCK_D=block_dims,
-            )  # fmt: skip
-        else:
-            kernels.prepare[grid](
-                rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
-                out.view(torch.int16), out.stride(0), *factors,
-                QUERY=query, L2=l2, BF16_BITS=widened, BLOCK_R=block_rows, BLOCK_D=block_dims,
-            )  # fmt: skip
+        kernels.prepare[grid](
+            rows.view(torch.int16) if widened else rows, rows.stride(0), count, dim, _gamma(dim),
+            out.view(torch.int16), out.stride(0), first if unscale is None else unscale, *factors,
+            QUERY=query, L2=l2, BF16_BITS=widened, F16=values == torch.float16, BLOCK_R=block_rows,
+            BLOCK_D=block_dims,
+        )  # fmt: skip
     return PreparedRows(out, first, second, third, query, unscale)
 
 
@@ -413,31 +407,6 @@ def _store_factors(  # type: ignore[no-untyped-def]
         tl.store(third_ptr + row, tl.where(huge, 0.0, _round_down(low)), mask=real)
 
 
-def _prepare_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, x_stride, rows, dim, gamma, out_ptr, out_stride, first_ptr, second_ptr, third_ptr,
-    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    real = row < rows
-    row = row.to(tl.int64)
-    squares = tl.zeros([BLOCK_R], tl.float64)
-    rounded_squares = tl.zeros([BLOCK_R], tl.float64)
-    moved_squares = tl.zeros([BLOCK_R], tl.float64)
-    for start in range(0, dim, BLOCK_D):
-        col = start + tl.arange(0, BLOCK_D)
-        inside = real[:, None] & (col < dim)[None, :]
-        x = _as_float32(tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0), BF16_BITS)
-        half = _bf16_bits(x)
-        tl.store(out_ptr + row[:, None] * out_stride + col[None, :], half.to(tl.int16), mask=inside)
-        value = x.to(tl.float64)
-        rounded = (half << 16).to(tl.float32, bitcast=True).to(tl.float64)
-        squares += tl.sum(value * value, axis=1)
-        rounded_squares += tl.sum(rounded * rounded, axis=1)
-        moved_squares += tl.sum((rounded - value) * (rounded - value), axis=1)
-    _store_factors(row, real, squares, rounded_squares, moved_squares, gamma, first_ptr, second_ptr, third_ptr,
-                   QUERY, L2, BLOCK_R)  # fmt: skip
-
-
 # The float16 screen's bound. Docs are float16 on disk, and their values are kept (d~ = d) but for float16's
 # subnormals, flushed to zero here (_f16_bits) so that the tensor cores read the same values whether or not they
 # flush them (Fasi et al. found float16 subnormals supported; nothing here relies on it): r_d = |d~ - d|, 0 for a
@@ -461,14 +430,20 @@ def _prepare_kernel(  # type: ignore[no-untyped-def]
 #   which this sum makes none. It cannot overflow: rows of norm 2^60 or more get infinite factors (every pair
 #   survives), others' estimates stay below 2^61 |d| (float16 docs: |d| < 2^27).
 # So the factors are the bfloat16 path's formulas (_store_factors) of these x~, with nothing added.
-def _prepare_half_kernel(  # type: ignore[no-untyped-def]
+def _prepare_kernel(  # type: ignore[no-untyped-def]
     x_ptr, x_stride, rows, dim, gamma, out_ptr, out_stride, unscale_ptr, first_ptr, second_ptr, third_ptr,
-    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUERY: tl.constexpr, L2: tl.constexpr, BF16_BITS: tl.constexpr, F16: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    # Rows' 16-bit values (bfloat16: tk_bf16's bits; with F16 float16, as above: float16 docs kept, query rows scaled
+    # by 2^s, their 2^-s stored at unscale_ptr) and the bound's factors of those values (_store_factors). BF16_BITS:
+    # x holds bfloat16 rows as int16 bits (the interpreter's conversion moves subnormals).
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     real = row < rows
     row = row.to(tl.int64)
-    if QUERY:  # 2^s: the row's largest value to [2^14, 2^15)
+    scale = tl.full([BLOCK_R], 1.0, tl.float32)
+    unscale = scale
+    if F16 and QUERY:  # 2^s: the row's largest value to [2^14, 2^15)
         largest = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, dim, BLOCK_D):
             col = start + tl.arange(0, BLOCK_D)
@@ -479,9 +454,6 @@ def _prepare_half_kernel(  # type: ignore[no-untyped-def]
         scale = ((power + 127) << 23).to(tl.float32, bitcast=True)
         unscale = ((127 - power) << 23).to(tl.float32, bitcast=True)
         tl.store(unscale_ptr + row, unscale, mask=real)
-    else:  # docs: float16 already, kept
-        scale = tl.full([BLOCK_R], 1.0, tl.float32)
-        unscale = scale
     squares = tl.zeros([BLOCK_R], tl.float64)
     rounded_squares = tl.zeros([BLOCK_R], tl.float64)
     moved_squares = tl.zeros([BLOCK_R], tl.float64)
@@ -489,10 +461,14 @@ def _prepare_half_kernel(  # type: ignore[no-untyped-def]
         col = start + tl.arange(0, BLOCK_D)
         inside = real[:, None] & (col < dim)[None, :]
         x = _as_float32(tl.load(x_ptr + row[:, None] * x_stride + col[None, :], mask=inside, other=0), BF16_BITS)
-        half = _f16_bits(x * scale[:, None])  # exact product: a power of two, and |x| 2^s < 2^15
+        if F16:
+            half = _f16_bits(x * scale[:, None])  # exact product: a power of two, and |x| 2^s < 2^15
+            rounded = half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float64) * unscale.to(tl.float64)[:, None]
+        else:
+            half = _bf16_bits(x)
+            rounded = (half << 16).to(tl.float32, bitcast=True).to(tl.float64)
         tl.store(out_ptr + row[:, None] * out_stride + col[None, :], half.to(tl.int16), mask=inside)
         value = x.to(tl.float64)
-        rounded = half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float64) * unscale.to(tl.float64)[:, None]
         squares += tl.sum(value * value, axis=1)
         rounded_squares += tl.sum(rounded * rounded, axis=1)
         moved_squares += tl.sum((rounded - value) * (rounded - value), axis=1)
@@ -526,7 +502,7 @@ def _screen_kernel(  # type: ignore[no-untyped-def]
                 estimate = tl.dot(q.to(tl.float32), d.to(tl.float32), estimate, input_precision="ieee")
             else:
                 estimate = tl.dot(q, d, estimate)
-        if SCALED:  # float16 queries: their products times 2^-s_q, exact but for an underflow (_prepare_half_kernel)
+        if SCALED:  # float16 queries: their products times 2^-s_q, exact but for an underflow (_prepare_kernel)
             estimate = estimate * tl.load(unscale_ptr + row, mask=real_row, other=1.0)[:, None]
     if WRITE:
         tl.store(tile_at, estimate, mask=real)
@@ -620,14 +596,14 @@ def _rescore_kernel(  # type: ignore[no-untyped-def]
 
 
 _DEVICE_CODE = (
-    _round_up, _round_down, _bf16_bits, _f16_bits, _as_float32, _store_factors, _prepare_kernel,
-    _prepare_half_kernel, _screen_kernel, _lane_fma, _fold, _rescore_kernel,
+    _round_up, _round_down, _bf16_bits, _f16_bits, _as_float32, _store_factors, _prepare_kernel, _screen_kernel,
+    _lane_fma, _fold, _rescore_kernel,
 )  # fmt: skip
 
 
 @functools.cache
 def _kernels() -> tuple[Any, types.SimpleNamespace]:
-    """Triton and the kernels (prepare, prepare_half, screen, rescore; `interpreted`: whether Triton interprets
+    """Triton and the kernels (prepare, screen, rescore; `interpreted`: whether Triton interprets
     them, as it does where TRITON_INTERPRET was set when it was imported), built on first use: Triton is optional,
     and slow to import."""
     import triton
@@ -639,7 +615,7 @@ def _kernels() -> tuple[Any, types.SimpleNamespace]:
         namespace[plain.__name__] = triton.jit(types.FunctionType(plain.__code__, namespace, plain.__name__))
     screen = namespace["_screen_kernel"]
     return triton, types.SimpleNamespace(
-        prepare=namespace["_prepare_kernel"], prepare_half=namespace["_prepare_half_kernel"], screen=screen,
+        prepare=namespace["_prepare_kernel"], screen=screen,
         rescore=namespace["_rescore_kernel"],
         interpreted=isinstance(screen, InterpretedFunction),
     )  # fmt: skip
