@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +20,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from tests.capabilities import needs_kernel
+from tests.runs import kill_in_batch
 from tests.test_ranges import every_exact_score
 from tiny_knn.cli import main
 from tiny_knn.dedup import UnionFind
@@ -174,19 +173,7 @@ def test_sigkill_then_resume_gives_the_same_groups(tmp_path) -> None:  # type: i
                 "--batch-size", "400", "--quiet", "--output-path", str(tmp_path / out)]  # fmt: skip
 
     subprocess.run(command("reference"), check=True, capture_output=True)
-    pause = tmp_path / "pause"
-    process = subprocess.Popen(command("out"), env={**os.environ, "TINY_KNN_TEST_PAUSE": str(pause)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for batch in range(4):
-        deadline = time.monotonic() + 120
-        while not pause.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        if batch < 3:
-            pause.unlink()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    pause.unlink()
+    kill_in_batch(command("out"), tmp_path / "pause", saved_batches=3)
     manifest = json.loads((tmp_path / "out.checkpoint" / "manifest.json").read_text())
     assert manifest["done_rows"] == 1200
     done = subprocess.run([arg for arg in command("out") if arg != "--quiet"], capture_output=True, text=True)

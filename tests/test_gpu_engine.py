@@ -13,7 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from capabilities import needs_kernel, needs_triton
+from runs import forced_product
 from test_gpu_screen import interpreted  # noqa: F401  (the fixture: a process that interprets)
 
 from tiny_knn import backend, cli, engine, gpu_engine, gpu_screen, search, topk
@@ -196,23 +197,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return paths
 
 
-@contextlib.contextmanager
-def product(name: str) -> Iterator[None]:
-    """TINY_KNN_PRODUCT=name for the duration."""
-    saved = os.environ.get("TINY_KNN_PRODUCT")
-    os.environ["TINY_KNN_PRODUCT"] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TINY_KNN_PRODUCT"]
-        else:
-            os.environ["TINY_KNN_PRODUCT"] = saved
-
-
 def run_command(argv: list[str], triton: bool) -> int:
     """cli.main(argv), by the Triton path or the CPU's default."""
-    with product("triton") if triton else contextlib.nullcontext():
+    with forced_product("triton") if triton else contextlib.nullcontext():
         return cli.main(argv)
 
 
@@ -333,7 +320,7 @@ def check_hard_cases(metric: str) -> dict[str, Any]:
     gpu_engine._screen = counted_screen
     answers = {}
     try:
-        with product("triton"):
+        with forced_product("triton"):
             gpu_engine.gpu_survivor_capacity = lambda rows: 8 * rows
             answers["small buffer"] = search(queries, docs, k=30, metric=metric, exclude_pairs=pairs, chunk_size=256)
             gpu_engine.gpu_survivor_capacity = capacity
@@ -452,7 +439,7 @@ def check_engine_around_the_screen(paths: dict[str, str], metric: str, k: int, b
 
     gpu_engine._Screening._launch, gpu_engine._Screening._settle = logged_launch, logged_settle  # type: ignore[method-assign]
     try:
-        with product("triton"):
+        with forced_product("triton"):
             options = SearchOptions(force_cpu=True, metric=metric, batch_size=batch, chunk_size=128)
             queries, docs, plan = prepare(paths["queries"], paths["docs"], k, options)
         results["plan"] = plan
@@ -559,7 +546,7 @@ def check_out_of_memory(paths: dict[str, str]) -> dict[str, Any]:
 
     gpu_engine.search_screened = too_big
     try:
-        with product("triton"):
+        with forced_product("triton"):
             options = SearchOptions(force_cpu=True, metric="l2", batch_size=16, chunk_size=128)
             queries, docs, plan = prepare(paths["queries"], paths["docs"], 150, options)
         scores, indices, used = engine.search(queries, docs, plan)

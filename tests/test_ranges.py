@@ -5,14 +5,10 @@ just outside it, for each metric and estimator; the selection's pools are never 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.capabilities import needs_kernel
+from tests.runs import forced_product, kill_in_batch
 from tiny_knn import InvalidInputError, OutputError, compute_topk, range_search, ranges
 from tiny_knn.cli import main
 from tiny_knn.estimators import available, make_estimator
@@ -36,20 +33,6 @@ from tiny_knn.sources import from_array
 pytestmark = needs_kernel
 METRICS = ("ip", "cosine", "l2")
 ESTIMATORS = available()
-
-
-@contextlib.contextmanager
-def forced(estimator: str) -> Iterator[None]:
-    """TINY_KNN_PRODUCT=estimator for the duration (hypothesis's examples cannot take monkeypatch)."""
-    before = os.environ.get("TINY_KNN_PRODUCT")
-    os.environ["TINY_KNN_PRODUCT"] = estimator
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TINY_KNN_PRODUCT"]
-        else:
-            os.environ["TINY_KNN_PRODUCT"] = before
 
 
 def every_exact_score(queries: torch.Tensor, docs: torch.Tensor, metric: str) -> np.ndarray:
@@ -136,7 +119,7 @@ def test_range_search_is_every_exact_score_thresholded(  # type: ignore[no-untyp
     if metric == "l2" and threshold < 0:
         threshold = 0.0
     batch_size, chunk_size = blocks
-    with forced(estimator):
+    with forced_product(estimator):
         got = range_search(queries, docs, threshold, metric=metric, batch_size=batch_size, chunk_size=chunk_size)
     assert_same(got, reference(queries, docs, threshold, metric))
 
@@ -459,19 +442,7 @@ def test_sigkill_then_resume_gives_the_same_pairs(tmp_path) -> None:  # type: ig
                 "6", "--batch-size", "20", "--quiet", "--output-path", str(tmp_path / out)]  # fmt: skip
 
     subprocess.run(command("reference"), check=True, capture_output=True)
-    pause = tmp_path / "pause"
-    process = subprocess.Popen(command("out"), env={**os.environ, "TINY_KNN_TEST_PAUSE": str(pause)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(4):  # let three batches finish, then kill during the fourth
-        deadline = time.monotonic() + 120
-        while not pause.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        if _ < 3:
-            pause.unlink()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    pause.unlink()
+    kill_in_batch(command("out"), tmp_path / "pause", saved_batches=3)
     manifest = json.loads((tmp_path / "out.checkpoint" / "manifest.json").read_text())
     assert manifest["done_rows"] == 60 and len(manifest["segments"]) == 3
     done = subprocess.run([arg for arg in command("out") if arg != "--quiet"], capture_output=True, text=True)
