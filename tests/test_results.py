@@ -257,7 +257,7 @@ def test_bad_ids_files(tmp_path, content, message) -> None:  # type: ignore[no-u
 @pytest.mark.parametrize("fmt", ["npy", "trec", "parquet"])
 def test_failed_writes_leave_nothing(tmp_path, finished, monkeypatch, fmt) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(results, "_pairs", lambda result: (_ for _ in ()).throw(OSError(28, "No space left")))
-    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(results, "save_array", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(OutputError, match="No space left"):
         results.write_output(str(tmp_path / "out"), fmt, finished)
     assert os.listdir(tmp_path) == []

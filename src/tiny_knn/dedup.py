@@ -35,9 +35,7 @@ from .range_output import (
     range_format,
     range_key,
     reporting_stops,
-    save_array,
     write_manifest,
-    write_meta,
 )
 from .ranges import estimate_pairs, plan_ranges, run_ranges
 from .sources import open_source
@@ -342,9 +340,9 @@ def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.nda
     if fmt == "npy":
 
         def fill(folder: str) -> None:
-            save_array(os.path.join(folder, "group.npy"), group)
-            save_array(os.path.join(folder, "representative.npy"), representative)
-            write_meta(folder, meta, {})
+            results.save_array(os.path.join(folder, "group.npy"), group)
+            results.save_array(os.path.join(folder, "representative.npy"), representative)
+            results.write_meta(folder, meta, {})
 
         results.write_folder(path, fill)
         return

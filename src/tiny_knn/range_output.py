@@ -223,17 +223,6 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
     fsync_folder(folder)
 
 
-def save_array(path: str, array: np.ndarray, durable: bool = True) -> None:
-    """np.save, with a full disk's errno kept (numpy's own writes lose it) and, if `durable`, fsynced."""
-    array = np.ascontiguousarray(array)
-    with open(path, "wb") as stream:
-        np.lib.format.write_array_header_1_0(stream, np.lib.format.header_data_from_array_1_0(array))
-        stream.write(memoryview(cast(Any, array)).cast("B"))
-        stream.flush()
-        if durable:
-            os.fsync(stream.fileno())
-
-
 def load_array(path: str, dtype: type, length: int | None) -> np.ndarray:
     """A 1-D .npy array of tiny-knn's, memory-mapped (read-only), checked to be exactly that: its dtype, its
     length (if given) and a file of exactly its size (a cut file would map zeros).
@@ -351,7 +340,7 @@ class RangeCheckpoint(CheckpointFolder):
         prefix = os.path.join(self.folder, f"run-{self._batch[0]:012d}-{len(self._runs):06d}")
         with self._guarded():
             for (name, _), array in zip(_ARRAYS, arrays, strict=True):
-                save_array(f"{prefix}.{name}.npy", array, durable=False)
+                results.save_array(f"{prefix}.{name}.npy", array, durable=False)
         self._runs.append((prefix, int(arrays[1].size)))
 
     def end_batch(self) -> None:
@@ -364,7 +353,7 @@ class RangeCheckpoint(CheckpointFolder):
             else:
                 pairs = int(last[1].size)
                 for (name, _), array in zip(_ARRAYS, last, strict=True):
-                    save_array(self._path(start, name) + ".tmp", array)
+                    results.save_array(self._path(start, name) + ".tmp", array)
             del last
             for name, _ in _ARRAYS:
                 os.replace(self._path(start, name) + ".tmp", self._path(start, name))
@@ -391,7 +380,7 @@ class RangeCheckpoint(CheckpointFolder):
         runs.append(last)
         counts = np.sum([run[0] for run in runs], axis=0).astype(np.int64)
         total = int(counts.sum())
-        save_array(self._path(start, "counts") + ".tmp", counts)
+        results.save_array(self._path(start, "counts") + ".tmp", counts)
         outputs, paths = [], []
         for name, dtype in _ARRAYS[1:]:
             path = self._path(start, name) + ".tmp"
@@ -479,11 +468,11 @@ def _fill_csr_folder(
         offsets[start + 1 : stop + 1] = counts
     np.cumsum(offsets, out=offsets)
     total = int(offsets[-1])
-    save_array(os.path.join(folder, "offsets.npy"), offsets)
+    results.save_array(os.path.join(folder, "offsets.npy"), offsets)
     for name, dtype in (("indices", np.int64), ("scores", np.float32)):
         path = os.path.join(folder, f"{name}.npy")
         if not total:
-            save_array(path, np.empty(0, dtype=dtype))
+            results.save_array(path, np.empty(0, dtype=dtype))
             continue
         output = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(total,))
         allocate(path)
@@ -497,21 +486,7 @@ def _fill_csr_folder(
         del output
         with open(path, "rb+") as stream:
             os.fsync(stream.fileno())
-    write_meta(folder, meta, ids)
-
-
-def write_meta(folder: str, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:
-    """meta.json (and the ids files it names) in a folder output."""
-    meta = dict(meta)
-    for role in ("query", "doc"):
-        if f"{role}_ids" in ids:
-            with open(os.path.join(folder, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
-                stream.write("\n".join(ids[f"{role}_ids"]) + "\n")
-            meta[f"{role}_ids"] = f"{role}_ids.txt"
-    with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as stream:
-        json.dump(meta, stream, indent=2)
-        stream.flush()
-        os.fsync(stream.fileno())
+    results.write_meta(folder, meta, ids)
 
 
 def _write_range_parquet(path: str, store: RangeCheckpoint, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:

@@ -372,21 +372,34 @@ def _write_npy(path: str, result: dict[str, Any]) -> None:
 
 def _fill_npy(folder: str, result: dict[str, Any]) -> None:
     for name in ("indices", "scores"):
-        with open(os.path.join(folder, f"{name}.npy"), "wb") as stream:
-            recording = _RecordingWriter(stream)  # numpy's own file writes report a full disk without errno
-            np.save(cast(IO[bytes], recording), result[name].numpy())
-            if recording.error is not None:
-                raise recording.error
-            stream.flush()
+        save_array(os.path.join(folder, f"{name}.npy"), result[name].numpy())
+    ids = {f"{role}_ids": result[f"{role}_ids"] for role in ("query", "doc") if f"{role}_ids" in result}
+    write_meta(folder, {"kind": "topk", **metadata(result)}, ids)
+
+
+def save_array(path: str, array: np.ndarray, durable: bool = True) -> None:
+    """np.save, with a full disk's errno kept (numpy's own writes lose it) and, if `durable`, fsynced."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as stream:
+        np.lib.format.write_array_header_1_0(stream, np.lib.format.header_data_from_array_1_0(array))
+        stream.write(memoryview(cast(Any, array)).cast("B"))
+        stream.flush()
+        if durable:
             os.fsync(stream.fileno())
-    meta = {"kind": "topk", **metadata(result)}
+
+
+def write_meta(folder: str, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:
+    """meta.json (and the ids files it names) in a folder output."""
+    meta = dict(meta)
     for role in ("query", "doc"):
-        if f"{role}_ids" in result:
+        if f"{role}_ids" in ids:
             with open(os.path.join(folder, f"{role}_ids.txt"), "w", encoding="utf-8") as stream:
-                stream.write("\n".join(result[f"{role}_ids"]) + "\n")
+                stream.write("\n".join(ids[f"{role}_ids"]) + "\n")
             meta[f"{role}_ids"] = f"{role}_ids.txt"
     with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as stream:
         json.dump(meta, stream, indent=2)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def write_folder(path: str, fill: Callable[[str], None]) -> None:
