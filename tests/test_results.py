@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import sys
@@ -289,3 +290,16 @@ def test_ids_from_a_column_of_a_parquet_or_arrow_file(tmp_path) -> None:  # type
             results.read_ids(str(tmp_path / f"{name}:name"), 3, "doc")
         with pytest.raises(InvalidInputError, match="no column named 'ids'; it holds id, name, emb"):
             results.read_ids(str(tmp_path / f"{name}:ids"), 3, "doc")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(12, dtype=np.int64).reshape(3, 4), np.linspace(-1, 1, 35, dtype=np.float32).reshape(5, 7),
+     np.empty((0, 3), dtype=np.float32), np.empty(0, dtype=np.int64)],
+)  # fmt: skip
+def test_save_array_writes_what_numpy_saves(tmp_path, array: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Every folder output's arrays (top-k, range CSR, dedup) go through save_array: the bytes of np.save."""
+    expected = io.BytesIO()
+    np.save(expected, array)
+    results.save_array(str(tmp_path / "a.npy"), array)
+    assert (tmp_path / "a.npy").read_bytes() == expected.getvalue()

@@ -382,7 +382,7 @@ def save_array(path: str, array: np.ndarray, durable: bool = True) -> None:
     array = np.ascontiguousarray(array)
     with open(path, "wb") as stream:
         np.lib.format.write_array_header_1_0(stream, np.lib.format.header_data_from_array_1_0(array))
-        stream.write(memoryview(cast(Any, array)).cast("B"))
+        stream.write(memoryview(cast(Any, array.reshape(-1))).cast("B"))  # flat: a shape with a 0 cannot be cast
         stream.flush()
         if durable:
             os.fsync(stream.fileno())
