@@ -19,7 +19,6 @@ from tiny_knn import compute_topk, engine, search
 from tiny_knn.errors import InputFileError, InvalidInputError, OutputError
 from tiny_knn.estimators import available
 from tiny_knn.exclusions import Exclusions, drop_excluded, exclusions_from_array, read_exclusions
-from tiny_knn.kernel import KERNEL
 from tiny_knn.options import SearchOptions, plan_search
 from tiny_knn.sources import RowRange, from_array
 
@@ -173,13 +172,11 @@ def test_a_query_that_loses_every_doc_is_padded(metric: str) -> None:
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("selection", ["sort", "threshold"])
+@pytest.mark.parametrize("selection", ["sort", pytest.param("threshold", marks=needs_kernel)])
 def test_the_path_by_keys_masks_the_pairs_before_selecting(metric: str, selection: str) -> None:
     """The path by keys (a GPU's, the CPU's without the kernel) sets the pairs' products to -inf before any
     selector sees them; l2's re-scoring and its fallbacks leave them out too. Query 5 excludes its 30 best docs,
     query 6 all but 4 (padded), query 7 every doc. (The Triton pool selector awaits a GPU: tests/test_cuda.py.)"""
-    if selection == "threshold" and KERNEL is None:
-        pytest.skip("the threshold selector needs the compiled kernel")
     queries, docs, pairs = _case(3, 21, 500, 16, 300)
     best = torch.argsort(exact_scores(queries[5:6], docs, metric)[0], descending=metric != "l2")[:30]
     pairs = torch.cat([
