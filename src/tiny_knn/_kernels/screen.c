@@ -619,6 +619,9 @@ static int64_t tk_tile_screen_row(tk_tile_row *row, int64_t cols, int32_t *found
     else
 #endif
         count = tk_tile_coarse_scalar(row, 0, cols, found);
+    if (count) { /* the pool's next slots, fetched while the candidates are scored exactly (a store there misses) */
+        for (int64_t line = 0; line < 3; line++) __builtin_prefetch(row->pool + *row->fill + 8 * line, 1, 3);
+    }
     for (int64_t start = 0; start < count; start += TK_TILE_BATCH) {
         int32_t *batch = found + start;
         int64_t kept = tk_tile_fine(row, batch, count - start < TK_TILE_BATCH ? count - start : TK_TILE_BATCH, batch);
