@@ -14,8 +14,9 @@ Contenders, each `tiny-knn Q D --k K --cpu --quiet --output-path OUT` (or faiss_
   faiss            faiss_search.py (IndexFlatIP): torch.load both, add, search, torch.save
 Within each run the contenders go round-robin per k, in an order rotated from one run to the next. Every
 tiny-knn answer is compared with the first estimator's, byte for byte (the answer must not depend on the
-estimator). Prints a table per k and writes OUT/estimators.json. Data: bench.py's generator (random normal rows,
-fixed seed), written once.
+estimator). Wall and CPU time (user + system, all threads) are both reported: on a shared VM the CPU time moves
+less with the neighbours' load. Prints a table per k and writes OUT/estimators.json. Data: bench.py's generator
+(random normal rows, fixed seed), written once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,13 +39,17 @@ from bench import write_data
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_process(argv: list[str], env: dict[str, str]) -> float:
+def run_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its threads). On a shared VM the CPU time
+    moves less with the neighbours' load than the wall time does."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> int:
@@ -89,6 +95,7 @@ def main() -> int:
 
     names = list(contenders)
     times: dict[int, dict[str, list[float]]] = {k: {name: [] for name in names} for k in ks}
+    cpu_times: dict[int, dict[str, list[float]]] = {k: {name: [] for name in names} for k in ks}
     first_default: dict[int, float] = {}
     for run in range(args.runs):
         for k in ks:
@@ -100,12 +107,13 @@ def main() -> int:
                     argv = [sys.executable, os.path.join(HERE, "faiss_search.py"), q_path, d_path, str(k), out]
                 else:
                     argv = cli(k, name)
-                seconds = run_process(argv, env)
+                seconds, cpu = run_process(argv, env)
                 if name == "default" and k not in first_default:
                     first_default[k] = seconds  # it measured the estimators: kept apart
-                    seconds = run_process(argv, env)
+                    seconds, cpu = run_process(argv, env)
                 times[k][name].append(seconds)
-                print(f"run {run + 1}, k={k}, {name}: {seconds:.2f} s", file=sys.stderr)
+                cpu_times[k][name].append(cpu)
+                print(f"run {run + 1}, k={k}, {name}: {seconds:.2f} s ({cpu:.2f} s CPU)", file=sys.stderr)
 
     import torch
 
@@ -127,6 +135,16 @@ def main() -> int:
             report["measured"] = json.load(stream)
     for k in ks:
         medians = {name: statistics.median(seconds) for name, seconds in times[k].items()}
+        cpu_medians = {name: statistics.median(seconds) for name, seconds in cpu_times[k].items()}
+        # each estimator against its own code before the change (--before), by wall and by CPU time
+        against_before = {
+            name: {
+                "wall": medians[name] / medians[f"before:{name}"],
+                "cpu": cpu_medians[name] / cpu_medians[f"before:{name}"],
+            }
+            for name in estimators.available()
+            if f"before:{name}" in medians
+        }
         forced = {name: medians[name] for name in estimators.available()}
         fastest = min(forced, key=forced.__getitem__)
         reference = torch.load(os.path.join(args.out, f"{estimators.available()[0]}-k{k}.pt"))
@@ -140,6 +158,9 @@ def main() -> int:
         report["results"][str(k)] = {
             "times_s": times[k],
             "median_s": medians,
+            "cpu_s": cpu_times[k],
+            "median_cpu_s": cpu_medians,
+            "over_before": against_before,
             "default_first_run_s": first_default[k],
             "fastest_forced": fastest,
             "default_over_fastest": medians["default"] / forced[fastest],
@@ -149,7 +170,9 @@ def main() -> int:
         print(f"\nk={k} (median of {args.runs} runs, whole processes)")
         for name in names:
             faiss = f"  {medians[name] / medians['faiss']:.2f}x FAISS" if "faiss" in medians else ""
-            print(f"  {name:<18} {medians[name]:7.2f} s{faiss}")
+            print(f"  {name:<18} {medians[name]:7.2f} s ({cpu_medians[name]:6.2f} s CPU){faiss}")
+        for name, ratio in against_before.items():
+            print(f"  {name} / before:{name}: {ratio['wall']:.3f} wall, {ratio['cpu']:.3f} CPU")
         print(f"  default / fastest forced ({fastest}): {report['results'][str(k)]['default_over_fastest']:.3f}")
         print(f"  answers identical across estimators: {all(identical.values())}")
     with open(os.path.join(args.out, "estimators.json"), "w", encoding="utf-8") as stream:
