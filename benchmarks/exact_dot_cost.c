@@ -1,6 +1,6 @@
 /* The cost of one exact score (tk_dot4_avx512: one query row by four doc rows, tk_dot's order) by where the rows
  * live: random doc rows among `docs`, query rows among `queries` (dim 384, 64-byte aligned, 24 pairs a query row).
- * It bounds what scoring the screen's survivors exactly can cost (benchmarks/RESULTS.md, #19).
+ * It bounds what scoring the screen's survivors exactly can cost (benchmarks/RESULTS.md, #19). x86 with AVX-512 only.
  *
  *   gcc -O3 -std=c99 -ffp-contract=off -Isrc/tiny_knn/_kernels benchmarks/exact_dot_cost.c -o /tmp/exact_dot_cost
  *   for size in "16 4 200000" "256 256 2000" "1024 1024 500" "4096 1024 500" "200000 4096 50"; do
