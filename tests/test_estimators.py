@@ -44,14 +44,21 @@ def every_exact_score(queries: torch.Tensor, docs: torch.Tensor, metric: str) ->
 
 
 def one_pass(
-    name: str, metric: str, queries: torch.Tensor, chunks: list[torch.Tensor], k: int, threads: int, move=None
+    name: str,
+    metric: str,
+    queries: torch.Tensor,
+    chunks: list[torch.Tensor],
+    k: int,
+    threads: int,
+    move=None,
+    tile_docs: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[no-untyped-def]
     """Screens `queries` against the chunks with estimator `name`, as the engine does (queries padded to 16 rows
     and docs to 64 with values that would win if they were ever offered). Returns the selection's result. With
     `move` (tiled estimators only), every tile of estimates is moved by move(tile shape) times its pairs' bound
     (the screen's slack, from the operands' own factors) before the screen reads it."""
     rows, dim = queries.shape
-    estimator = make_estimator(name, metric, dim, block_rows=32, tile_docs=64)
+    estimator = make_estimator(name, metric, dim, block_rows=32, tile_docs=tile_docs)
     padded = torch.full((-(-rows // 16) * 16, dim), 1e3)
     padded[:rows] = queries
     selector = ThresholdTopK(rows, k, threads=threads)
@@ -142,6 +149,28 @@ def test_every_estimator_gives_the_sort_of_every_exact_score(
     expected_scores, expected_indices = reference(metric, queries, torch.cat(chunks), k)
     assert torch.equal(indices, expected_indices)
     assert torch.equal((scores + 0.0).view(torch.int32), (expected_scores + 0.0).view(torch.int32))
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=needs(name)) for name in ("torch", "torch-bf16")])
+def test_a_tiled_estimators_products_come_in_a_few_shapes(name, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Chunks of every size from 1 to 300 docs, rows split over threads: each product is a quarter, a half, three
+    quarters or all of a block (32 rows) by a tile (256 docs), since oneDNN keeps memory for every shape it sees;
+    the answer is still every exact score's."""
+    shapes = set()
+    real = Tiled.estimate
+
+    def estimate(self, queries, docs, out):  # type: ignore[no-untyped-def]
+        shapes.add(tuple(out.shape))
+        real(self, queries, docs, out)
+
+    monkeypatch.setattr(Tiled, "estimate", estimate)
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(45, 8, generator=generator)
+    chunks = [torch.randn(count, 8, generator=generator) for count in range(1, 301)]
+    scores, indices, _ = one_pass(name, "ip", queries, chunks, 20, threads=2, tile_docs=256)
+    expected_scores, expected_indices = reference("ip", queries, torch.cat(chunks), 20)
+    assert torch.equal(indices, expected_indices) and torch.equal(scores, expected_scores)
+    assert shapes <= {(rows, cols) for rows in (16, 32) for cols in (64, 128, 192, 256)}, sorted(shapes)
 
 
 def slack(estimator_name: str, metric: str, queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:

@@ -218,7 +218,11 @@ class Fused(Estimator):
 class Tiled(Estimator):
     """An estimator that writes a tile of estimates with torch.mm (each thread its own, single-threaded), which
     the screen then reads (tk_screen_tile): block_rows query rows by tile_docs docs at a time, so that the tile
-    is still in cache when it is screened."""
+    is still in cache when it is screened.
+
+    The products come in a few shapes only (`_window`): oneDNN, behind torch-bf16's products, keeps about 1 MiB
+    for every shape it has seen (its primitive cache, and torch's), so products shaped by the remainders of
+    batches and chunks (a range search's chunks shrink batch by batch) grew memory past any budget."""
 
     def __init__(self, name: str, metric: str, dim: int, block_rows: int, tile_docs: int) -> None:
         super().__init__(name, metric, dim)
@@ -246,24 +250,23 @@ class Tiled(Estimator):
         assert KERNEL is not None
         query_values = queries.form if queries.form is not None else queries.rows
         doc_values = docs.form if docs.form is not None else docs.rows
-        padded_docs = round_up(doc_count, DOC_PANEL)
-        width = min(self.tile_docs, padded_docs)
-        if scratch[0].numel() < self.block_rows * width:
-            scratch[0] = torch.empty(self.block_rows * width, dtype=torch.float32)
         flag, scored = ctypes.c_int32(0), 0
         for start in range(lo, hi, self.block_rows):
             stop = min(start + self.block_rows, hi)
-            padded = round_up(stop - start, ROW_ALIGN)
-            for doc_lo in range(0, doc_count, width):
-                doc_hi = min(doc_lo + width, padded_docs)
-                tile = scratch[0][: padded * (doc_hi - doc_lo)].view(padded, doc_hi - doc_lo)
-                self.estimate(query_values[start : start + padded], doc_values[doc_lo:doc_hi], tile)
+            row_lo, rows = _window(start, stop - start, self.block_rows, query_values.shape[0], ROW_ALIGN)
+            for doc_lo in range(0, doc_count, self.tile_docs):
+                doc_hi = min(doc_lo + self.tile_docs, doc_count)
+                col_lo, cols = _window(doc_lo, doc_hi - doc_lo, self.tile_docs, doc_values.shape[0], DOC_PANEL)
+                if scratch[0].numel() < rows * cols:
+                    scratch[0] = torch.empty(rows * cols, dtype=torch.float32)
+                tile = scratch[0][: rows * cols].view(rows, cols)
+                self.estimate(query_values[row_lo : row_lo + rows], doc_values[col_lo : col_lo + cols], tile)
                 scored += KERNEL.tk_screen_tile(
                     _METRIC_CODES[self.metric],
-                    tile.data_ptr(),
-                    tile.stride(0),
+                    tile.data_ptr() + ((start - row_lo) * cols + doc_lo - col_lo) * 4,
+                    cols,
                     stop - start,
-                    min(doc_lo + width, doc_count) - doc_lo,
+                    doc_hi - doc_lo,
                     queries.first.data_ptr() + start * 4,
                     queries.second.data_ptr() + start * 4,
                     _address(queries.third, start),
@@ -280,6 +283,16 @@ class Tiled(Estimator):
                     ctypes.addressof(flag),
                 )
         return scored, bool(flag.value)
+
+
+def _window(first: int, count: int, full: int, capacity: int, align: int) -> tuple[int, int]:
+    """The rows (first row, count) a product computes to cover rows first..first+count of an operand of
+    `capacity` rows, in steps of `full` (block rows, tile docs): `count` rounded up to a quarter of `full`
+    (aligned), at most `full` and `capacity`, moved back where it would run past the operand. Its rows past
+    those wanted are estimated, never screened (a form's rows past the chunk's are stale, but finite)."""
+    quarter = round_up(-(-full // 4), align)
+    size = min(round_up(count, quarter), full, capacity)
+    return min(first, capacity - size), size
 
 
 def _address(tensor: torch.Tensor | None, offset: int = 0) -> int | None:
