@@ -5,6 +5,7 @@ Anonymous memory (RssAnon) is what a process allocates; pages of a memory-mapped
 page cache the kernel can drop, so they are rightly left out. Each run is a separate CLI process whose
 /proc/<pid>/status is sampled every 2 ms; the same measurement of a tiny search is the baseline (for parquet,
 of a tiny parquet search: pyarrow's first read of a row group sets up about 40 MB once, whatever the file).
+Each estimator is also forced in turn, since which one runs by default depends on the machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import save_file
+
+from tests.capabilities import needs
+from tiny_knn.estimators import ESTIMATORS
 
 pytestmark = pytest.mark.slow
 
@@ -109,4 +113,15 @@ def test_reading_a_large_file_keeps_memory_bounded(files, spec) -> None:  # type
     assert peak - baseline < ALLOWED_SHARE * file_bytes, (
         f"{spec}: peak RssAnon {peak / 2**20:.0f} MiB, {(peak - baseline) / 2**20:.0f} MiB above the tiny search's "
         f"{baseline / 2**20:.0f} MiB; the docs file is {file_bytes / 2**20:.0f} MiB"
+    )
+
+
+@pytest.mark.parametrize("product", [pytest.param(name, marks=needs(name)) for name in ESTIMATORS])
+def test_every_estimator_keeps_memory_bounded(files, product, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = files
+    monkeypatch.setenv("TINY_KNN_PRODUCT", product)
+    baseline = peak_rss_anon(search(folder / "queries.npy", str(folder / "tiny.npy"), folder / "tiny-out.pt"))
+    peak = peak_rss_anon(search(folder / "queries.npy", str(folder / "docs.npy"), folder / "out.pt"))
+    assert peak - baseline < ALLOWED_SHARE * ROWS * DIM * 4, (
+        f"{product}: peak RssAnon {(peak - baseline) / 2**20:.0f} MiB above the tiny search's with it"
     )
