@@ -217,6 +217,7 @@ class Plan:
         return self._resized(batch, block, chunk, False)
 
     def _resized(self, batch: int, block: int, chunk: int, docs_resident: bool) -> Plan:
+        """This plan with these sizes, its peak bytes estimated again."""
         memory = self.memory(batch, block, chunk, docs_resident)
         return replace(self, query_batch_rows=batch, query_block_rows=block, doc_chunk_rows=chunk,
                        docs_resident=docs_resident, peak_bytes=memory.device_bytes,
@@ -542,10 +543,7 @@ def make_plan(
         resident_batch = largest_batch(block, chunk, True)
         if resident_batch >= 1 and fits(draft.memory(resident_batch, block, chunk, True)):
             batch, resident = resident_batch, True
-    block = min(block, round_up(-(-batch // sharing), ROW_ALIGN))
-    memory = draft.memory(batch, block, chunk, resident)
-    return replace(draft, query_batch_rows=batch, query_block_rows=block, doc_chunk_rows=chunk, docs_resident=resident,
-                   peak_bytes=memory.device_bytes, host_peak_bytes=memory.host_bytes)  # fmt: skip
+    return draft._resized(batch, min(block, round_up(-(-batch // sharing), ROW_ALIGN)), chunk, resident)
 
 
 def _too_small(smallest: MemoryEstimate, budget: int, host_budget: int | None, plan: Plan) -> str:
