@@ -203,3 +203,9 @@ def test_the_options_object_fits_compute_topk() -> None:
     assert set(keywords) < set(inspect.signature(compute_topk).parameters)
     assert "selection" not in keywords and "results_on_disk" not in keywords
     assert moved is TinyKnnWarning
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_cpu_run() -> None:
+    with pytest.raises(InvalidInputError, match=r"device='cuda': this torch finds no CUDA GPU"):
+        tiny_knn.search(torch.randn(3, 8), torch.randn(10, 8), k=2, device="cuda")

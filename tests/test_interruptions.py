@@ -89,3 +89,28 @@ def test_sigterm_and_ctrl_c_keep_the_checkpoint_and_say_how_to_continue(job, sig
     resumed = subprocess.run(argv, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr
     assert (folder / name).read_bytes() == (folder / "reference.pt").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_again_while_stopping_changes_nothing(job, signum, code, word) -> None:  # type: ignore[no-untyped-def]
+    """`timeout` signals the process and then its group, and a user may press Ctrl-C twice: the later signals land
+    while the first unwinds, and must neither turn its one line into a traceback (a generator's cleanup can only
+    print what interrupts it) nor kill the process before it says why it stopped."""
+    folder, command, _ = job
+    name = f"twice-{signum}.pt"
+    process = subprocess.Popen(command(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = folder / f"{name}.checkpoint" / "manifest.json"
+    deadline = time.monotonic() + 60
+    while _done_rows(manifest) < 50 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for _ in range(20):
+        if process.poll() is not None:
+            break
+        process.send_signal(signum)
+        time.sleep(0.002)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert f"tiny-knn: {word}; no result was written" in err.splitlines(), err
+    assert all(line.startswith("tiny-knn: ") for line in err.splitlines()), err  # no traceback, no "ignored"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tiny_knn import results
+from tiny_knn.cli import main
 from tiny_knn.errors import InputFileError, InvalidInputError, OutputError
 
 
@@ -184,6 +185,33 @@ def finished(tmp_path):  # type: ignore[no-untyped-def]
 )  # fmt: skip
 def test_output_format(path, requested, expected) -> None:  # type: ignore[no-untyped-def]
     assert results.output_format(path, requested) == expected
+
+
+def test_a_glob_input_names_its_default_output_by_its_folder_beside_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No wildcard in a default output's name (a trap for `rm top5_*`), and no output inside the pattern's folder,
+    where it would become one of its shards."""
+    monkeypatch.chdir(tmp_path)
+    assert results.default_output_path("shards/*.npy", "d.npy", 5) == "top5_shards_x_d.pt"
+    assert results.default_output_path("/data/emb.v2/part-[0-9].npy", "/c/*/x.npy", 5) == "/data/top5_emb_x_c.pt"
+    assert results.default_output_path("nest/*/e.npy", "d.npy", 5, "npy") == "top5_nest_x_d"
+    assert results.default_output_path("*.npy", "../*.npy", 5) == "top5_shards_x_shards.pt"
+    assert results.default_output_path("/*.npy", "d.npy", 5) == "/top5_shards_x_d.pt"
+    (tmp_path / "star*.npy").write_bytes(b"")  # a file whose name has a wildcard is a file, not a pattern
+    assert results.default_output_path("star*.npy", "d.npy", 5) == "top5_star*_x_d.pt"
+
+
+def test_the_commands_default_outputs_for_a_glob_lie_beside_its_folder(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for part in "ab":
+        np.save(tmp_path / "shards" / f"{part}.npy", torch.randn(30, 8, generator=generator).numpy())
+    np.save(tmp_path / "d.npy", torch.randn(50, 8, generator=generator).numpy())
+    assert main(["shards/*.npy", "d.npy", "--k", "5", "--cpu", "--quiet"]) == 0
+    assert main(["shards", "d.npy", "--k", "5", "--cpu", "--quiet", "--output-path", "again.pt"]) == 0
+    assert torch.equal(torch.load("top5_shards_x_d.pt")["indices"], torch.load("again.pt")["indices"])
+    assert main(["dedup", "shards/*.npy", "--threshold", "0.99", "--quiet", "--format", "npy"]) == 0
+    assert sorted(os.listdir(tmp_path / "shards")) == ["a.npy", "b.npy"] and (tmp_path / "dedup_shards").is_dir()
 
 
 def test_default_paths_per_format() -> None:

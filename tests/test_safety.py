@@ -246,6 +246,38 @@ def test_an_input_cut_during_a_search_is_a_clean_error(inputs, tmp_path, case) -
     # the queries untouched; no output, checkpoint, lock or temporary file left
 
 
+@pytest.mark.parametrize("search", ["topk", "range", "dedup"])
+def test_an_input_rewritten_in_place_during_a_search_is_a_clean_error(inputs, tmp_path, search) -> None:  # type: ignore[no-untyped-def]
+    """The docs (.npy, read with pread) are rewritten in place, same size, after the first chunk of a one-pass
+    search: its later chunks would be the new rows, the answer a mix of both files. Nothing is written."""
+    queries, docs = inputs
+    np.save(tmp_path / "d.npy", torch.load(docs).numpy())
+    docs = tmp_path / "d.npy"
+    argv: list[object] = {
+        "topk": [queries, docs, "--k", 5, "--cpu", "--output-path", tmp_path / "out.pt"],
+        "range": [queries, docs, "--min-score", 4, "--cpu", "--output-path", tmp_path / "out.parquet"],
+        "dedup": ["dedup", docs, "--threshold", 0.9, "--output-path", tmp_path / "out.parquet"],
+    }[search]
+    pause = tmp_path / "pause"
+    process = tiny_knn(*argv, "--quiet", "--chunk-size", 256, env={"TINY_KNN_TEST_PAUSE": str(pause)})
+    with paused(pause, process):
+        size = docs.stat().st_size
+        rows = np.load(docs, mmap_mode="r+")
+        rows[:] = -rows  # other rows, the same size
+        rows.flush()
+        del rows
+        assert docs.stat().st_size == size
+        before = snapshot(tmp_path)
+    code, _, err = finished(process)
+    assert code == 2
+    the_error(err, r"docs file '.*' changed while it was being read \('.*d.npy': rewritten in place: its modification "
+                   r"time moved\); nothing was written")  # fmt: skip
+    after = snapshot(tmp_path)
+    assert before.pop("pause")
+    assert after == {name: digest for name, digest in before.items() if not name.startswith("out.")}
+    # no output, checkpoint, lock or temporary file left; the inputs as they were at the pause
+
+
 def test_resume_notices_a_file_rewritten_with_the_same_size_and_time(inputs, tmp_path) -> None:  # type: ignore[no-untyped-def]
     queries, docs = inputs
     pause = tmp_path / "pause"
@@ -312,6 +344,40 @@ def test_a_lock_file_left_by_a_killed_run_blocks_nothing(inputs, tmp_path) -> No
     code, _, err = run(queries, docs, "--k", 5, "--cpu", "--quiet", "--output-path", tmp_path / "out.pt")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["d.pt", "out.pt", "q.pt"]
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npy"])
+def test_the_next_run_clears_what_a_run_killed_while_writing_left(inputs, tmp_path, fmt) -> None:  # type: ignore[no-untyped-def]
+    """A run killed while it wrote its output leaves temporaries (.OUT.XXXXXXXX.tmp) and, for a folder output, the
+    previous folder moved aside (.OUT.XXXXXXXX.old/previous); the next run on that output, once it holds the lock,
+    deletes them, putting the previous folder back first if nothing replaced it. Other names are left alone."""
+    queries, docs = inputs
+    out, name = tmp_path / f"out.{fmt}", f"out.{fmt}"
+    argv = [str(queries), str(docs), "--cpu", "--quiet", "--output-path", str(out), "--format", fmt]
+    left = [tmp_path / f".{name}.k1ll_3d0.tmp", tmp_path / f".{name}.a8c7e6d5.tmp"]
+    left[0].write_bytes(b"half a result")
+    left[1].mkdir()
+    (left[1] / "indices.npy").write_bytes(b"half")
+    others = [tmp_path / f".{name}.short.tmp", tmp_path / ".other.pt.abcdefgh.tmp", tmp_path / f"{name}.tmp"]
+    for other in others:
+        other.write_text("not tiny-knn's")
+    if fmt == "npy":  # killed between moving the previous result aside and renaming the new one into place
+        assert main([*argv, "--k", "3"]) == 0
+        aside = tmp_path / f".{name}.zz_99yy8.old"
+        aside.mkdir()
+        out.rename(aside / "previous")
+        previous = json.loads((aside / "previous" / "meta.json").read_text())
+        assert previous["k"] == 3
+    before = snapshot(tmp_path)
+    with OutputLock(str(out)):
+        if fmt == "npy":
+            assert json.loads((out / "meta.json").read_text()) == previous  # put back before anything else
+    assert not any(path.exists() for path in left) and not (tmp_path / f".{name}.zz_99yy8.old").exists()
+    assert all(path.read_text() == "not tiny-knn's" for path in others)
+    after = snapshot(tmp_path)
+    gone = {name for name in before if name not in after}
+    assert gone == {entry for entry in before if entry.startswith((left[0].name, left[1].name, f".{name}.zz_99yy8"))}
+    assert main([*argv, "--k", "5"]) == 0
 
 
 def test_the_lock_is_the_file_at_the_path_after_a_removal_race(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -90,6 +90,20 @@ def test_refuses_what_it_cannot_search(save, obj, message) -> None:  # type: ign
     assert path in str(caught.value) and isinstance(caught.value, ValueError)
 
 
+def test_a_key_on_a_file_of_one_tensor_says_there_is_no_dict(save) -> None:  # type: ignore[no-untyped-def]
+    path = save(torch.randn(4, 3))
+    with pytest.raises(InvalidInputError, match=r"holds one tensor, not a dict, so no tensor named 'emb'; drop ':emb'"):
+        open_source(f"{path}:emb", "queries")
+
+
+def test_a_file_of_one_tensor_is_not_a_result(save) -> None:  # type: ignore[no-untyped-def]
+    from tiny_knn.results import open_result
+
+    for obj, what in ((torch.randn(4, 3), "a single tensor"), ({"x": torch.randn(2, 2)}, "a dict without 'indices'")):
+        with pytest.raises(InvalidInputError, match=f"holds {what}, not a tiny-knn result"):
+            open_result(save(obj), "merge part")
+
+
 def test_refuses_missing_directory_truncated_and_junk(tmp_path, save) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputFileError, match="no such file"):
         open_source(str(tmp_path / "missing.pt"), "docs")

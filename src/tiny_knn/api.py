@@ -91,6 +91,8 @@ def search(
         )
     if device is not None and device not in ("cpu", "cuda"):
         raise InvalidInputError(f"device={device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device='cuda': this torch finds no CUDA GPU (torch.cuda.is_available() is False)")
     options = SearchOptions(
         force_cpu=device == "cpu",
         max_memory=max_memory,
@@ -269,7 +271,8 @@ def compute_topk(
     safety.check_output_path(target, fmt, inputs)
     job = distributed.current_job()
     extra = opened.other_files
-    with safety.held(safety.OutputLock(target) if job is None or job.leader else None):
+    lock = safety.OutputLock(target, results.beside_output(target, fmt))
+    with safety.held(lock if job is None or job.leader else None):
         found: Found | None
         if job is None:
             found = _search_alone(queries, docs, plan, target, fmt, restart, progress, extra, excluded)
@@ -303,7 +306,7 @@ def compute_topk(
         }
         try:
             with reporting_stops(store, queries.rows):
-                safety.check_output_path(target, fmt, inputs)  # again: a long run leaves time for changes
+                safety.check_before_writing(target, fmt, inputs)
                 results.write_output(target, fmt, result, higher_is_better(plan.metric))
             if store is not None:
                 store.remove()

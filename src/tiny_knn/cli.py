@@ -290,7 +290,7 @@ def _run(quiet: bool, run) -> int:  # type: ignore[no-untyped-def]
     """Runs `run` with the library's notes and warnings on stderr (unless quiet) and SIGTERM stopping it; prints
     what it returns on stdout."""
     _show_notes(quiet=quiet)
-    with warnings.catch_warnings(), _sigterm_raises():
+    with warnings.catch_warnings(), _stop_signals():
         warnings.simplefilter("ignore" if quiet else "always", TinyKnnWarning)
         warnings.showwarning = _show_warning
         return _run_reporting_errors(run)
@@ -409,21 +409,34 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM stops the run like Ctrl-C does (at once, keeping the checkpoint), exiting 143."""
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does (at once, keeping the checkpoint), exiting 143. Either stops it
+    once: later SIGTERMs and SIGINTs (`timeout` signals the process and then its group; a second Ctrl-C) are
+    ignored until the process exits, so that they neither interrupt the first one's unwinding (where a
+    generator's cleanup could only print the exception) nor kill the process before it has said why it stopped."""
+    stopped = False
 
-    def terminate(signum: int, frame: object) -> None:
-        raise _Terminated()
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopped
+        for other in caught:
+            signal.signal(other, signal.SIG_IGN)
+        stopped = True
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    caught = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        caught.append(signal.SIGINT)
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = {signum: signal.signal(signum, stop) for signum in caught}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not stopped:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]

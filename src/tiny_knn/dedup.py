@@ -299,7 +299,7 @@ def dedup_file(
     def mark() -> dict[str, Any]:
         return {**fingerprint(queries, docs, plan.search), KIND: range_key(plan)}
 
-    with safety.held(safety.OutputLock(target)):
+    with safety.held(safety.OutputLock(target, [keep_list] if keep_list is not None else [])):
         store = DedupCheckpoint.open(target, mark, queries.rows, restart)
         with reporting_stops(store, queries.rows):
             run_ranges(queries, docs, plan, store, progress, found_before=store.pairs)
@@ -316,7 +316,7 @@ def dedup_file(
                 "groups": int(sizes.size),
                 "largest_group": int(sizes.max(initial=0)),
             }
-            safety.check_output_path(target, fmt, inputs, folder_kind=KIND)  # again: a long run leaves time
+            safety.check_before_writing(target, fmt, inputs, folder_kind=KIND)
             _write_groups(target, fmt, group, representative, meta)
             if keep_list is not None:
                 keep = np.flatnonzero(representative == np.arange(representative.size))
@@ -332,8 +332,8 @@ def dedup_file(
 
 
 def _default_path(embeddings: str, fmt: str) -> str:
-    name = os.path.splitext(os.path.basename(embeddings.rstrip("/")))[0]
-    return os.path.join(os.path.dirname(embeddings), f"dedup_{name}" + (".parquet" if fmt == "parquet" else ""))
+    folder, name = results.input_name(embeddings)
+    return os.path.join(folder, f"dedup_{name}" + (".parquet" if fmt == "parquet" else ""))
 
 
 def _write_groups(path: str, fmt: str, group: np.ndarray, representative: np.ndarray, meta: dict[str, Any]) -> None:

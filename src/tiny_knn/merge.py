@@ -99,9 +99,9 @@ def merge_results(
         folders=tuple(part.path for part in opened if os.path.isdir(part.path)),
     )
     safety.check_output_path(target, fmt, inputs)
-    with safety.OutputLock(target):
+    with safety.OutputLock(target, results.beside_output(target, fmt)):
         result = merge_parts(opened, os.path.dirname(os.path.abspath(target)), progress)
-        safety.check_output_path(target, fmt, inputs)  # again: a long merge leaves time for changes
+        safety.check_before_writing(target, fmt, inputs)
         results.write_output(target, fmt, result, higher_is_better(result["metric"]))
     return target
 

@@ -91,11 +91,10 @@ def range_format(path: str | None, requested: str | None, writes: str = "a range
 
 
 def default_range_path(queries_path: str, docs_path: str, fmt: str) -> str:
-    """`range_{queries}_x_{docs}.parquet` (or a folder, for npy), beside the queries."""
-    query_name = os.path.splitext(os.path.basename(queries_path.rstrip("/")))[0]
-    doc_name = os.path.splitext(os.path.basename(docs_path.rstrip("/")))[0]
+    """`range_{queries}_x_{docs}.parquet` (or a folder, for npy), beside the queries (results.input_name)."""
+    folder, query_name = results.input_name(queries_path)
     suffix = ".parquet" if fmt == "parquet" else ""
-    return os.path.join(os.path.dirname(queries_path), f"range_{query_name}_x_{doc_name}{suffix}")
+    return os.path.join(folder, f"range_{query_name}_x_{results.input_name(docs_path)[1]}{suffix}")
 
 
 # ---- Pairs in memory.
@@ -571,7 +570,7 @@ def compute_ranges(
                 "version": _version(),
                 **({"exclude_pairs": exclude_pairs} if exclude_pairs is not None else {}),
             }
-            safety.check_output_path(target, fmt, inputs, folder_kind=KIND)  # again: a long run leaves time
+            safety.check_before_writing(target, fmt, inputs, folder_kind=KIND)
             write_range_output(target, fmt, store, queries.rows, meta, ids)
         store.remove()
     return target

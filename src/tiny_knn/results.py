@@ -40,7 +40,7 @@ import torch
 from . import groundtruth
 from .errors import InputFileError, InvalidInputError, OutputError, output_error
 from .plan import round_up
-from .sources import Source, import_pyarrow, open_array, read_column, split_key
+from .sources import GLOB_CHARS, Source, import_pyarrow, is_pattern, open_array, read_column, split_key
 
 FORMATS = ("pt", "npy", "parquet", "trec", "ivecs", "bigann")
 # The version of the result's layout and keys: 1 added format_version, requested_k, doc_count and
@@ -50,6 +50,7 @@ _SUFFIXES = {".pt": "pt", ".pth": "pt", ".parquet": "parquet", ".trec": "trec", 
 _DEFAULT_SUFFIXES = {"npy": "", "bigann": ".bin"}  # else ".{format}"
 # Rows of (query, rank) lines formatted at a time by the parquet and TREC writers.
 _WRITE_BLOCK_PAIRS = 1 << 20
+_TREC_LINES = 1 << 16  # TREC lines formatted at a time (their pairs as Python objects: about 8 MiB)
 
 
 def output_format(path: str | None, requested: str | None) -> str:
@@ -65,11 +66,25 @@ def output_format(path: str | None, requested: str | None) -> str:
 
 def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "pt") -> str:
     """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, .ivecs, .bin, or a directory for npy), next to the
-    queries."""
-    query_name = os.path.splitext(os.path.basename(queries_path.rstrip("/")))[0]
-    doc_name = os.path.splitext(os.path.basename(docs_path.rstrip("/")))[0]
+    queries (see input_name)."""
+    folder, query_name = input_name(queries_path)
     suffix = _DEFAULT_SUFFIXES.get(fmt, f".{fmt}")
-    return os.path.join(os.path.dirname(queries_path), f"top{k}_{query_name}_x_{doc_name}{suffix}")
+    return os.path.join(folder, f"top{k}_{query_name}_x_{input_name(docs_path)[1]}{suffix}")
+
+
+def input_name(spec: str) -> tuple[str, str]:
+    """(folder, name) by which a default output names an input and lies beside it: a file's or a shard folder's
+    folder, and its name without suffix. For a glob of shards, those of the folder before its first wildcard
+    ("shards" for a pattern in the current folder): an output named with a wildcard would be a trap for the
+    shell, and one inside the pattern's folder a stray shard of it."""
+    spec = spec.rstrip(os.sep) or spec
+    if is_pattern(spec):
+        parts = spec.split(os.sep)
+        fixed = next(i for i, part in enumerate(parts) if any(char in part for char in GLOB_CHARS))
+        spec = os.sep.join(parts[:fixed]) or (os.sep if fixed else "")  # '/' for '/*.npy'
+        if os.path.basename(spec) in ("", ".", ".."):  # no folder's name to take: '*.npy', '/*', '../*'
+            return spec, "shards"
+    return os.path.dirname(spec), os.path.splitext(os.path.basename(spec))[0]
 
 
 def check_format(path: str, fmt: str, docs: int = 0) -> None:
@@ -489,15 +504,17 @@ def output_pyarrow(path: str) -> tuple[Any, Any]:
 def _write_trec(path: str, result: dict[str, Any], higher_is_better: bool) -> None:
     query_ids, doc_ids = result.get("query_ids"), result.get("doc_ids")
     with open(path, "w", encoding="utf-8") as stream:
-        for rows, ranks, docs, scores in _pairs(result):
-            shown = scores if higher_is_better else 0 - scores  # 0 - x: no '-0' for a zero distance
-            queries = map(str, rows.tolist()) if query_ids is None else (query_ids[r] for r in rows.tolist())
-            names = map(str, docs.tolist()) if doc_ids is None else (doc_ids[d] for d in docs.tolist())
-            # %.9g keeps every float32 distinct; evaluation tools read the score as a double.
-            stream.writelines(
-                f"{q} Q0 {d} {r} {s:.9g} tiny-knn\n"
-                for q, d, r, s in zip(queries, names, ranks.tolist(), shown.tolist(), strict=True)
-            )
+        for block in _pairs(result):
+            for lo in range(0, block[0].size, _TREC_LINES):  # as Python objects: about 130 bytes a pair
+                rows, ranks, docs, scores = (column[lo : lo + _TREC_LINES] for column in block)
+                shown = scores if higher_is_better else 0 - scores  # 0 - x: no '-0' for a zero distance
+                queries = map(str, rows.tolist()) if query_ids is None else (query_ids[r] for r in rows.tolist())
+                names = map(str, docs.tolist()) if doc_ids is None else (doc_ids[d] for d in docs.tolist())
+                # %.9g keeps every float32 distinct; evaluation tools read the score as a double.
+                stream.writelines(
+                    f"{q} Q0 {d} {r} {s:.9g} tiny-knn\n"
+                    for q, d, r, s in zip(queries, names, ranks.tolist(), shown.tolist(), strict=True)
+                )
 
 
 class StoredResult(ABC):
@@ -625,9 +642,17 @@ def _open_result(path: str, role: str) -> StoredResult:
                 f"{label}: not a result tiny-knn reads; expected a .pt result, an npy result folder, a .parquet "
                 "result, an .ivecs or a bigann ground-truth file"
             )
+    try:
+        loaded = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # open_array below says what is wrong with the file
+        loaded = None
+    if loaded is not None and not (isinstance(loaded, dict) and "indices" in loaded):
+        what = "a single tensor" if isinstance(loaded, torch.Tensor) else f"a {type(loaded).__name__}"
+        what = "a dict without 'indices'" if isinstance(loaded, dict) else what
+        raise InvalidInputError(f"{label}: holds {what}, not a tiny-knn result (a dict with indices and scores)")
     indices = open_array(path, "indices", role, (torch.int64,))
     scores = open_array(path, "scores", role, (torch.float32,))
-    loaded = torch.load(path, map_location="meta", weights_only=True)  # open_array has read it: it loads
+    assert isinstance(loaded, dict)  # open_array has read it: it loads
     meta = {key: value for key, value in loaded.items() if not isinstance(value, torch.Tensor)}
     return _ArraysResult(path, "pt", meta, indices, scores, unsigned=False)
 

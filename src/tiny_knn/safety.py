@@ -6,9 +6,15 @@
   it; no output goes inside an input's shard folder or matches its shard pattern.
 - `OutputLock`: an exclusive `flock` on `OUT.lock` beside the output for the whole run, so a second run on the
   same output stops at once. A killed run may leave the file, never a held lock (flock dies with its process).
+  Once it holds the lock, a run clears what a run killed while writing that output left beside it (its
+  temporary files and folders, by tiny-knn's names for them; a folder output's previous version, moved aside,
+  is put back first if nothing replaced it).
+- `check_before_writing`: just before an output replaces what is there, the path is checked again (the folder
+  may have changed during a long run), and every input must still be the file it was when the run listed it
+  (device, inode, size, modification time): an answer read partly from a file rewritten during the run is an
+  error, never written.
 
-Called before any work, and again just before an output replaces what is there (the folder may have changed
-during a long run).
+`check_output_path` is called before any work.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .checkpoint import CHECKPOINT_SUFFIX, checkpoint_folder
-from .errors import OutputError
+from .errors import InputChangedError, OutputError
 from .results import beside_output
-from .sources import Source
+from .sources import Source, is_pattern
 
 try:
     import fcntl
@@ -52,13 +59,18 @@ class Inputs:
     files: tuple[tuple[str, str], ...] = ()
     folders: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
+    # Each file's (device, inode, size, modification time) when the inputs were listed (None: it could not be read)
+    stamps: tuple[tuple[int, int, int, int] | None, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stamps", tuple(_stamp(path) for _, path in self.files))
 
     @classmethod
     def of(cls, sources: Sequence[Source], extra: Sequence[tuple[str, str]] = ()) -> Inputs:
         """The inputs of `sources` (every shard), and `extra` (description, path) files such as ids files."""
         files = [(source.label(), path) for source in sources for path in source.files()]
         folders = tuple(source.path for source in sources if os.path.isdir(source.path))
-        patterns = tuple(source.path for source in sources if _is_pattern(source.path))
+        patterns = tuple(source.path for source in sources if is_pattern(source.path))
         return cls((*files, *extra), folders, patterns)
 
     def __add__(self, other: Inputs) -> Inputs:
@@ -94,16 +106,38 @@ def check_output_path(path: str, fmt: str, inputs: Inputs, *, folder_kind: str =
     check_lock_file(path + LOCK_SUFFIX)
 
 
+def check_before_writing(path: str, fmt: str, inputs: Inputs, *, folder_kind: str = "topk") -> None:
+    """check_output_path again, just before the output is written; and raises InputChangedError if an input file
+    is no longer the one the run listed (another file in its place, or rewritten: its size or time moved)."""
+    check_output_path(path, fmt, inputs, folder_kind=folder_kind)
+    for (description, input_path), was in zip(inputs.files, inputs.stamps, strict=True):
+        now = _stamp(input_path)
+        if now == was:
+            continue
+        if was is None or now is None or now[:2] != was[:2]:
+            how = "another file is there now" if now is not None else "it is gone"
+        elif now[2] != was[2]:
+            how = f"{now[2]} bytes, was {was[2]}"
+        else:
+            how = "rewritten in place: its modification time moved"
+        raise InputChangedError(
+            f"{description} changed while it was being read ('{input_path}': {how}); nothing was written"
+        )
+
+
+def _stamp(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def output_path(path: str) -> str:
     """The output path as tiny-knn names it and the files beside it: without trailing separators (so that `res/`
     and `res` share one lock and one checkpoint)."""
     stripped = path.rstrip(os.sep)
     return stripped or path
-
-
-def _is_pattern(spec: str) -> bool:
-    """Whether a source's spec is a glob of shards (as sources.open_source reads it)."""
-    return any(char in spec for char in "*?[") and not os.path.exists(spec)
 
 
 def _check_not_among_inputs(path: str, inputs: Inputs, what: str = "output path") -> None:
@@ -205,7 +239,7 @@ def _matches(path: str, pattern: str) -> bool:
     folder, name = os.path.split(os.path.abspath(pattern))
     if not fnmatch.fnmatch(os.path.basename(path), name):
         return False
-    if _is_pattern(folder):
+    if is_pattern(folder):
         return fnmatch.fnmatch(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.realpath(folder))
     return _identity(os.path.dirname(os.path.abspath(path))) == _identity(folder)
 
@@ -239,8 +273,8 @@ class OutputLock:
     the run that holds it, for the message another run gets. Only a tiny-knn lock file is ever opened (never
     through a link), written or deleted; one left by another user is locked read-only."""
 
-    def __init__(self, output_path: str) -> None:
-        self.output_path = output_path
+    def __init__(self, output_path: str, beside: Sequence[str] = ()) -> None:
+        self.output_path, self.beside = output_path, tuple(beside)  # beside: other files the run writes
         self.path = output_path + LOCK_SUFFIX
         self._descriptor: int | None = None
 
@@ -268,6 +302,8 @@ class OutputLock:
         with contextlib.suppress(OSError):  # the pid is only for messages (and a read-only lock has none)
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        for path in (self.output_path, *self.beside):
+            remove_leftovers(path)
         return self
 
     def _open(self) -> int:
@@ -290,6 +326,28 @@ class OutputLock:
                 os.unlink(self.path)  # while still held: no other run can hold a lock on this file meanwhile
         os.close(self._descriptor)
         self._descriptor = None
+
+
+def remove_leftovers(path: str) -> None:
+    """Deletes what a run killed while writing `path` left beside it, by the names results.py gives them (a
+    file or folder being written, `.NAME.XXXXXXXX.tmp`; a folder output's previous version moved aside,
+    `.NAME.XXXXXXXX.old/previous`, put back first where nothing has replaced it). Only for the run that holds
+    the output's lock: no other run can be writing them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    name = re.compile(rf"\.{re.escape(os.path.basename(path))}\.[a-z0-9_]{{8}}\.(tmp|old)")  # tempfile's names
+    try:
+        entries = [entry for entry in os.scandir(folder) if name.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            previous = os.path.join(entry.path, "previous")
+            if entry.name.endswith(".old") and os.path.isdir(previous) and not os.path.lexists(path):
+                os.replace(previous, path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 @contextlib.contextmanager

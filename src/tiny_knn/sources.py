@@ -42,6 +42,7 @@ from .errors import InputChangedError, InputFileError, InvalidInputError, TinyKn
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 SHARD_SUFFIXES = (".pt", ".pth", ".npy", ".safetensors", ".fvecs", ".bvecs", *HDF5_SUFFIXES, ".parquet", ".arrow")
+GLOB_CHARS = "*?["  # a spec with one of these that names no path is a glob of shards
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64,
 }  # fmt: skip
@@ -512,13 +513,18 @@ def open_source(spec: str | os.PathLike[str], role: str) -> Source:
                 f"{role} directory '{spec}': holds no {', '.join(SHARD_SUFFIXES)} files; expected embedding shards"
             )
         return _sharded(spec, role, files)
-    if any(char in spec for char in "*?[") and not os.path.exists(spec):
+    if is_pattern(spec):
         files = [path for path in glob.glob(spec) if os.path.isfile(path)]
         if not files:
             raise InputFileError(f"{role} pattern '{spec}': matches no files")
         return _sharded(spec, role, files)
     path, key = split_key(spec)
     return _open_file(spec, path, key, role)
+
+
+def is_pattern(spec: str) -> bool:
+    """Whether a spec is read as a glob of shards: it has a wildcard and names no existing path."""
+    return any(char in spec for char in GLOB_CHARS) and not os.path.exists(spec)
 
 
 def split_key(spec: str) -> tuple[str, str | None]:
@@ -655,6 +661,8 @@ def _pick_tensor(loaded: object, key: str | None, label: str) -> torch.Tensor:
             f"{label}: holds a dict with {len(matrices)} 2-D tensors, expected exactly one; "
             f"name one as FILE:KEY (keys: {_keys(loaded)})"
         )
+    if isinstance(loaded, torch.Tensor):  # and a key was given
+        raise InvalidInputError(f"{label}: holds one tensor, not a dict, so no tensor named {key!r}; drop ':{key}'")
     what = type(loaded).__name__
     raise InvalidInputError(f"{label}: holds a {what}, expected a single tensor saved with torch.save(tensor, path)")
 
