@@ -209,3 +209,24 @@ def test_the_options_object_fits_compute_topk() -> None:
 def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_cpu_run() -> None:
     with pytest.raises(InvalidInputError, match=r"device='cuda': this torch finds no CUDA GPU"):
         tiny_knn.search(torch.randn(3, 8), torch.randn(10, 8), k=2, device="cuda")
+
+
+def test_k_may_be_any_whole_number_type(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """numpy's integers and 0-d integer tensors are whole numbers too (k often comes out of an array); a bool or a
+    float is not."""
+    generator = torch.Generator().manual_seed(2)
+    queries, docs = torch.randn(4, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    expected = tiny_knn.search(queries, docs, 3, device="cpu")
+    for k in (np.int64(3), np.uint8(3), torch.tensor(3)):
+        found = tiny_knn.search(queries, docs, k, device="cpu")  # type: ignore[arg-type]
+        assert torch.equal(found[1], expected[1]) and torch.equal(found[0], expected[0])
+        assert tiny_knn.range_search(queries, docs, -100.0, k=k)[0].tolist() == [0, 3, 6, 9, 12]  # type: ignore[arg-type]
+    torch.save(queries, tmp_path / "q.pt")
+    torch.save(docs, tmp_path / "d.pt")
+    path = tiny_knn.compute_topk(tmp_path / "q.pt", tmp_path / "d.pt", k=np.int64(3), force_cpu=True)  # type: ignore[arg-type]
+    saved = torch.load(path)
+    assert torch.equal(saved["indices"], expected[1]) and type(saved["k"]) is int and type(saved["requested_k"]) is int
+    assert tiny_knn.recall_at_k(path, path, k=np.int32(2)).by_ids == 1.0  # type: ignore[arg-type]
+    for bad in (True, 3.0, np.float32(3)):
+        with pytest.raises(InvalidInputError, match="expected a whole number >= 1"):
+            tiny_knn.search(queries, docs, bad, device="cpu")  # type: ignore[arg-type]

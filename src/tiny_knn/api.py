@@ -17,7 +17,7 @@ from .errors import TinyKnnWarning as TinyKnnWarning  # its home before errors.p
 from .exclusions import Exclusions, exclusions_from_array, read_exclusions
 from .inputs import Inputs, open_inputs
 from .metrics import DEFAULT_METRIC, higher_is_better
-from .options import DEFAULT_PRECISION, SearchOptions, plan_search
+from .options import DEFAULT_PRECISION, SearchOptions, plan_search, whole
 from .plan import DEFAULT_K, Plan
 from .running import Found, run_search
 from .sources import Source, from_array, open_source
@@ -82,6 +82,7 @@ def search(
         >>> search(docs, docs, k=1, metric="cosine", exclude_self=True, device="cpu")[1].tolist()
         [[1], [2], [1]]
     """
+    k = whole(k)
     query_source = _as_source(queries, "queries")
     doc_source = _as_source(docs, "docs")
     if exclude_self and query_source.rows != doc_source.rows:
@@ -146,6 +147,7 @@ def range_search(
         >>> offsets.tolist(), indices.tolist(), scores.tolist()
         ([0, 2], [1, 2], [1.0, 2.0])
     """
+    k = whole(k)
     query_source = _as_source(queries, "queries")
     doc_source = _as_source(docs, "docs")
     options = SearchOptions(
@@ -246,7 +248,7 @@ def compute_topk(
         >>> torch.load(path)["indices"].tolist()
         [[2, 1], [0, 1], [0, 1]]
     """
-    q_path, d_path = os.fspath(q_path), os.fspath(d_path)
+    q_path, d_path, k = os.fspath(q_path), os.fspath(d_path), whole(k)
     options = SearchOptions(
         force_cpu=force_cpu,
         max_memory=max_memory,

@@ -7,6 +7,7 @@ so that plan.py stays pure.
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -45,6 +46,17 @@ class SearchOptions:
         keywords = asdict(self)
         del keywords["selection"], keywords["results_on_disk"]
         return keywords
+
+
+def whole(value: Any) -> Any:
+    """A whole number of any integer type (numpy's, a 0-d integer tensor: anything with __index__, but a bool)
+    as an int; anything else as it is, for the checks that refuse it to name it."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def plan_search(queries: Source, docs: Source, k: int, options: SearchOptions) -> Plan:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError
+from .options import whole
 from .results import StoredResult, open_result
 
 SCORE_TOLERANCE = 1e-3
@@ -74,7 +75,7 @@ def recall_at_k(run: str | os.PathLike[str], truth: str | os.PathLike[str], k: i
         0.75
     """
     found, exact = open_result(os.fspath(run), "run"), open_result(os.fspath(truth), "ground truth")
-    k = found.k if k is None else k
+    k = found.k if k is None else whole(k)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k={k!r}: expected a whole number >= 1")
     for stored in (found, exact):
