@@ -255,6 +255,25 @@ def test_parquet_without_pyarrow_is_one_clear_error(tmp_path, monkeypatch) -> No
         results.check_format(str(tmp_path / "out.parquet"), "parquet")
 
 
+def test_a_trec_run_is_formatted_in_slices_of_bounded_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Half a million (query, rank) lines as Python objects take about 65 MiB: they are formatted a slice at a time,
+    whatever --max-memory (tracemalloc sees Python's objects, not the result's tensors)."""
+    import tracemalloc
+
+    rows, k = 512, 1024
+    result = {"indices": torch.arange(rows * k).reshape(rows, k) % 50_000, "scores": torch.rand(rows, k), "k": k}
+    tracemalloc.start()
+    try:
+        results.write_output(str(tmp_path / "run.trec"), "trec", result, higher_is_better=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB of Python objects"
+    with open(tmp_path / "run.trec", encoding="utf-8") as stream:
+        lines = stream.readlines()
+    assert len(lines) == rows * k and lines[k].startswith("1 Q0 1024 1 ") and lines[-1].endswith(" tiny-knn\n")
+
+
 def test_trec_run_is_read_by_an_evaluation_tool(tmp_path, finished) -> None:  # type: ignore[no-untyped-def]
     target = str(tmp_path / "run.trec")
     results.write_output(target, "trec", finished, higher_is_better=False)
