@@ -92,9 +92,7 @@ def range_format(path: str | None, requested: str | None, writes: str = "a range
 
 def default_range_path(queries_path: str, docs_path: str, fmt: str) -> str:
     """`range_{queries}_x_{docs}.parquet` (or a folder, for npy), beside the queries (results.input_name)."""
-    folder, query_name = results.input_name(queries_path)
-    suffix = ".parquet" if fmt == "parquet" else ""
-    return os.path.join(folder, f"range_{query_name}_x_{results.input_name(docs_path)[1]}{suffix}")
+    return results.default_pair_path("range", queries_path, docs_path, ".parquet" if fmt == "parquet" else "")
 
 
 # ---- Pairs in memory.

@@ -67,9 +67,13 @@ def output_format(path: str | None, requested: str | None) -> str:
 def default_output_path(queries_path: str, docs_path: str, k: int, fmt: str = "pt") -> str:
     """`top{k}_{queries}_x_{docs}.pt` (or .parquet, .trec, .ivecs, .bin, or a directory for npy), next to the
     queries (see input_name)."""
+    return default_pair_path(f"top{k}", queries_path, docs_path, _DEFAULT_SUFFIXES.get(fmt, f".{fmt}"))
+
+
+def default_pair_path(prefix: str, queries_path: str, docs_path: str, suffix: str) -> str:
+    """`{prefix}_{queries}_x_{docs}{suffix}` beside the queries, each input named as input_name names it."""
     folder, query_name = input_name(queries_path)
-    suffix = _DEFAULT_SUFFIXES.get(fmt, f".{fmt}")
-    return os.path.join(folder, f"top{k}_{query_name}_x_{input_name(docs_path)[1]}{suffix}")
+    return os.path.join(folder, f"{prefix}_{query_name}_x_{input_name(docs_path)[1]}{suffix}")
 
 
 def input_name(spec: str) -> tuple[str, str]:
